@@ -1,0 +1,96 @@
+"""
+Reading the original weight files, shared by unet.py, vae.py, dinov2.py and dtc.py.
+
+The original files come in three containers: `.safetensors`, a Lightning `.ckpt` whose tensors sit
+under a `state_dict` key (SD 1.5, SD 1.5-inpainting, Paint-by-Example), and a bare pickled state
+dict (`.pth`, the DINOv2 hub files). Our modules are named after the original keys, so loading is
+always the same three steps: read the file, keep the keys under one prefix, and load strictly.
+Every failure becomes a `CheckpointError` whose message names the file and the problem.
+"""
+import os
+import pickle
+
+import torch
+from safetensors.torch import load_file as load_safetensors
+
+
+class CheckpointError(ValueError):
+    """A weight file that cannot be used; the message names the file and what is wrong."""
+
+
+def read_state_dict(path_or_state_dict):
+    """Returns (state_dict, source) where source names the file (or '<state dict>') for messages."""
+    if isinstance(path_or_state_dict, dict):
+        sd, source = path_or_state_dict, "<state dict>"
+    else:
+        source = str(path_or_state_dict)
+        if not os.path.isfile(source):
+            raise CheckpointError(f"{source}: file not found")
+        try:
+            if source.endswith(".safetensors"):
+                sd = load_safetensors(source, device="cpu")
+            else:
+                # weights_only=True refuses pickles that would run code or build arbitrary objects
+                sd = torch.load(source, map_location="cpu", weights_only=True, mmap=False)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"{source}: refused: the pickle holds more than tensors and "
+                                  f"plain containers (loaded with weights_only=True): {str(e).splitlines()[0]}") from None
+        except Exception as e:  # safetensors, zipfile and pickle all raise their own types on damage
+            raise CheckpointError(f"{source}: cannot read the file (truncated or corrupt?): "
+                                  f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{source}: expected a state dict, found a {type(sd).__name__}")
+    if isinstance(sd.get("state_dict"), dict):  # Lightning checkpoints: {'state_dict': ..., 'global_step': ...}
+        sd = sd["state_dict"]
+    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    if not sd:
+        raise CheckpointError(f"{source}: holds no tensors")
+    return sd, source
+
+
+def strip_prefix(sd, prefix):
+    """The tensors under `prefix`, with the prefix removed."""
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def cast_floats(sd, dtype):
+    """Floating tensors to `dtype` (None keeps what the file stored); integer tensors are never cast."""
+    if dtype is None:
+        return sd
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def load_strict(module, sd, source, likely_cause=""):
+    """Loads `sd` into `module` by exact key and shape, keeping the file's dtypes.
+
+    `module` may live on the meta device: tensors are assigned, not copied, so a full-size model
+    is never initialised only to be overwritten. `likely_cause` is added to the error message.
+    """
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    wrong = [f"{k} {tuple(sd[k].shape)} (expected {tuple(v.shape)})"
+             for k, v in expected.items() if k in sd and sd[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        lines = [f"{source}: does not match {type(module).__name__}"]
+        for name, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
+            if keys:
+                more = f" ... and {len(keys) - 5} more" if len(keys) > 5 else ""
+                lines.append(f"  {len(keys)} {name}: {', '.join(keys[:5])}{more}")
+        if likely_cause:
+            lines.append(f"  likely cause: {likely_cause}")
+        raise CheckpointError("\n".join(lines))
+    module.load_state_dict(sd, strict=True, assign=True)
+    return module
+
+
+def likely_cause(keys):
+    """A guess at why a file's keys do not fit, from the naming schemes of the usual wrong files."""
+    keys = list(keys)
+    if any(k.startswith(("down_blocks.", "unet.down_blocks.", "encoder.down_blocks.")) or ".down_blocks." in k for k in keys):
+        return "this is a diffusers-format file; pass the original single-file checkpoint (.ckpt/.safetensors)"
+    if any(k.startswith(("embeddings.", "encoder.layer.")) for k in keys):
+        return "this is a transformers-format DINOv2; pass the original hub file (dinov2_vit*14*_pretrain.pth)"
+    if any(k.startswith("lora_") or ".lora_" in k for k in keys):
+        return "this is a LoRA file, not a full checkpoint"
+    return ""
