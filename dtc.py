@@ -1,0 +1,530 @@
+"""
+Diffuse to Choose (Seyfioglu et al., 2024, arXiv 2401.13795), read top to bottom.
+
+DTC is Paint-by-Example (PBE) style image-conditioned inpainting on Stable Diffusion 1.5, plus:
+  - image tokens: all DINOv2 tokens (CLS + patches) -> one Linear -> cross-attention context (paper §3.2, supp. §5.2);
+  - a hint branch: the reference pasted into the largest rectangle of the mask, a 4-layer conv adapter to
+    latent size, added to the masked-source latent, encoded by a trainable copy of the U-Net encoder, and
+    fused into the main U-Net's 13 skip taps with FiLM (paper §3.2, Fig. 2, Fig. 4).
+Choices the paper leaves open follow ../shared/paper-spec.md and are marked UNSTATED where made.
+
+Conventions: images are (B,3,H,W) in [-1,1]; masks are PBE's, (B,1,H,W) with 1 = keep, 0 = region to fill;
+latents are VAE latents times LATENT_SCALE.
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from checkpoint import CheckpointError, cast_floats, likely_cause, load_strict, read_state_dict, strip_prefix
+from dinov2 import IMAGENET_MEAN, IMAGENET_STD, DINOv2, DINOv2Config, load_dinov2
+from unet import UNet, UNetConfig, infer_unet_config
+from vae import LATENT_SCALE, AutoencoderKL, VAEConfig, infer_vae_config
+
+# -----------------------------------------------------------------------------
+# 1. Masks and the hint image (paper §3.2 and supplement §5.1)
+
+
+def largest_rectangle(mask):
+    """The largest axis-aligned rectangle inside the region to fill of one mask (H,W), 1 = keep.
+
+    Row by row, `heights[x]` counts the fill pixels ending at this row in column x; the largest
+    rectangle under that histogram is found with a stack of increasing heights. Linear in pixels.
+    Returns (top, left, bottom, right) with exclusive ends, or None when there is nothing to fill.
+    """
+    fill = (mask < 0.5).tolist()
+    W = len(fill[0])
+    heights = [0] * (W + 1)  # one extra zero column flushes the stack at the end of each row
+    best, best_area = None, 0
+    for y, row in enumerate(fill):
+        for x in range(W):
+            heights[x] = heights[x] + 1 if row[x] else 0
+        stack = []  # columns with increasing heights
+        for x in range(W + 1):
+            start = x
+            while stack and heights[stack[-1][1]] >= heights[x]:
+                start, col = stack.pop()
+                area = heights[col] * (x - start)
+                if area > best_area:
+                    best_area, best = area, (y + 1 - heights[col], start, y + 1, x)
+            stack.append((start, x))
+    return best
+
+
+def make_hint(reference, mask):
+    """The hint image: a black canvas the size of the source, the reference stretched into the largest
+    rectangle of the region to fill (paper supplement §5.1). (B,3,h,w) [-1,1], (B,1,H,W) -> (B,3,H,W) in [0,1].
+    UNSTATED: value range and aspect; we follow paper-spec §2.5 (black [0,1] canvas, stretch resize)."""
+    B, _, H, W = mask.shape
+    hint = reference.new_zeros(B, 3, H, W)
+    for i in range(B):
+        rect = largest_rectangle(mask[i, 0])
+        if rect is None:
+            raise ValueError(f"mask {i} of the batch has no region to fill")
+        top, left, bottom, right = rect
+        ref = F.interpolate(reference[i:i + 1].float(), size=(bottom - top, right - left), mode="bilinear",
+                            antialias=True, align_corners=False)
+        hint[i, :, top:bottom, left:right] = ((ref[0] + 1) / 2).clamp(0, 1).to(hint.dtype)
+    return hint
+
+
+# -----------------------------------------------------------------------------
+# 2. Hint adapter: hint image -> latent shape (paper §3.2: "a shallow convolutional network of four layers")
+
+
+class HintAdapter(nn.Module):
+    """One stride-2 conv per factor of 2 of the VAE (3 for SD's 8x), then a conv to the latent channels:
+    (B,3,H,W) -> (B,C_lat,H/f,W/f). Ordinary (non-zero) init: FiLM is already zero-initialised (paper-spec §2.5)."""
+
+    def __init__(self, latent_channels=4, downsample_factor=8, width=32):
+        super().__init__()
+        layers, ch = [], 3
+        for i in range(int(math.log2(downsample_factor))):
+            layers += [nn.Conv2d(ch, width * 2 ** i, 3, stride=2, padding=1), nn.SiLU()]
+            ch = width * 2 ** i
+        layers.append(nn.Conv2d(ch, latent_channels, 3, padding=1))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, hint):
+        return self.layers(hint * 2 - 1)  # centre the [0,1] canvas, as the latents are centred
+
+
+# -----------------------------------------------------------------------------
+# 3-6. The model: image tokens, main U-Net, hint U-Net encoder, fusion
+
+
+@dataclass
+class DTCConfig:
+    unet: UNetConfig = field(default_factory=lambda: UNetConfig(in_channels=9))
+    image_encoder_dim: int = 1536  # DINOv2 g/14 width
+    image_size: int = 224          # reference size for the image encoder (supp. §5.2: 224 -> 257 tokens)
+    image_tokens: str = "all"      # "all": CLS + patches (DTC); "cls": CLS only (PBE-style baseline)
+    hint: bool = True              # False: no hint branch (the PBE-style baseline)
+    hint_input: str = "full"       # "full": [z_t, z_masked + A(hint), mask], t, context; "latent_only": z_masked + A(hint)
+    fusion: str = "film"           # "film": skip * (1 + gamma) + beta (DTC); "add": skip + conv(f) (paper Table 1)
+    mask_channel: str = "keep"     # the U-Net's mask input: "keep" (PBE, 1 = keep) or "fill" (SD-inpainting weights)
+    latent_channels: int = 4
+    vae_factor: int = 8
+
+    @staticmethod
+    def from_dict(d):
+        d = dict(d)
+        return DTCConfig(unet=UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.pop("unet").items()}), **d)
+
+
+def baseline_config(cfg):
+    """The Paint-by-Example-style baseline of the paper's ablation: CLS token only, no hint branch."""
+    return replace(cfg, image_tokens="cls", hint=False)
+
+
+class DiffuseToChoose(nn.Module):
+    """The trainable parts of DTC. The frozen VAE and image encoder live outside (see `Frozen`)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        assert cfg.unet.in_channels == 9, "the main U-Net takes [z_t, z_masked, mask]: 9 channels"
+        self.cfg = cfg
+        # 3. image tokens -> context (supp. §5.2: one Linear trained from scratch) and the learned null context
+        # for classifier-free guidance (PBE's learnable_vector). One null token is exact for any token count:
+        # attention over T identical keys/values equals attention over one of them.
+        self.token_proj = nn.Linear(cfg.image_encoder_dim, cfg.unet.context_dim)
+        self.null_context = nn.Parameter(torch.randn(1, 1, cfg.unet.context_dim))
+        # 4. main U-Net, 9 input channels in PBE's order [z_t, z_masked, mask]
+        self.unet = UNet(cfg.unet)
+        if cfg.hint:
+            # 5. hint encoder: a trainable copy of input blocks + middle block (13 taps for SD)
+            hint_in = 9 if cfg.hint_input == "full" else cfg.latent_channels
+            self.hint_encoder = UNet(replace(cfg.unet, in_channels=hint_in), encoder_only=True)
+            self.adapter = HintAdapter(cfg.latent_channels, cfg.vae_factor)
+            # 6. fusion convs, zero-initialised so that a fresh DTC computes exactly its base U-Net
+            out = 2 if cfg.fusion == "film" else 1
+            self.fusion = nn.ModuleList(nn.Conv2d(c, out * c, 1) for c in tap_channels(cfg.unet))
+            for conv in self.fusion:
+                nn.init.zeros_(conv.weight)
+                nn.init.zeros_(conv.bias)
+
+    def context(self, features, drop=None):
+        """(B,T,D_enc) image-encoder tokens -> (B,T',ctx). `drop` (B,) bool replaces a sample's tokens by the
+        null context (guidance dropout in training)."""
+        if self.cfg.image_tokens == "cls":
+            features = features[:, :1]
+        ctx = self.token_proj(features)
+        if drop is not None:
+            ctx = torch.where(drop[:, None, None], self.null_context.to(ctx.dtype).expand_as(ctx), ctx)
+        return ctx
+
+    def uncond_context(self, context):
+        return self.null_context.to(context.dtype).expand(context.shape[0], 1, -1)
+
+    def _mask_input(self, mask_lat):
+        return mask_lat if self.cfg.mask_channel == "keep" else 1 - mask_lat
+
+    def hint_features(self, z_hint, z_t=None, t=None, mask_lat=None, context=None):
+        """The hint encoder's 13 taps (12 skips + middle). z_hint = z_masked + adapter(hint), (B,4,h,w).
+        "full" (UNSTATED; paper-spec §2.5, as ControlNet): input [z_t, z_hint, mask] with t and the context.
+        "latent_only": z_hint alone at t = 0 with the null context, so it can be computed once per image."""
+        enc = self.hint_encoder
+        if self.cfg.hint_input == "full":
+            x = torch.cat([z_t, z_hint, self._mask_input(mask_lat)], 1)
+        else:
+            x, context = z_hint, self.null_context.to(z_hint.dtype).expand(z_hint.shape[0], 1, -1)
+            t = torch.zeros(z_hint.shape[0], dtype=torch.long, device=z_hint.device)
+        h, skips = enc.encode(x, enc.time_embedding(t).to(x.dtype), context)
+        return skips + [h]
+
+    def fuse(self, skips, h, feats):
+        """FiLM (paper §3.2, UNSTATED form, paper-spec §2.6): gamma, beta = conv(f); s * (1 + gamma) + beta,
+        at the 12 skips and the middle block output. "add": s + conv(f)."""
+        fused = []
+        for s, f, conv in zip(skips + [h], feats, self.fusion):
+            if self.cfg.fusion == "film":
+                gamma, beta = conv(f).chunk(2, 1)
+                fused.append(s * (1 + gamma) + beta)
+            else:
+                fused.append(s + conv(f))
+        return fused[:-1], fused[-1]
+
+    def forward(self, z_t, t, z_masked, mask_lat, context, hint=None, hint_feats=None):
+        """eps prediction. z_t, z_masked (B,4,h,w); mask_lat (B,1,h,w) 1 = keep; context (B,T,ctx);
+        hint (B,3,H,W) the [0,1] hint image, or hint_feats precomputed by `hint_features`."""
+        emb = self.unet.time_embedding(t).to(z_t.dtype)
+        h, skips = self.unet.encode(torch.cat([z_t, z_masked, self._mask_input(mask_lat)], 1), emb, context)
+        if self.cfg.hint:
+            if hint_feats is None:
+                z_hint = z_masked + self.adapter(hint.to(z_t.dtype))
+                hint_feats = self.hint_features(z_hint, z_t, t, mask_lat, context)
+            skips, h = self.fuse(skips, h, hint_feats)
+        return self.unet.decode(h, skips, emb, context)
+
+
+def tap_channels(cfg):
+    """Channels of the 12 skips + middle output of a U-Net config (320,320,320,320,640,... for SD)."""
+    chans, ch = [cfg.model_channels], cfg.model_channels
+    for level, mult in enumerate(cfg.channel_mult):
+        ch = cfg.model_channels * mult
+        chans += [ch] * cfg.num_res_blocks
+        if level != len(cfg.channel_mult) - 1:
+            chans.append(ch)
+    return chans + [ch]
+
+
+# -----------------------------------------------------------------------------
+# The frozen parts and the conditioning they compute once per image
+
+
+@dataclass
+class Frozen:
+    vae: AutoencoderKL
+    image_encoder: DINOv2
+
+
+def encode_image_tokens(image_encoder, reference, image_size):
+    """Reference (B,3,h,w) [-1,1] -> DINOv2 tokens (B,1+R+N,D). UNSTATED preprocessing; paper-spec §2.4:
+    a direct resize (no crop, the whole product stays visible), ImageNet normalisation."""
+    x = F.interpolate(reference.float(), size=(image_size, image_size), mode="bicubic", antialias=True,
+                      align_corners=False)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    x = ((x + 1) / 2 - mean) / std
+    dtype = next(image_encoder.parameters()).dtype
+    return image_encoder(x.to(dtype))
+
+
+def latent_mask(mask, size):
+    """Mask at latent size. UNSTATED; paper-spec §7: PBE's bilinear Resize, not re-binarised."""
+    return F.interpolate(mask, size=size, mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def prepare(frozen, source, mask, reference, image_size, generator=None, target=None):
+    """Everything computed once per image, without gradients (the VAE and the image encoder are frozen).
+    Returns a dict of z0 (latents of the target, for training), z_masked, mask_lat, tokens, hint."""
+    vae = frozen.vae
+    dtype = next(vae.parameters()).dtype
+    masked = source * mask  # PBE: the hole becomes 0, mid-grey
+    z_masked = vae.encode(masked.to(dtype)).sample(generator) * LATENT_SCALE
+    out = dict(z_masked=z_masked, mask_lat=latent_mask(mask, z_masked.shape[-2:]).to(dtype),
+               tokens=encode_image_tokens(frozen.image_encoder, reference, image_size),
+               hint=make_hint(reference, mask).to(dtype))
+    if target is not None:  # PBE: the latents of the training target are a posterior sample too
+        out["z0"] = vae.encode(target.to(dtype)).sample(generator) * LATENT_SCALE
+    return out
+
+
+# -----------------------------------------------------------------------------
+# 9. Diffusion: SD 1.5's DDPM schedule, noising, DDIM and DDPM sampling, classifier-free guidance
+
+
+class Schedule:
+    """SD 1.5 / PBE configs/v1.yaml: 1000 steps, betas = linspace(sqrt(0.00085), sqrt(0.012))^2 ("scaled_linear").
+    Computed in float32 as diffusers does, so our DDIM steps equal DDIMScheduler's exactly."""
+
+    def __init__(self, num_steps=1000, beta_start=0.00085, beta_end=0.012):
+        self.num_steps = num_steps
+        self.betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_steps, dtype=torch.float32) ** 2
+        self.alphas_cumprod = torch.cumprod(1 - self.betas, 0)
+
+    def _a(self, t, x):
+        return self.alphas_cumprod.to(x.device)[t].view(-1, *[1] * (x.ndim - 1)).to(torch.float32)
+
+    def add_noise(self, z0, noise, t):
+        """Forward process q(z_t | z0) (DDPM Eq. 4): sqrt(a_t) z0 + sqrt(1 - a_t) eps."""
+        a = self._a(t, z0)
+        return (a.sqrt() * z0.float() + (1 - a).sqrt() * noise.float()).to(z0.dtype)
+
+    def predict_x0(self, z_t, eps, t):
+        """x0 from eps (DDPM Eq. 15): (z_t - sqrt(1 - a_t) eps) / sqrt(a_t)."""
+        a = self._a(t, z_t)
+        return ((z_t.float() - (1 - a).sqrt() * eps.float()) / a.sqrt()).to(z_t.dtype)
+
+    def ddim_timesteps(self, steps):
+        """SD's "leading" spacing with offset 1: 50 steps -> 981, 961, ..., 1."""
+        return (torch.arange(steps) * (self.num_steps // steps)).flip(0) + 1
+
+    def ddim_step(self, z_t, eps, t, t_prev, eta=0.0, generator=None):
+        """DDIM (Song et al. 2021, Eq. 12). t_prev < 0 uses alphas_cumprod[0] (SD: set_alpha_to_one=False)."""
+        ac = self.alphas_cumprod
+        a_t, a_prev = ac[t], ac[max(t_prev, 0)]
+        x0 = (z_t.float() - (1 - a_t).sqrt() * eps.float()) / a_t.sqrt()
+        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+        z = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).sqrt() * eps.float()
+        if eta > 0:
+            z = z + sigma * torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device)
+        return z.to(z_t.dtype)
+
+    def ddpm_step(self, z_t, eps, t, generator=None):
+        """Ancestral DDPM step (Ho et al. 2020, Eq. 6-7) with the posterior variance ("fixed_small")."""
+        ac = self.alphas_cumprod
+        a_t, a_prev = ac[t], (ac[t - 1] if t > 0 else torch.tensor(1.0))
+        beta_t = 1 - a_t / a_prev
+        x0 = (z_t.float() - (1 - a_t).sqrt() * eps.float()) / a_t.sqrt()
+        mean = (a_prev.sqrt() * beta_t / (1 - a_t)) * x0 + ((1 - beta_t).sqrt() * (1 - a_prev) / (1 - a_t)) * z_t.float()
+        if t > 0:
+            var = (1 - a_prev) / (1 - a_t) * beta_t
+            mean = mean + var.clamp(min=1e-20).sqrt() * torch.randn(z_t.shape, generator=generator).to(z_t.device)
+        return mean.to(z_t.dtype)
+
+
+def diffusion_loss(model, schedule, cond, generator=None, drop=None):
+    """Eq. 1 of the paper: ||eps - eps_theta(z_t, t, z_masked, c, hint)||^2, t uniform, plain mean over latents.
+    Returns (loss, eps_pred, z_t, t) so the caller can add the perceptual loss on x0."""
+    z0 = cond["z0"]
+    B = z0.shape[0]
+    t = torch.randint(0, schedule.num_steps, (B,), generator=generator).to(z0.device)
+    noise = torch.randn(z0.shape, generator=generator).to(z0.device, z0.dtype)
+    z_t = schedule.add_noise(z0, noise, t)
+    context = model.context(cond["tokens"].to(z0.dtype), drop)
+    eps = model(z_t, t, cond["z_masked"], cond["mask_lat"], context, hint=cond["hint"])
+    return F.mse_loss(eps.float(), noise.float()), eps, z_t, t
+
+
+@torch.no_grad()
+def sample_latents(model, schedule, cond, steps=40, guidance=5.0, eta=0.0, sampler="ddim", generator=None,
+                   progress=True):
+    """Denoise from pure noise. Paper §4.1 / supp. §5.2: DDIM, 40 steps, guidance 5, eta UNSTATED (0).
+    Classifier-free guidance eps = eps(null) + s (eps(c) - eps(null)), the hint kept in both branches
+    (paper-spec §4), both branches in one batched forward."""
+    z_masked, mask_lat = cond["z_masked"], cond["mask_lat"]
+    dtype = z_masked.dtype
+    context = model.context(cond["tokens"].to(dtype))
+    B = z_masked.shape[0]
+    z = torch.randn(z_masked.shape, generator=generator, dtype=torch.float32).to(z_masked.device, dtype)
+    hint, hint_feats = cond["hint"], None
+    if model.cfg.hint and model.cfg.hint_input == "latent_only":  # independent of t and c: computed once
+        hint_feats = model.hint_features(z_masked + model.adapter(hint.to(dtype)))
+    if guidance != 1.0:  # double the batch: [null branch, conditional branch]
+        null = model.uncond_context(context).expand(-1, context.shape[1], -1)
+        context = torch.cat([null, context])
+        z_masked, mask_lat, hint = torch.cat([z_masked] * 2), torch.cat([mask_lat] * 2), torch.cat([hint] * 2)
+        if hint_feats is not None:
+            hint_feats = [torch.cat([f] * 2) for f in hint_feats]
+    ts = schedule.ddim_timesteps(steps).tolist() if sampler == "ddim" else list(range(schedule.num_steps))[::-1]
+    for i, t in enumerate(tqdm(ts, desc=f"{sampler} sampling", disable=not progress, leave=False)):
+        zz = torch.cat([z] * 2) if guidance != 1.0 else z
+        tt = torch.full((zz.shape[0],), t, device=z.device, dtype=torch.long)
+        eps = model(zz, tt, z_masked, mask_lat, context, hint=hint, hint_feats=hint_feats)
+        if guidance != 1.0:
+            eps_null, eps_cond = eps.chunk(2)
+            eps = eps_null + guidance * (eps_cond - eps_null)
+        if sampler == "ddim":
+            t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+            z = schedule.ddim_step(z, eps, t, t_prev, eta, generator)
+        else:
+            z = schedule.ddpm_step(z, eps, t, generator)
+    return z
+
+
+# -----------------------------------------------------------------------------
+# Losses: the VGG perceptual loss on the decoded x0 (paper §3.1: "a refinement loss similar to DCI-VTON")
+
+
+class VGGLoss(nn.Module):
+    """VGG-19 relu1_2, relu2_2, relu3_2, relu4_2, relu5_2 with weights 1/32 ... 1 and L1 distance
+    (UNSTATED layers and weights; paper-spec §3.1 copies DCI-VTON). Weights from a local torchvision file."""
+
+    TAPS = (3, 8, 13, 22, 31)
+    WEIGHTS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0)
+
+    def __init__(self, weights_path=None):
+        super().__init__()
+        import torchvision
+        features = torchvision.models.vgg19(weights=None).features[:self.TAPS[-1] + 1]
+        for layer in features:
+            if isinstance(layer, nn.ReLU):
+                layer.inplace = False  # the taps must survive the next layer
+        if weights_path is not None:
+            sd, source = read_state_dict(weights_path)
+            sd = {k: v for k, v in strip_prefix(sd, "features.").items() if int(k.split(".")[0]) <= self.TAPS[-1]}
+            load_strict(features, cast_floats(sd, torch.float32), source,
+                        "expected torchvision's vgg19 file (vgg19-dcbb9e9d.pth)")
+        self.features = features.requires_grad_(False).eval()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x, y):
+        h = torch.cat([x, y]).float()
+        h = ((h + 1) / 2 - self.mean) / self.std
+        loss, taps = 0.0, dict(zip(self.TAPS, self.WEIGHTS))
+        for i, layer in enumerate(self.features):
+            h = layer(h)
+            if i in taps:
+                a, b = h.chunk(2)
+                loss = loss + taps[i] * F.l1_loss(a, b.detach())
+        return loss
+
+
+# -----------------------------------------------------------------------------
+# 8. Building from the original files
+
+
+def from_original(sd_file, dinov2_file, dtype=None, **overrides):
+    """A fresh DTC from an SD 1.5, SD 1.5-inpainting or Paint-by-Example file and a DINOv2 hub file.
+    Returns (model, frozen). The VAE comes from the same SD file; the hint encoder is copied from the
+    main encoder (ControlNet's recipe, paper §3.2 "trainable replica")."""
+    sd, source = read_state_dict(sd_file)
+    image_encoder = load_dinov2(dinov2_file, dtype=dtype)
+    vae = load_vae_from(sd, source, dtype)
+    unet_sd = cast_floats(strip_prefix(sd, "model.diffusion_model."), dtype)
+    if not unet_sd:
+        raise CheckpointError(f"{source}: no model.diffusion_model. keys: not an SD 1.x single-file checkpoint. "
+                              + likely_cause(sd))
+    unet_sd, kind = to_pbe_layout(unet_sd, sd, source)
+    cfg = DTCConfig(unet=infer_unet_config(unet_sd), image_encoder_dim=image_encoder.cfg.embed_dim,
+                    mask_channel="fill" if kind == "sd15-inpainting" else "keep",
+                    latent_channels=vae.cfg.embed_dim, vae_factor=vae.cfg.downsample_factor)
+    cfg = replace(cfg, **overrides)
+    with torch.device("meta"):
+        model = DiffuseToChoose(cfg)
+    new = init_new_parts(cfg, unet_sd, sd)
+    load_strict(model, {**{"unet." + k: v for k, v in unet_sd.items()}, **new}, source)
+    return model.train(), Frozen(vae=vae.requires_grad_(False), image_encoder=image_encoder.requires_grad_(False))
+
+
+def load_vae_from(sd, source, dtype):
+    from vae import load_vae
+    vae_sd = strip_prefix(sd, "first_stage_model.")
+    if not vae_sd:
+        raise CheckpointError(f"{source}: no first_stage_model. keys: the SD file must carry its VAE")
+    return load_vae(vae_sd, dtype=dtype)
+
+
+def to_pbe_layout(unet_sd, full_sd, source):
+    """conv_in to PBE's 9-channel order [z_t, z_masked, mask]. Returns (unet_sd, kind)."""
+    w = unet_sd["input_blocks.0.0.weight"]
+    if w.shape[1] == 4:  # SD 1.5 text-to-image: 5 zero channels, as PBE's scripts/modify_checkpoints.py did
+        unet_sd = dict(unet_sd, **{"input_blocks.0.0.weight": torch.cat([w, w.new_zeros(w.shape[0], 5, *w.shape[2:])], 1)})
+        return unet_sd, "sd15"
+    if w.shape[1] != 9:
+        raise CheckpointError(f"{source}: the U-Net takes {w.shape[1]} input channels; expected 4 (SD 1.5) or 9 "
+                              "(SD 1.5-inpainting, Paint-by-Example)")
+    if "learnable_vector" in full_sd or any(k.startswith("cond_stage_model.mapper.") for k in full_sd):
+        return unet_sd, "paint-by-example"  # already [z_t, z_masked, mask], mask 1 = keep
+    # SD 1.5-inpainting: [z_t, mask, z_masked] with mask 1 = fill -> permute to [z_t, z_masked, mask];
+    # the polarity is kept by feeding the U-Net 1 - mask (DTCConfig.mask_channel = "fill"), which is exact
+    unet_sd = dict(unet_sd, **{"input_blocks.0.0.weight": torch.cat([w[:, :4], w[:, 5:9], w[:, 4:5]], 1)})
+    return unet_sd, "sd15-inpainting"
+
+
+def init_new_parts(cfg, unet_sd, full_sd):
+    """Initial weights of everything the original file lacks, keyed as in DiffuseToChoose."""
+    sd = {}
+    dtype = unet_sd["input_blocks.0.0.weight"].dtype
+    # token projection: fresh (supp. §5.2: "trained from scratch"); null context: PBE's learnable_vector if present
+    proj = nn.Linear(cfg.image_encoder_dim, cfg.unet.context_dim)
+    sd["token_proj.weight"], sd["token_proj.bias"] = proj.weight.detach(), proj.bias.detach()
+    null = full_sd.get("learnable_vector")
+    sd["null_context"] = null.reshape(1, 1, -1).clone() if null is not None and null.shape[-1] == cfg.unet.context_dim \
+        else torch.randn(1, 1, cfg.unet.context_dim)
+    if cfg.hint:
+        enc = {k: v.clone() for k, v in unet_sd.items() if k.startswith(("time_embed.", "input_blocks.", "middle_block."))}
+        w = enc["input_blocks.0.0.weight"]
+        if cfg.hint_input == "latent_only":  # a 4-channel conv_in reading latents: the pretrained z_t channels
+            enc["input_blocks.0.0.weight"] = w[:, :4].clone()
+        elif w[:, 4:8].abs().sum() == 0:  # SD text-to-image init: give the hint a path (paper-spec §2.5)
+            enc["input_blocks.0.0.weight"] = torch.cat([w[:, :4], w[:, :4], w[:, 8:]], 1)
+        sd.update({"hint_encoder." + k: v for k, v in enc.items()})
+        adapter = HintAdapter(cfg.latent_channels, cfg.vae_factor)
+        sd.update({"adapter." + k: v.detach() for k, v in adapter.state_dict().items()})
+        for i, c in enumerate(tap_channels(cfg.unet)):
+            out = 2 * c if cfg.fusion == "film" else c
+            sd[f"fusion.{i}.weight"], sd[f"fusion.{i}.bias"] = torch.zeros(out, c, 1, 1), torch.zeros(out)
+    return {k: v.to(dtype) for k, v in sd.items()}
+
+
+# -----------------------------------------------------------------------------
+# 10. DTC checkpoints: the trainable parts as safetensors, the config in the metadata
+
+
+def save_dtc(model, path, frozen=None):
+    """Writes the trainable parts (and, for models trained from scratch, the frozen ones under `vae.` and
+    `image_encoder.`) to `path`, through a temporary file so an existing checkpoint is never half-written."""
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if frozen is not None:
+        sd.update({"vae." + k: v.contiguous() for k, v in frozen.vae.state_dict().items()})
+        sd.update({"image_encoder." + k: v.contiguous() for k, v in frozen.image_encoder.state_dict().items()})
+    meta = {"format": "dtc", "dtc_config": json.dumps(asdict(model.cfg))}
+    if frozen is not None:
+        meta["vae_config"] = json.dumps(asdict(frozen.vae.cfg))
+        meta["image_encoder_config"] = json.dumps(asdict(frozen.image_encoder.cfg))
+    tmp = f"{path}.tmp"
+    save_file(sd, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_dtc(path, dtype=None):
+    """Returns (model, frozen or None). Strict: a file that is not a DTC checkpoint gets a clear error."""
+    from safetensors import safe_open
+    source = str(path)
+    if not os.path.isfile(source):
+        raise CheckpointError(f"{source}: file not found")
+    try:
+        with safe_open(source, "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise CheckpointError(f"{source}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+    if meta.get("format") != "dtc":
+        raise CheckpointError(f"{source}: not a DTC checkpoint (no dtc_config in its metadata); "
+                              "SD, DINOv2 and VAE files go to --sd and --dinov2")
+    sd, _ = read_state_dict(source)
+    sd = cast_floats(sd, dtype)
+    cfg = DTCConfig.from_dict(json.loads(meta["dtc_config"]))
+    with torch.device("meta"):
+        model = DiffuseToChoose(cfg)
+    load_strict(model, {k: v for k, v in sd.items() if not k.startswith(("vae.", "image_encoder."))}, source)
+    frozen = None
+    if "vae_config" in meta:
+        vcfg = json.loads(meta["vae_config"])
+        icfg = json.loads(meta["image_encoder_config"])
+        with torch.device("meta"):
+            vae = AutoencoderKL(VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in vcfg.items()}))
+            enc = DINOv2(DINOv2Config(**icfg))
+        load_strict(vae, strip_prefix(sd, "vae."), source)
+        load_strict(enc, strip_prefix(sd, "image_encoder."), source)
+        frozen = Frozen(vae=vae.eval().requires_grad_(False), image_encoder=enc.eval().requires_grad_(False))
+    return model.eval(), frozen
