@@ -322,3 +322,85 @@ def test_dtc_vgg_loss_taps(tmp_path):
             a, b = h.chunk(2)
             ref += dtc.VGGLoss.WEIGHTS[dtc.VGGLoss.TAPS.index(i)] * (a - b).abs().mean()
     torch.testing.assert_close(loss(x, y), ref)
+
+
+# --- sample.py end to end, on tiny original-format files ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sample_inputs(tmp_path_factory):
+    from PIL import Image
+    d = tmp_path_factory.mktemp("sample")
+    sd_path, vit_path, _ = write_original_files(d, "sd15")
+    g = torch.Generator().manual_seed(0)
+    Image.fromarray((torch.rand(37, 50, 3, generator=g) * 255).to(torch.uint8).numpy()).save(d / "source.png")
+    mask = Image.new("L", (25, 19), 0)  # another size than the source: resized to it
+    mask.paste(255, (6, 4, 18, 15))
+    mask.save(d / "mask.png")
+    Image.new("RGBA", (30, 40), (200, 30, 30, 128)).save(d / "reference.png")  # alpha: composited on white
+    Image.new("L", (25, 19), 0).save(d / "empty_mask.png")
+    Image.new("L", (25, 19), 255).save(d / "full_mask.png")
+    (d / "broken.png").write_bytes(b"not an image")
+    model = randomise(dtc.DiffuseToChoose(tiny_dtc_config()), std=0.02)
+    frozen = dtc.Frozen(vae=randomise(AutoencoderKL(TINY_VAE), std=0.02).eval(),
+                        image_encoder=randomise(DINOv2(TINY_VIT), std=0.02).eval())
+    dtc.save_dtc(model, d / "dtc.safetensors", frozen)
+    return d, sd_path, vit_path
+
+
+def sample_args(d, out, **kw):
+    args = dict(source=d / "source.png", mask=d / "mask.png", reference=d / "reference.png", out=out, size=32,
+                steps=2, dtc=d / "dtc.safetensors")
+    args.update(kw)
+    return [f"--{k}={v}" for k, v in args.items() if v is not None]
+
+
+def test_sample_cli_end_to_end(sample_inputs, tmp_path):
+    """`python sample.py`: output at the source's size, pixels outside the mask equal the source, same bytes twice."""
+    from PIL import Image
+    d, _, _ = sample_inputs
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"result{i}.png"
+        run = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), *sample_args(d, out)],
+                             capture_output=True, text=True, cwd=tmp_path)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.strip().splitlines()[-1] == str(out)
+        outs.append(out.read_bytes())
+        assert (tmp_path / f"result{i}_grid.png").exists()
+    assert outs[0] == outs[1]
+    result, source = Image.open(tmp_path / "result0.png"), Image.open(d / "source.png").convert("RGB")
+    assert result.size == source.size == (50, 37)
+    keep = torch.tensor(list(Image.open(d / "mask.png").resize((50, 37), Image.NEAREST).getdata())).view(37, 50) < 128
+    r = torch.tensor(list(result.getdata())).view(37, 50, 3)
+    s = torch.tensor(list(source.getdata())).view(37, 50, 3)
+    assert torch.equal(r[keep], s[keep]) and not torch.equal(r[~keep], s[~keep])
+
+
+def test_sample_from_sd_without_dtc_warns(sample_inputs, tmp_path, recwarn):
+    import sample
+    d, sd_path, vit_path = sample_inputs
+    assert sample.cli(sample_args(d, tmp_path / "r.png", dtc=None, sd=sd_path, dinov2=vit_path)) == 0
+    assert any("UNTRAINED" in str(w.message) for w in recwarn)
+    assert (tmp_path / "r.png").exists()
+
+
+@pytest.mark.parametrize("case,expect", [
+    (dict(source="missing.png"), "missing.png"),
+    (dict(reference="broken.png"), "broken.png"),
+    (dict(mask="empty_mask.png"), "empty"),
+    (dict(mask="full_mask.png"), "whole image"),
+    (dict(dtc="sd15.ckpt"), "not a DTC checkpoint"),
+    (dict(dtc="missing.safetensors"), "missing.safetensors"),
+])
+def test_sample_bad_input_exits_with_one_line(sample_inputs, tmp_path, capsys, case, expect):
+    """Each bad input: exit status 1, one line naming the problem, no traceback, the existing output untouched."""
+    import sample
+    d, _, _ = sample_inputs
+    out = tmp_path / "result.png"
+    out.write_bytes(b"earlier result")
+    kw = {k: d / v for k, v in case.items()}
+    assert sample.cli(sample_args(d, out, **kw)) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expect in err and "Traceback" not in err
+    assert out.read_bytes() == b"earlier result"

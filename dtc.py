@@ -507,7 +507,8 @@ def load_dtc(path, dtype=None):
         with safe_open(source, "pt") as f:
             meta = f.metadata() or {}
     except Exception as e:
-        raise CheckpointError(f"{source}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+        raise CheckpointError(f"{source}: not a DTC checkpoint (expected the .safetensors file written by train.py; "
+                              f"this one does not open as safetensors: {str(e).splitlines()[0]})") from None
     if meta.get("format") != "dtc":
         raise CheckpointError(f"{source}: not a DTC checkpoint (no dtc_config in its metadata); "
                               "SD, DINOv2 and VAE files go to --sd and --dinov2")

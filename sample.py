@@ -113,6 +113,8 @@ def main(argv=None):
     if keep_full.max() < 0.5:
         raise DataError(f"{args.mask}: the mask covers the whole image: DTC needs some of the photo as context")
 
+    keep_pil = Image.fromarray(((keep_full[0] > 0.5).to(torch.uint8) * 255).numpy(), mode="L")
+
     model, frozen, default_size = load_models(args, dtype)
     model.to(device, dtype)
     frozen.vae.to(device, dtype)
@@ -138,14 +140,11 @@ def main(argv=None):
             x = frozen.vae.decode(z / LATENT_SCALE).float().clamp(-1, 1)
         result = to_pil(x[0].cpu()).resize((W, H), Image.BICUBIC)
         if not args.no_paste_back:  # every pixel outside the region to fill is the source's own
-            keep = (keep_full[0] > 0.5).numpy()
-            result = Image.fromarray(
-                __import__("numpy").where(keep[..., None], __import__("numpy").asarray(source_pil),
-                                          __import__("numpy").asarray(result)))
+            result = Image.composite(source_pil, result, keep_pil)
         results.append(result)
 
     hint = to_pil(make_hint(reference.float().cpu(), mask.float().cpu())[0] * 2 - 1)
-    mask_pil = Image.fromarray(((1 - keep_full[0]).numpy() * 255).astype("uint8"))
+    mask_pil = Image.eval(keep_pil, lambda v: 255 - v)  # white = filled, as the user drew it
     stem, ext = os.path.splitext(args.out)
     paths = [args.out] if len(results) == 1 else [f"{stem}_{i}{ext}" for i in range(len(results))]
     for result, path in zip(results, paths):
@@ -155,9 +154,15 @@ def main(argv=None):
     print(paths[-1] if len(paths) == 1 else " ".join(paths))
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """Bad input ends with exit status 1 and one line naming the file and the problem, no traceback."""
     try:
-        main()
+        main(argv)
     except (CheckpointError, DataError) as e:
         print(f"error: {'; '.join(line.strip() for line in str(e).splitlines())}", file=sys.stderr)
-        sys.exit(1)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -225,8 +225,8 @@ class UNet(nn.Module):
     def time_embedding(self, timesteps):
         """Timesteps (B,) (or one timestep, broadcast over the batch) -> embedding (B, 4 * model_channels).
 
-        Sinusoids [cos | sin] at periods 1 .. 10000 (the original's order), computed in float32 so that t up to 999
-        keeps its precision, then cast to the weights' dtype for the MLP.
+        Sinusoids [cos | sin] at periods 1 .. 10000 (the original's order), computed in float32 because the phases
+        t * freq reach ~1000 radians, too coarse in fp16; then cast to the weights' dtype for the MLP.
         """
         w = self.time_embed[0].weight
         t = torch.as_tensor(timesteps, device=w.device).reshape(-1).float()

@@ -210,6 +210,51 @@ class AutoencoderKL(nn.Module):
         -> (B, 3, h*f, w*f) image, nominally in [-1, 1] (not clamped)."""
         return self.decoder(self.post_quant_conv(z))
 
+    def decode_tiled(self, z, tile=64, overlap=16):
+        """decode() in overlapping tiles of tile x tile latents, so the decoder's activations scale with the
+        tile, not the image (the 8 GB goal at large sizes). Neighbouring tiles overlap by at least `overlap`
+        latents and are cross-faded there with linear ramps, so no seam shows. Not exact: the mid-block
+        attention and every GroupNorm see one tile, not the whole latent. A latent no larger than one tile is
+        decoded in one piece, exactly as decode()."""
+        B, _, h, w = z.shape
+        if h <= tile and w <= tile:
+            return self.decode(z)
+        assert 0 <= overlap < tile, f"overlap {overlap} must be smaller than the tile {tile}"
+        f = self.cfg.downsample_factor
+        out = weight = None
+        for y in _tile_starts(h, tile, tile - overlap):
+            for x in _tile_starts(w, tile, tile - overlap):
+                piece = self.decode(z[:, :, y:y + tile, x:x + tile]).float()  # (B, C, th*f, tw*f)
+                ph, pw = piece.shape[2:]
+                # (ph, 1) * (1, pw): ramps only on the sides where another tile overlaps this one
+                ramp = (_ramp(ph, overlap * f, y > 0, y + tile < h, z.device)[:, None]
+                        * _ramp(pw, overlap * f, x > 0, x + tile < w, z.device)[None, :])
+                if out is None:
+                    out = piece.new_zeros(B, piece.shape[1], h * f, w * f)
+                    weight = piece.new_zeros(h * f, w * f)
+                out[:, :, y * f:y * f + ph, x * f:x * f + pw] += piece * ramp
+                weight[y * f:y * f + ph, x * f:x * f + pw] += ramp
+        return (out / weight).to(z.dtype)  # the weights of the tiles covering a pixel sum to 1 after this
+
+
+def _tile_starts(n, tile, stride):
+    """Offsets of tiles of size `tile` that cover 0..n, `stride` apart; the last one flush with the end."""
+    return [0] if n <= tile else list(range(0, n - tile, stride)) + [n - tile]
+
+
+def _ramp(n, r, rise, fall, device):
+    """(n,) blending weights of one tile along one axis: rising linearly over the first r pixels when a tile
+    precedes it, falling over the last r when one follows, 1 elsewhere. Two tiles overlapping by r get weights
+    summing to exactly 1 there (a linear cross-fade); a larger overlap is evened out by decode_tiled's division.
+    Never 0, so every pixel has weight."""
+    i = torch.arange(n, device=device, dtype=torch.float32) + 0.5  # pixel centres
+    w = torch.ones(n, device=device)
+    if rise:
+        w = torch.minimum(w, i / max(r, 1))
+    if fall:
+        w = torch.minimum(w, (n - i) / max(r, 1))
+    return w
+
 
 def infer_vae_config(sd):
     """The VAEConfig of a bare VAE state dict (keys encoder.*, decoder.*, ...), read from tensor shapes."""

@@ -1,0 +1,778 @@
+"""
+Training and evaluation data for Diffuse to Choose: image reading, two dataset layouts (our own triplet
+folders and the VITON-HD release), the training-time randomness, and a toy "teaching world" that draws
+products into scenes so the whole pipeline can be trained and judged on a CPU.
+
+Conventions (every function here keeps them):
+- Images are float tensors (3,H,W) in [-1,1]. Files are read fully decoded, upright (EXIF orientation
+  applied), transparency composited on WHITE, and converted to RGB.
+- Masks inside the model are Paint-by-Example's: float (1,H,W), 1 = keep, 0 = the region to fill.
+  Mask FILES on disk follow the user convention: white = region to fill, thresholded at 128 (JPEG leaves
+  grey edges), so a file is inverted on reading and on writing.
+- Sizes are (H, W), as torch writes them; messages print W x H, as image viewers do. File sizes always
+  come from the files opened, never from constants.
+- A sample is a dict: "source" (3,H,W) the photo (masked later by the model code), "target" (3,H,W)
+  what the region should become (= source when the layout has no target), "mask" (1,H,W) 1 = keep,
+  "reference" (3,h,w) the product image, "name" str. Sources are resized to the dataset's `size`
+  (bilinear with antialias; masks and parse maps NEAREST) and references to `ref_size`, so the default
+  collate batches them; the model resizes the reference again for its image encoder and its hint.
+- Randomness never touches a global RNG: sample i of epoch e draws only from
+  `sample_rng(seed, e, i)`, so a resumed run sees exactly the samples it would have seen. With
+  DataLoader workers, call `set_epoch` before each epoch's iterator and do not use persistent workers
+  (they keep the dataset copy of the epoch they were started in).
+- Training randomness (train=True), as in the paper: per sample the fine mask or its bounding box,
+  50/50 (supplement 5.1), and for the reference only a horizontal flip (p=0.5) and a rotation uniform
+  in +-20 degrees with white fill (4.1). With train=False nothing is random.
+- Bad data raises DataError, one line naming the file and the problem. With skip_bad=True a dataset
+  drops bad samples up front (one warning with the count) and replaces samples that fail to decode
+  later by the next good index (counted in `skipped`).
+"""
+import math
+import sys
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageFile, ImageOps
+from torch.utils.data import Dataset
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+class DataError(ValueError):
+    """A data file that cannot be used; the message names the file and what is wrong."""
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Reading and writing images and masks
+
+def _decode(path):
+    """The fully decoded, upright PIL image at `path` (any mode)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    # PIL's default; set here because any library may flip it globally, and a truncated file must
+    # fail loudly instead of training on a half-grey photo
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with Image.open(path) as im:
+            im.load()  # the full decode: a truncated JPEG/PNG raises here, not at Image.open
+            return ImageOps.exif_transpose(im)  # phone photos store their rotation in EXIF
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: unreadable image ({e})") from None
+
+
+def _header(path):
+    """(W, H, mode) from the file header alone (fast, for the up-front checks), EXIF rotation applied."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        with Image.open(path) as im:
+            W, H = im.size
+            exif = Image.Exif()
+            if "exif" in im.info:  # read at open; im.getexif() would decode a whole PNG
+                exif.load(im.info["exif"])
+            turned = exif.get(0x0112, 1) in (5, 6, 7, 8)  # orientations that swap width and height
+            return (H, W, im.mode) if turned else (W, H, im.mode)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: unreadable image ({e})") from None
+
+
+def load_image(path):
+    """PIL RGB image; transparency (RGBA, LA, palette or grey with a transparent colour) goes on white."""
+    im = _decode(path)
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        im = im.convert("RGBA")
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, im).convert("RGB")
+    return im.convert("RGB")  # grey, palette and CMYK too
+
+
+def load_mask(path, size=None, resize=False):
+    """(1,H,W) float, 1 = keep, from a file where white (>= 128) = the region to fill.
+
+    size: the source's (H, W). A mask of another size is an error, unless resize=True, which resizes
+    the file with NEAREST before thresholding.
+    """
+    im = _decode(path).convert("L")  # RGB or palette masks: their luminance
+    if size is not None and im.size != (size[1], size[0]):
+        if not resize:
+            raise DataError(f"{path}: mask is {im.size[0]}x{im.size[1]}, the source is {size[1]}x{size[0]}")
+        im = im.resize((size[1], size[0]), Image.NEAREST)
+    fill = TF.pil_to_tensor(im) >= 128  # (1,H,W)
+    return (~fill).float()
+
+
+def load_parse(path):
+    """(H,W) uint8 label ids of a human-parse map, read BY INDEX.
+
+    The VITON-HD maps are palette ("P") PNGs whose colours are only for display; convert('L') or
+    convert('RGB') would turn them into luminances, not ids.
+    """
+    im = _decode(path)
+    if im.mode not in ("P", "L"):
+        raise DataError(f"{path}: parse map is mode {im.mode}; expected a palette ('P') or 'L' map of label ids")
+    parse = TF.pil_to_tensor(im)[0]  # P and L: the stored indices, (H,W) uint8
+    if parse.max() > 19:
+        raise DataError(f"{path}: parse map has label {int(parse.max())}; CIHP labels are 0..19")
+    return parse
+
+
+def to_tensor(pil):
+    """PIL image -> (3,H,W) float in [-1,1]."""
+    return TF.pil_to_tensor(pil.convert("RGB")).float() / 127.5 - 1
+
+
+def to_pil(x):
+    """(3,H,W) (or (1,H,W)) tensor in [-1,1] -> PIL image."""
+    return TF.to_pil_image(((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
+
+
+def mask_to_pil(mask):
+    """(1,H,W) mask, 1 = keep -> PIL "L" image in the file convention (white = fill)."""
+    return TF.to_pil_image(((1 - mask.detach().float().cpu()) * 255).round().to(torch.uint8))
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. What every dataset shares: per-sample RNG, resizing, the training randomness, skip_bad
+
+def _mix(*values):
+    """A 64-bit hash of integers (splitmix64 steps), stable across runs, machines and Python versions."""
+    h = 0
+    for v in values:
+        h = (h + v + 0x9E3779B97F4A7C15) % 2**64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) % 2**64
+        h ^= h >> 31
+    return h
+
+
+def _generator(*values):
+    # torch's CPU generator seeds its Mersenne Twister from the low 32 bits only: fold the high half in
+    h = _mix(*values)
+    return torch.Generator().manual_seed((h ^ (h >> 32)) & 0xFFFFFFFF)
+
+
+def sample_rng(seed, epoch, index):
+    """The only source of randomness for sample `index` of `epoch`."""
+    return _generator(seed, epoch, index)
+
+
+def _uniform(g, lo=0.0, hi=1.0):
+    return lo + (hi - lo) * torch.rand((), generator=g).item()
+
+
+def _pair(size):
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def resize_image(x, size):
+    """(3,h,w) -> (3,H,W), bilinear with antialias (a triangle filter: no overshoot past [-1,1])."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x[None], size=tuple(size), mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+def resize_nearest(x, size):
+    """Masks and label maps (C,h,w) -> (C,H,W); "nearest-exact" samples pixel centres, like PIL's NEAREST."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x[None].float(), size=tuple(size), mode="nearest-exact")[0].to(x.dtype)
+
+
+def bbox_mask(mask):
+    """(1,H,W) keep-mask -> the same with the bounding box of its fill region filled."""
+    fill = mask[0] < 0.5
+    if not fill.any():
+        return mask
+    rows, cols = fill.any(1).nonzero()[:, 0], fill.any(0).nonzero()[:, 0]
+    box = torch.ones_like(mask)
+    box[:, rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = 0
+    return box
+
+
+def augment_reference(reference, g):
+    """Horizontal flip p=0.5 and rotation uniform in +-20 degrees, corners filled white (the
+    reference's own background). Both draws are made every time, so later draws never shift."""
+    flip = torch.rand((), generator=g).item() < 0.5
+    angle = _uniform(g, -20.0, 20.0)
+    if flip:
+        reference = reference.flip(-1)
+    return TF.rotate(reference, angle, interpolation=TF.InterpolationMode.BILINEAR, fill=[1.0] * reference.shape[0])
+
+
+def finish_sample(source, target, mask, reference, name, size, ref_size, g, mask_file):
+    """Resize to the batch sizes, check there is something to fill, then apply the training randomness
+    (g is None in evaluation). mask_file names the mask's origin for the error message."""
+    resized = resize_image(source, size)
+    target = resized if target is source else resize_image(target, size)
+    mask = resize_nearest(mask, size)
+    if mask.min() > 0.5:
+        raise DataError(f"{mask_file}: no region to fill at {size[1]}x{size[0]} (all keep, or too small to survive the resize)")
+    reference = resize_image(reference, ref_size)
+    if g is not None:
+        if torch.rand((), generator=g).item() < 0.5:  # the paper's 50/50: fine mask or its bounding box
+            mask = bbox_mask(mask)
+        reference = augment_reference(reference, g)
+    return {"source": resized, "target": target, "mask": mask, "reference": reference, "name": name}
+
+
+def _warn_dropped(bad, total):
+    if bad:
+        warnings.warn(f"skipped {len(bad)} of {total} samples with bad files; first: {bad[0]}", stacklevel=3)
+
+
+class SampleDataset(Dataset):
+    """Base of the datasets below: the seed/epoch RNG and the decode-time skip_bad rule.
+    Subclasses define __len__ and load(index, g) -> sample dict (g is None in evaluation)."""
+
+    def __init__(self, seed, train, skip_bad):
+        self.seed, self.train, self.skip_bad = seed, train, skip_bad
+        self.epoch = 0
+        self.skipped = 0  # decode-time replacements, counted in this process (each DataLoader worker has its own)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __getitem__(self, index):
+        index = range(len(self))[index]  # IndexError past the end ends plain iteration; negatives work
+        for k in range(len(self)):
+            j = (index + k) % len(self)  # the replacement for a bad sample is deterministic: the next one
+            try:
+                return self.load(j, sample_rng(self.seed, self.epoch, j) if self.train else None)
+            except DataError as e:
+                if not self.skip_bad:
+                    raise
+                self.skipped += 1
+                warnings.warn(f"{e}; sample {j} skipped, the next one used instead", stacklevel=2)
+        raise DataError(f"{self}: no sample could be loaded")
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Triplet folders: root/{source,mask,reference}/ and optional root/target/, matched by file stem
+
+class TripletDataset(SampleDataset):
+    """root/source/NAME.*, root/mask/NAME.* (white = fill), root/reference/NAME.*, optional root/target/NAME.*
+    (what the region should become when the source shows something else there). Extensions may differ."""
+
+    def __init__(self, root, size, ref_size=(224, 224), train=True, seed=0, skip_bad=False):
+        super().__init__(seed, train, skip_bad)
+        self.root, self.size, self.ref_size = Path(root), _pair(size), _pair(ref_size)
+        folders = ["source", "mask", "reference"] + (["target"] if (self.root / "target").is_dir() else [])
+        files = {folder: self._index(self.root / folder) for folder in folders}
+        if not files["source"]:
+            raise DataError(f"{self.root}: no images in {self.root / 'source'}")
+        self.samples, bad = [], []
+        for name, source in sorted(files["source"].items()):
+            try:  # header-level checks only (no decoding), so this stays fast on large folders
+                paths = {"source": source}
+                for folder in folders[1:]:
+                    if name not in files[folder]:
+                        raise DataError(f"{self.root / folder / name}.*: file not found (the source {source.name} has none)")
+                    paths[folder] = files[folder][name]
+                W, H, _ = _header(source)
+                for folder in folders[1:]:
+                    w, h, _ = _header(paths[folder])
+                    if folder in ("mask", "target") and (w, h) != (W, H):
+                        raise DataError(f"{paths[folder]}: {folder} is {w}x{h}, the source is {W}x{H}")
+                self.samples.append((name, paths))
+            except DataError as e:
+                bad.append(e)
+        if bad and not skip_bad:
+            more = f" (and {len(bad) - 1} more bad samples; skip_bad=True drops them)" if len(bad) > 1 else ""
+            raise DataError(f"{bad[0]}{more}")
+        _warn_dropped(bad, len(files["source"]))
+        if not self.samples:
+            raise DataError(f"{self.root}: no usable samples")
+
+    @staticmethod
+    def _index(folder):
+        """{stem: path} of the images in a folder; two files with one stem are ambiguous."""
+        index = {}
+        for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("."):
+                if path.stem in index:
+                    raise DataError(f"{path}: two files for sample '{path.stem}' ({index[path.stem].name}, {path.name})")
+                index[path.stem] = path
+        return index
+
+    def __len__(self):
+        return len(self.samples)
+
+    def load(self, i, g):
+        name, paths = self.samples[i]
+        source = load_image(paths["source"])
+        mask = load_mask(paths["mask"], size=(source.height, source.width))
+        target = to_tensor(load_image(paths["target"])) if "target" in paths else None
+        source = to_tensor(source)
+        return finish_sample(source, source if target is None else target, mask, to_tensor(load_image(paths["reference"])),
+                             name, self.size, self.ref_size, g, paths["mask"])
+
+    def __repr__(self):
+        return f"TripletDataset({self.root})"
+
+
+def write_triplets(root, samples):
+    """Write sample dicts (source, mask, reference, optional target, name) as PNGs in the triplet layout."""
+    root = Path(root)
+    for s in samples:
+        folders = {"source": s["source"], "reference": s["reference"]}
+        if "target" in s:
+            folders["target"] = s["target"]
+        for folder, image in folders.items():
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            to_pil(image).save(root / folder / f"{s['name']}.png")
+        (root / "mask").mkdir(parents=True, exist_ok=True)
+        mask_to_pil(s["mask"]).save(root / "mask" / f"{s['name']}.png")
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. VITON-HD: root/{train,test}_pairs.txt and root/<split>/{image,cloth,image-parse-v3}/
+#    (layout and traps: shared/vitonhd-format.md)
+
+UPPER_BODY_IDS = (5, 6, 7, 10, 14, 15)  # CIHP upper-clothes, dress, coat, neck (torso-skin), left arm, right arm
+FLIP_PAIRS = ((14, 15), (16, 17), (18, 19))  # left/right arm, leg, shoe: a mirror swaps them (CIHP_PGN's flip tool)
+
+
+def flip_parse(parse):
+    """Mirror a label map (..., H, W) left-right, swapping the left/right ids."""
+    table = torch.arange(256, dtype=parse.dtype)
+    for a, b in FLIP_PAIRS:
+        table[a], table[b] = b, a
+    return table[parse.long()].flip(-1)
+
+
+def dilate(fill, radius):
+    """Square dilation of a (H,W) bool map by `radius` pixels, as a max-pool (rows, then columns)."""
+    if radius <= 0:
+        return fill
+    x = fill[None, None].float()
+    x = F.max_pool2d(x, (1, 2 * radius + 1), stride=1, padding=(0, radius))
+    x = F.max_pool2d(x, (2 * radius + 1, 1), stride=1, padding=(radius, 0))
+    return x[0, 0] > 0.5
+
+
+def vitonhd_mask(parse, radius):
+    """(1,H,W) keep-mask from a (H,W) CIHP parse: upper garment + neck + arms, dilated by `radius` px
+    (dilated because the new garment may be larger than the old one, and so the old garment's outline
+    cannot leak through the mask)."""
+    fill = torch.isin(parse, torch.tensor(UPPER_BODY_IDS, dtype=parse.dtype))
+    return (~dilate(fill, radius)).float()[None]
+
+
+class VitonHDDataset(SampleDataset):
+    """Person photos of VITON-HD with the garment region masked and the in-shop cloth as the reference.
+
+    split "train": the garment is ALWAYS cloth/<person name>; column 2 of train_pairs.txt is ignored
+    because that file is not paired (every public loader does the same). split "test": paired=True
+    uses cloth/<person name> (the person wears it: target = source); paired=False uses column 2 (no
+    ground truth: target = source by convention).
+    The mask: parse ids UPPER_BODY_IDS at the output size, dilated by int(dilation * W) px (W = the output
+    width; 5/256 is DCI-VTON's kernel size rule), then the 50/50 box rule in training.
+    hflip: probability (training only) of mirroring the whole sample (person, parse with left/right ids
+    swapped, cloth).
+    """
+
+    def __init__(self, root, split, size, ref_size=(224, 224), train=None, seed=0, skip_bad=False,
+                 paired=True, hflip=0.0, dilation=5 / 256):
+        train = split == "train" if train is None else train
+        super().__init__(seed, train, skip_bad)
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+        if split == "train" and not paired:
+            raise ValueError("train_pairs.txt is not a pairing: training always uses cloth/<person name>")
+        if hflip and not train:
+            raise ValueError("hflip is a training augmentation; with train=False nothing is random")
+        self.root, self.size, self.ref_size = Path(root), _pair(size), _pair(ref_size)
+        self.hflip, self.radius = hflip, int(dilation * self.size[1])
+        pairs_file = self.root / f"{split}_pairs.txt"
+        if not pairs_file.is_file():
+            raise DataError(f"{pairs_file}: file not found")
+        folder = self.root / split
+        lines = [(n, line.split()) for n, line in enumerate(pairs_file.read_text().splitlines(), 1) if line.strip()]
+        if not lines:
+            raise DataError(f"{pairs_file}: no pairs")
+        self.samples, bad = [], []
+        for n, names in lines:
+            if len(names) != 2:
+                raise DataError(f"{pairs_file} line {n}: expected 'person.jpg cloth.jpg', got {' '.join(names)!r}")
+            person, cloth = names[0], names[0] if paired else names[1]
+            paths = {"image": folder / "image" / person, "cloth": folder / "cloth" / cloth,
+                     "parse": folder / "image-parse-v3" / (Path(person).stem + ".png")}
+            try:  # header-level checks only
+                for path in paths.values():
+                    if not path.is_file():
+                        raise DataError(f"{path}: file not found (needed by {pairs_file.name} line {n})")
+                W, H, _ = _header(paths["image"])
+                _header(paths["cloth"])
+                w, h, mode = _header(paths["parse"])
+                if mode not in ("P", "L"):
+                    raise DataError(f"{paths['parse']}: parse map is mode {mode}; expected a palette ('P') or 'L' map of label ids")
+                if (w, h) != (W, H):
+                    raise DataError(f"{paths['parse']}: parse map is {w}x{h}, the image is {W}x{H}")
+                name = Path(person).stem if paired else f"{Path(person).stem}_{Path(cloth).stem}"
+                self.samples.append((name, paths))
+            except DataError as e:
+                bad.append(e)
+        if bad and not skip_bad:
+            more = f" (and {len(bad) - 1} more bad pairs; skip_bad=True drops them)" if len(bad) > 1 else ""
+            raise DataError(f"{bad[0]}{more}")
+        _warn_dropped(bad, len(lines))
+        if not self.samples:
+            raise DataError(f"{self.root}: no usable {split} pairs")
+
+    def __len__(self):
+        return len(self.samples)
+
+    def load(self, i, g):
+        name, paths = self.samples[i]
+        person, cloth = to_tensor(load_image(paths["image"])), to_tensor(load_image(paths["cloth"]))
+        parse = load_parse(paths["parse"])
+        if tuple(parse.shape) != tuple(person.shape[-2:]):
+            raise DataError(f"{paths['parse']}: parse map is {parse.shape[1]}x{parse.shape[0]}, "
+                            f"the image is {person.shape[2]}x{person.shape[1]}")
+        # the flip draw is made in every training sample, so hflip does not shift the later draws
+        if g is not None and torch.rand((), generator=g).item() < self.hflip:
+            person, parse, cloth = person.flip(-1), flip_parse(parse), cloth.flip(-1)
+        parse = resize_nearest(parse[None], self.size)[0]
+        mask = vitonhd_mask(parse, self.radius)
+        return finish_sample(person, person, mask, cloth, name, self.size, self.ref_size, g, paths["parse"])
+
+    def __repr__(self):
+        return f"VitonHDDataset({self.root})"
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. The teaching world: toy "virtual try-all" scenes that train on a CPU
+#
+# A product is a flat texture (stripes, checks, dots, glyph strokes, colour blocks; 2-3 colours) that
+# is either a top (worn by a person) or a cushion (on a sofa). A sample draws a scene, places the
+# product's texture into the scene's region with a warp and shading, and shows the same product flat on
+# white as the reference. The detail (stripe angle and frequency, glyph shapes) is what a single global
+# embedding loses, so only a model that uses the reference's spatial detail can redraw it.
+# Everything is drawn at SS x the output size and box-filtered down (anti-aliasing).
+
+SS = 2
+PATTERNS = ("stripes", "checks", "dots", "glyphs", "blocks")
+HELDOUT_FIRST = 1_000_000  # held-out product ids start here; train ids are 0 .. n_products-1
+WINDOW = (0.12, 0.88)  # the part of the texture square that the flat reference shows (and the scene maps)
+
+
+@dataclass(frozen=True)
+class Product:
+    category: str  # "top" or "cushion"
+    pattern: str  # one of PATTERNS
+    colours: tuple  # 2 or 3 (r, g, b) in [0,1]; colour 0 is the light ground
+    freq: float  # repeats per texture width
+    angle: float  # radians: stripe / block direction
+    duty: float  # stripe share, dot size or stroke width, per pattern
+    phase: float
+    strokes: tuple  # glyph strokes ((x0, y0, x1, y1), ...) in texture coordinates
+
+
+def _hsv(h, s, v):
+    """One HSV colour (h wraps) -> (r, g, b) floats."""
+    k = [(n + h % 1.0 * 6) % 6 for n in (5, 3, 1)]
+    return tuple(round(v - v * s * max(0.0, min(k_, 4 - k_, 1.0)), 4) for k_ in k)
+
+
+def make_product(pid):
+    """The product with integer id `pid`: its parameters depend on the id alone."""
+    g = _generator(0x9E0D, pid)
+    category = "top" if _uniform(g) < 0.5 else "cushion"
+    pattern = PATTERNS[int(_uniform(g) * len(PATTERNS))]
+    h = _uniform(g)
+    colours = (_hsv(h, _uniform(g, 0.15, 0.5), _uniform(g, 0.72, 0.95)),  # light ground
+               _hsv(h + _uniform(g, 0.3, 0.7), _uniform(g, 0.5, 1.0), _uniform(g, 0.2, 0.6)),  # dark
+               _hsv(h + _uniform(g, 0.1, 0.9), _uniform(g, 0.6, 1.0), _uniform(g, 0.55, 1.0)))  # accent
+    colours = colours[:2] if _uniform(g) < 0.5 else colours
+    freq, angle, duty, phase = _uniform(g, 2.0, 6.0), _uniform(g, 0.0, math.pi), _uniform(g, 0.3, 0.7), _uniform(g)
+    strokes = ()
+    if pattern == "glyphs":  # 2-3 letter-like glyphs in a row, each 2-4 strokes between points of a 3x3 lattice
+        n, gw, gh = 2 + int(_uniform(g) < 0.5), 0.16, 0.24
+        x0, y0 = 0.5 - n * gw * 1.5 / 2 + gw * 0.25, 0.5 - gh / 2 + _uniform(g, -0.15, 0.15)
+        for j in range(n):
+            for _ in range(2 + int(_uniform(g) * 3)):
+                a, b = int(_uniform(g) * 9), int(_uniform(g) * 9)
+                b = (a + 1 + b % 8) % 9  # a stroke joins two different lattice points
+                strokes += ((round(x0 + j * gw * 1.5 + a % 3 * gw / 2, 4), round(y0 + a // 3 * gh / 2, 4),
+                             round(x0 + j * gw * 1.5 + b % 3 * gw / 2, 4), round(y0 + b // 3 * gh / 2, 4)),)
+    return Product(category, pattern, colours, round(freq, 4), round(angle, 4), round(duty, 4), round(phase, 4), strokes)
+
+
+def _segment_distance(u, v, strokes):
+    """Distance from each point (u, v) to the nearest stroke."""
+    s = torch.tensor(strokes)  # (K,4)
+    a, d = s[:, None, :2], s[:, None, 2:] - s[:, None, :2]  # (K,1,2)
+    p = torch.stack([u.reshape(-1), v.reshape(-1)], -1)[None]  # (1,N,2)
+    t = (((p - a) * d).sum(-1) / (d * d).sum(-1)).clamp(0, 1)  # (K,N): the nearest point's position on each stroke
+    return (p - a - t[..., None] * d).norm(dim=-1).min(0).values.reshape(u.shape)
+
+
+def _frac(x):
+    return x - x.floor()  # in [0,1) for negative x too (torch.frac keeps the sign)
+
+
+def texture(product, u, v):
+    """The product's colour at texture coordinates (u, v) in [0,1] (any shape) -> (3, *u.shape) in [0,1]."""
+    p, n = product, len(product.colours)
+    t = (u - 0.5) * math.cos(p.angle) + (v - 0.5) * math.sin(p.angle)  # position across the stripes
+    if p.pattern == "stripes":  # 2 colours with a duty share, or 3 equal bands
+        f = _frac(t * p.freq + p.phase)
+        idx = (f * 3).long() if n == 3 else (f > p.duty).long()
+    elif p.pattern == "checks":  # 2 colours: checkerboard; 3: gingham (the overlap of two stripe sets)
+        a, b = _frac(u * p.freq + p.phase) < 0.5, _frac(v * p.freq + p.phase) < 0.5
+        idx = a.long() + b.long() if n == 3 else (a ^ b).long()
+    elif p.pattern == "dots":  # staggered rows; 3 colours: the dots alternate
+        fv = v * p.freq + p.phase
+        fu = u * p.freq + 0.5 * (fv.floor() % 2)
+        dot = torch.hypot(_frac(fu) - 0.5, _frac(fv) - 0.5) < p.duty * 0.5
+        idx = dot.long() * (1 + (n - 2) * ((fu.floor() + fv.floor()) % 2).long())
+    elif p.pattern == "glyphs":  # strokes in colour 1; 3 colours: on a band of colour 2
+        idx = torch.zeros_like(u, dtype=torch.long)
+        if n == 3:
+            ys = [s[1] for s in p.strokes] + [s[3] for s in p.strokes]
+            idx[(v > min(ys) - 0.08) & (v < max(ys) + 0.08)] = 2
+        idx[_segment_distance(u, v, p.strokes) < 0.012 + 0.02 * p.duty] = 1
+    else:  # blocks: the square cut into 2 or 3 bands by parallel lines
+        cut = (p.phase - 0.5) * 0.4
+        idx = (t > cut).long() + ((t > cut + 0.1 + 0.2 * p.duty).long() if n == 3 else 0)
+    return torch.tensor(p.colours)[idx].movedim(-1, 0)
+
+
+def _box(x, y, cx, cy, hw, hh, angle=0.0):
+    """Points inside a rectangle of half sizes (hw, hh) centred at (cx, cy), turned by `angle`."""
+    c, s = math.cos(angle), math.sin(angle)
+    dx, dy = x - cx, y - cy
+    return ((dx * c + dy * s).abs() <= hw) & ((dy * c - dx * s).abs() <= hh)
+
+
+def _ellipse(x, y, cx, cy, rx, ry):
+    return ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1
+
+
+def _shirt(x, y, cx, top, w, h, sleeve_angle, sleeve_len):
+    """A T-shirt: body of half width w from the shoulder line `top` down h, two sleeves going out and down
+    at `sleeve_angle` (radians below horizontal), a round neckline."""
+    body = ((x - cx).abs() <= w * (1 - 0.08 * (y - top) / h)) & (y >= top) & (y <= top + h)
+    for side in (-1, 1):
+        ax = cx + side * (0.9 * w + 0.5 * sleeve_len * math.cos(sleeve_angle))
+        ay = top + 0.12 * h + 0.5 * sleeve_len * math.sin(sleeve_angle)
+        body |= _box(x, y, ax, ay, 0.5 * sleeve_len, 0.11 * h, side * sleeve_angle)
+    return body & ~_ellipse(x, y, cx, top, 0.38 * w, 0.12 * h)
+
+
+def _superellipse(x, y, cx, cy, r, angle, power=4.0):
+    """Radius-like value of a rounded square (< 1 inside) and local coordinates in [-1,1]."""
+    c, s = math.cos(angle), math.sin(angle)
+    du, dv = ((x - cx) * c + (y - cy) * s) / r, ((y - cy) * c - (x - cx) * s) / r
+    return (du.abs() ** power + dv.abs() ** power) ** (1 / power), du, dv
+
+
+def _grid(h, w):
+    """Pixel-centre coordinates in [0,1]: x (h,w) across, y (h,w) down."""
+    y = (torch.arange(h) + 0.5) / h
+    x = (torch.arange(w) + 0.5) / w
+    return x[None].expand(h, w), y[:, None].expand(h, w)
+
+
+def _window(x, y, region):
+    """Texture coordinates that map the bounding box of `region` onto the texture WINDOW."""
+    cols, rows = region.any(0).nonzero()[:, 0], region.any(1).nonzero()[:, 0]
+    x0, x1, y0, y1 = x[0, cols[0]], x[0, cols[-1]], y[rows[0], 0], y[rows[-1], 0]
+    lo, hi = WINDOW
+    return lo + (x - x0) / (x1 - x0) * (hi - lo), lo + (y - y0) / (y1 - y0) * (hi - lo)
+
+
+def _paint(image, region, colour):
+    image[:, region] = torch.tensor(colour)[:, None]
+
+
+def _muted(g, lo=0.35, hi=0.95):
+    return _hsv(_uniform(g), _uniform(g, 0.0, 0.35), _uniform(g, lo, hi))
+
+
+@contextmanager
+def _one_thread():
+    """Run torch single-threaded inside. The world's tensors are small: intra-op threads gain nothing, on a
+    busy CPU their hand-offs made a sample 10-30x slower (~8 ms single-threaded, 50-300 ms with 2 contended
+    threads), and the thread count changes float rounding, which would make scenes depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class TeachingWorld(SampleDataset):
+    """Toy scenes with a product in them; source = target = the scene, mask = the product's region
+    (its fine shape), reference = the product flat on white.
+
+    split "train" uses products 0 .. n_products-1 (sample i: product i % n_products); split "heldout"
+    uses products HELDOUT_FIRST + i, never seen in training. The scene of sample i depends on (seed,
+    split, i) only; train=None means train = (split == "train"), which adds the 50/50 box rule and
+    the reference augmentation (finish_sample, as the other datasets).
+    """
+
+    def __init__(self, size=64, split="train", length=10_000, seed=0, ref_size=(64, 64), train=None,
+                 n_products=1000):
+        if split not in ("train", "heldout"):
+            raise ValueError(f"split must be 'train' or 'heldout', not {split!r}")
+        super().__init__(seed, split == "train" if train is None else train, skip_bad=False)
+        self.size, self.split, self.length = size, split, length
+        self.ref_size, self.n_products = _pair(ref_size), n_products
+        # the flat silhouettes of the references (fixed per ref_size), drawn at SS x
+        x, y = _grid(SS * self.ref_size[0], SS * self.ref_size[1])
+        self.flat = {"top": _shirt(x, y, 0.5, 0.2, 0.2, 0.68, 0.5, 0.2),
+                     "cushion": _superellipse(x, y, 0.5, 0.5, 0.38, 0.0, 6.0)[0] <= 1}
+
+    def __len__(self):
+        return self.length
+
+    def product_id(self, i):
+        return i % self.n_products if self.split == "train" else HELDOUT_FIRST + i
+
+    def reference(self, product):
+        """(3, *ref_size) in [-1,1]: the product flat on white."""
+        with _one_thread():
+            x, y = _grid(SS * self.ref_size[0], SS * self.ref_size[1])
+            flat = self.flat[product.category]
+            # map the silhouette's bounding box onto the texture WINDOW, as the scene does with its region
+            u, v = _window(x, y, flat)
+            image = torch.where(flat, texture(product, u, v), torch.ones(()))
+            return F.avg_pool2d(image[None], SS)[0] * 2 - 1
+
+    def scene(self, i, product):
+        """Scene i with `product` in its region (None: the scene without it).
+        Returns image (3,size,size) in [-1,1] and the fine fill map (size,size) bool (True = the region:
+        every pixel the product touches)."""
+        with _one_thread():
+            return self._scene(i, product)
+
+    def _scene(self, i, product):
+        g = _generator(self.seed, ("train", "heldout").index(self.split), i, 0x5CE9E)  # the content stream
+        category = make_product(self.product_id(i)).category
+        S = SS * self.size
+        x, y = _grid(S, S)
+        # background: a vertical gradient or a wall/floor split, smooth blotches and light pixel noise
+        top, bottom = torch.tensor(_muted(g))[:, None, None], torch.tensor(_muted(g, 0.3, 0.8))[:, None, None]
+        if _uniform(g) < 0.5:
+            image = top + (bottom - top) * y
+        else:
+            horizon = _uniform(g, 0.55, 0.8)
+            image = torch.where(y < horizon, top * (0.92 + 0.08 * y), bottom * (1.1 - 0.3 * (y - horizon)))
+        blotches = F.interpolate(torch.rand((1, 3, 5, 5), generator=g), size=(S, S), mode="bilinear", align_corners=False)[0]
+        image = image + 0.08 * (blotches - 0.5) + 0.03 * (torch.rand((3, S, S), generator=g) - 0.5)
+        if category == "top":
+            region, u, v, shade = self._person(g, image, x, y)
+        else:
+            region, u, v, shade = self._sofa(g, image, x, y)
+        light = _uniform(g, 0.0, 2 * math.pi)  # a smooth light gradient across the product
+        shade = shade * (1 + 0.25 * ((x - 0.5) * math.cos(light) + (y - 0.5) * math.sin(light)))
+        if product is not None:
+            assert product.category == category, "a scene holds products of its own category"
+            image = torch.where(region, texture(product, u, v) * shade, image)
+        image = F.avg_pool2d(image.clamp(0, 1)[None], SS)[0] * 2 - 1
+        fill = F.max_pool2d(region[None, None].float(), SS)[0, 0] > 0
+        return image, fill
+
+    def _person(self, g, image, x, y):
+        """Draws a person without the top into `image`; returns the top's region, its texture coords and shading."""
+        s, cx, shoulder = _uniform(g, 0.85, 1.05), _uniform(g, 0.38, 0.62), _uniform(g, 0.3, 0.36)
+        skin = _hsv(_uniform(g, 0.03, 0.1), _uniform(g, 0.3, 0.6), _uniform(g, 0.35, 0.95))
+        hair = _hsv(_uniform(g, 0.0, 0.12), _uniform(g, 0.3, 0.8), _uniform(g, 0.1, 0.5))
+        trousers = _hsv(_uniform(g), _uniform(g, 0.2, 0.7), _uniform(g, 0.15, 0.5))
+        w, h = 0.15 * s * _uniform(g, 0.9, 1.1), 0.42 * s * _uniform(g, 0.9, 1.1)
+        sleeve = _uniform(g, 0.75, 1.1)
+        hem = shoulder + h
+        _paint(image, _ellipse(x, y, cx, shoulder - 0.19 * s, 0.085 * s, 0.075 * s), hair)
+        _paint(image, _ellipse(x, y, cx, shoulder - 0.15 * s, 0.07 * s, 0.09 * s)
+               | _box(x, y, cx, shoulder - 0.04 * s, 0.03 * s, 0.05 * s)  # neck
+               | _box(x, y, cx, shoulder + 0.5 * h, 0.85 * w, 0.5 * h), skin)  # the torso under the top
+        for side in (-1, 1):  # arms hang from the shoulders, a little steeper than the sleeves
+            a = sleeve + 0.25
+            ax, ay = cx + side * (0.9 * w + 0.19 * s * math.cos(a)), shoulder + 0.05 * h + 0.19 * s * math.sin(a)
+            _paint(image, _box(x, y, ax, ay, 0.19 * s, 0.032 * s, side * a), skin)
+        _paint(image, (_box(x, y, cx - 0.065 * s, (hem + 1.0) / 2, 0.06 * s, (1.0 - hem) / 2 + 0.01)
+                       | _box(x, y, cx + 0.065 * s, (hem + 1.0) / 2, 0.06 * s, (1.0 - hem) / 2 + 0.01)), trousers)
+        region = _shirt(x, y, cx, shoulder, w, h, sleeve, 0.11 * s)
+        u, v = _window(x, y, region)
+        # a worn top: mild perspective taper and sine folds; shading like a cylinder around the torso
+        taper, fold, phase = _uniform(g, -0.12, 0.12), _uniform(g, 0.005, 0.02), _uniform(g, 0, 2 * math.pi)
+        u = 0.5 + (u - 0.5) * (1 + taper * (v - 0.5)) + fold * torch.sin(2 * math.pi * 3 * v + phase)
+        v = v + fold * torch.sin(2 * math.pi * 2 * u + phase)
+        shade = 1.08 - 0.3 * ((x - cx) / (w + 0.12 * s)).clamp(-1, 1) ** 2
+        return region, u, v, shade
+
+    def _sofa(self, g, image, x, y):
+        """Draws a sofa into `image`; returns a cushion's region, its texture coords and shading."""
+        colour = _muted(g, 0.25, 0.8)
+        darker = tuple(0.8 * c for c in colour)
+        x0, x1 = _uniform(g, 0.04, 0.18), _uniform(g, 0.82, 0.96)
+        back, seat = _uniform(g, 0.28, 0.36), _uniform(g, 0.6, 0.68)
+        arm = 0.08
+        _paint(image, _box(x, y, x0 + 0.03, seat + 0.2, 0.015, 0.04) | _box(x, y, x1 - 0.03, seat + 0.2, 0.015, 0.04), (0.15, 0.1, 0.08))
+        _paint(image, _box(x, y, (x0 + x1) / 2, (back + seat) / 2, (x1 - x0) / 2 - arm, (seat - back) / 2), darker)
+        _paint(image, _box(x, y, (x0 + x1) / 2, seat + 0.08, (x1 - x0) / 2, 0.08), colour)
+        for ax in (x0 + arm / 2, x1 - arm / 2):  # armrests with rounded tops
+            _paint(image, _box(x, y, ax, (back + 0.14 + seat + 0.16) / 2, arm / 2, (seat + 0.16 - back - 0.14) / 2)
+                   | _ellipse(x, y, ax, back + 0.14, arm / 2, 0.03), tuple(0.9 * c for c in colour))
+        r, tilt = _uniform(g, 0.14, 0.19), _uniform(g, -0.2, 0.2)
+        cx = _uniform(g, x0 + arm + r + 0.02, x1 - arm - r - 0.02)
+        cy = seat - r * _uniform(g, 0.6, 0.9)
+        if _uniform(g) < 0.5:  # a plain cushion beside it, on the side with more room
+            other = cx - 1.9 * r if cx - x0 > x1 - cx else cx + 1.9 * r
+            _paint(image, _superellipse(x, y, other, cy + 0.02, 0.8 * r, -tilt, 3.0)[0] <= 1, _muted(g, 0.4, 0.9))
+        rr, du, dv = _superellipse(x, y, cx, cy, r, tilt, 3.0)
+        region = rr <= 1
+        # a puffed cushion: the pattern bulges towards the middle and darkens at the edges
+        bulge = 1 + 0.12 * (1 - rr.clamp(0, 1) ** 2)
+        u = WINDOW[0] + (du * bulge / 2 + 0.5) * (WINDOW[1] - WINDOW[0])
+        v = WINDOW[0] + (dv * bulge / 2 + 0.5) * (WINDOW[1] - WINDOW[0])
+        shade = 1.06 - 0.4 * rr.clamp(0, 1) ** 4
+        return region, u, v, shade
+
+    def load(self, i, g):
+        with _one_thread():
+            product = make_product(self.product_id(i))
+            image, fill = self.scene(i, product)
+            return finish_sample(image, image, (~fill).float()[None], self.reference(product), f"{self.split}_{i:06d}",
+                                 (self.size, self.size), self.ref_size, g, f"teaching world {self.split} {i}")
+
+
+def write_heldout(root, n, size, seed=0):
+    """A held-out evaluation set in the triplet layout WITH target/: target = the scene with a held-out
+    product; source = the same scene with a different (train) product of the same category in the
+    region, so a model cannot pass by copying the source; mask = the region; reference = the held-out
+    product flat (size x size)."""
+    world = TeachingWorld(size, "heldout", length=n, seed=seed, ref_size=(size, size), train=False)
+    samples = []
+    for i in range(n):
+        product = make_product(world.product_id(i))
+        g = _generator(seed, i, 0xD15, 0)  # the distractor's own stream (4 values: not a sample_rng stream)
+        other = make_product(int(_uniform(g) * world.n_products))
+        while other.category != product.category:  # train ids until one of the same category
+            other = make_product(int(_uniform(g) * world.n_products))
+        target, fill = world.scene(i, product)
+        source, _ = world.scene(i, other)
+        samples.append({"name": f"heldout_{i:05d}", "source": source, "target": target,
+                        "mask": (~fill).float()[None], "reference": world.reference(product)})
+    write_triplets(root, samples)
+
+
+if __name__ == "__main__":  # python data.py [out.png]: a preview grid of teaching-world samples
+    world = TeachingWorld(64, "train", length=16, seed=0)
+    rows = []
+    for i in range(16):
+        s = world[i]
+        masked = s["source"] * s["mask"]  # what the model sees: the region blanked (grey); then the mask, white = fill
+        rows.append(torch.cat([s["source"], masked, 1 - 2 * s["mask"].expand(3, -1, -1),
+                               resize_image(s["reference"], (64, 64))], -1))
+    grid = torch.cat([torch.cat(rows[k::2], -2) for k in range(2)], -1)  # two columns of 8 samples
+    to_pil(grid).resize((grid.shape[-1] * 2, grid.shape[-2] * 2), Image.NEAREST).save(sys.argv[1] if len(sys.argv) > 1 else "/tmp/teaching_world.png")

@@ -1,0 +1,547 @@
+"""
+Train Diffuse to Choose: one plain PyTorch loop, read top to bottom.
+
+    python train.py --preset=tiny --out_dir=runs/tiny        # from scratch on the teaching world, on a CPU
+    python train.py --preset=sd15 --sd=v1-5-pruned-emaonly.safetensors --dinov2=dinov2_vitg14_pretrain.pth \\
+        --vgg_weights=vgg19-dcbb9e9d.pth --data=zalando-hd-resized --out_dir=runs/vitonhd --grad_checkpointing
+    torchrun --nproc_per_node=8 train.py --preset=sd15 ...   # DDP: global batch = batch_size x GPUs x grad_accum
+    python train.py --out_dir=runs/vitonhd --resume          # continue OUT_DIR/ckpt.pt (Ctrl-C and SIGTERM save one)
+
+Presets (the PRESETS table below):
+  sd15  the paper's recipe (§4.1, supp. §5.2): DTC built from SD 1.5 and DINOv2 g/14 (dtc.from_original), 512x512,
+        AdamW 1e-5 constant, eps-MSE + 1e-3 x VGG loss on the decoded x0 estimate, guidance dropout 0.2 per sample.
+        Trained: main U-Net, hint encoder, adapter, fusion convs, token_proj, null_context. Frozen: VAE, DINOv2.
+  tiny  the same architecture, narrow, from scratch on 64x64 images (16x16 latents). A random frozen VAE would be
+        useless, so phase 1 trains the tiny VAE as an autoencoder (--vae_steps), then freezes it. The tiny image
+        encoder has no pretrained weights, so it is trained jointly with DTC (sd15 keeps DINOv2 frozen).
+--data: a VITON-HD release (train_pairs.txt + train/) or a triplet folder (data.py); tiny without --data trains on
+the generated teaching world.
+
+Out: OUT_DIR/ckpt.pt (everything needed to resume), log.jsonl (one line per optimizer step), samples/step_*.png
+(source | mask | reference | hint | sample), loss.png, and at the end dtc.safetensors (EMA weights when --ema is on),
+which `python sample.py --dtc=OUT_DIR/dtc.safetensors` loads.
+
+Reproducibility. The data order and every random draw of a step (VAE posterior samples, guidance dropout, t, noise)
+come from generators keyed by (seed, step, micro-batch), where micro-batch m of a step is samples [m*b, (m+1)*b) of
+its global batch, and rank r computes m = r*grad_accum ... r*grad_accum + grad_accum - 1. So a resumed run repeats
+the uninterrupted one exactly, and one process with grad_accum = N x A reproduces N processes with grad_accum = A
+(same batch_size). Each option also accepts --key=value.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from checkpoint import CheckpointError
+from data import DataError, TeachingWorld, TripletDataset, VitonHDDataset, _generator, mask_to_pil, to_pil
+from dinov2 import DINOv2, DINOv2Config
+from dtc import (DiffuseToChoose, DTCConfig, Frozen, Schedule, VGGLoss, diffusion_loss, encode_image_tokens,
+                 from_original, make_hint, prepare, sample_latents, save_dtc)
+from unet import UNetConfig
+from vae import LATENT_SCALE, AutoencoderKL, VAEConfig
+
+# -----------------------------------------------------------------------------
+# 1. Options and presets
+
+
+@dataclass
+class Preset:
+    size: int            # training resolution (square)
+    batch_size: int      # per process and micro-step
+    lr: float
+    max_steps: int
+    save_every: int
+    sample_every: int
+    num_workers: int
+    vae_steps: int = 0   # tiny: autoencoder steps before DTC (scaled down with a smaller --max_steps)
+    vae_lr: float = 0.0
+    vae_kl: float = 0.0  # weight of the KL term per latent element (SD's VAE: 1e-6 on sums; here "tiny")
+
+
+PRESETS = {
+    # 15k steps at a global batch of 32 (4 x 8 GPUs) is ~40 epochs of VITON-HD's 11,647 pairs (paper §4.1: 40 epochs)
+    "sd15": Preset(size=512, batch_size=4, lr=1e-5, max_steps=15_000, save_every=1000, sample_every=1000, num_workers=4),
+    "tiny": Preset(size=64, batch_size=32, lr=1e-3, max_steps=1000, save_every=200, sample_every=200, num_workers=0,
+                   vae_steps=200, vae_lr=2e-3, vae_kl=1e-4),
+}
+
+# The tiny architecture (DTC's, narrow). The image encoder's img_size and DTC's image_size follow --size.
+TINY_UNET = UNetConfig(in_channels=9, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                       attention_levels=(1, 2), num_heads=4, context_dim=64)
+TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)  # 4x downsampling: 64x64 -> 16x16
+TINY_ENCODER = DINOv2Config(embed_dim=64, depth=3, num_heads=4, ffn="mlp", patch_size=8, img_size=64,
+                            interpolate_offset=0.0)
+
+# Options a resumed run may change; every other option comes from the checkpoint.
+CHANGEABLE = {"max_steps", "save_every", "sample_every", "log_every", "num_workers", "device", "resume", "out_dir",
+              "data", "sd", "dinov2", "vgg_weights"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    p.add_argument("--data", help="VITON-HD release or triplet folder (tiny default: the teaching world)")
+    p.add_argument("--out_dir", default="runs/dtc")
+    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt (a fresh start if none)")
+    p.add_argument("--sd", help="sd15: SD 1.5, SD 1.5-inpainting or Paint-by-Example single file")
+    p.add_argument("--dinov2", help="sd15: DINOv2 hub file, e.g. dinov2_vitg14_pretrain.pth")
+    p.add_argument("--vgg_weights", help="torchvision vgg19 file; without it the perceptual loss is off")
+    p.add_argument("--vgg_weight", type=float, default=1e-3, help="lambda of the VGG loss (paper-spec §3.1: 1e-3)")
+    p.add_argument("--p_uncond", type=float, default=0.2, help="guidance dropout per sample (hint kept)")
+    p.add_argument("--max_steps", type=int, help="optimizer steps (preset default)")
+    p.add_argument("--vae_steps", type=int, help="tiny: autoencoder steps first (default scales with max_steps)")
+    p.add_argument("--batch_size", type=int, help="per process and micro-step (preset default)")
+    p.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
+    p.add_argument("--lr", type=float, help="AdamW learning rate, constant (sd15: 1e-5)")
+    p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW (torch's and PBE's default)")
+    p.add_argument("--clip_grad", type=float, default=1.0, help="max gradient norm; 0 = off")
+    p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights, e.g. 0.9999; 0 = off")
+    p.add_argument("--size", type=int, help="training resolution (sd15: 512, tiny: 64)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="autocast dtype (auto: bfloat16 on GPU, float32 on CPU); the weights stay float32")
+    p.add_argument("--grad_checkpointing", action="store_true", help="recompute U-Net blocks in backward")
+    p.add_argument("--save_every", type=int, help="steps between checkpoints")
+    p.add_argument("--sample_every", type=int, help="steps between sample grids; 0 = none")
+    p.add_argument("--log_every", type=int, default=50, help="steps between printed lines (log.jsonl has every step)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_workers", type=int, help="DataLoader worker processes (preset default)")
+    p.add_argument("--skip_bad", action="store_true", help="skip bad samples with a warning instead of stopping")
+    p.add_argument("--overfit_batch", action="store_true",
+                   help="debugging: one fixed batch with fixed t and noise every step; the loss must fall")
+    # DTC variants for the ablations (paper §4.3, Table 1 and 2)
+    p.add_argument("--image_tokens", default="all", choices=["all", "cls"], help="cls: PBE-style, CLS token only")
+    p.add_argument("--hint", type=int, default=1, choices=[0, 1], help="0: no hint branch (PBE-style baseline)")
+    p.add_argument("--no_hint", dest="hint", action="store_const", const=0, help="same as --hint=0")
+    p.add_argument("--fusion", default="film", choices=["film", "add"])
+    p.add_argument("--hint_input", default="full", choices=["full", "latent_only"])
+    args = p.parse_args(argv)
+    preset = PRESETS[args.preset]
+    for key in ("size", "batch_size", "lr", "max_steps", "save_every", "sample_every", "num_workers"):
+        if getattr(args, key) is None:
+            setattr(args, key, getattr(preset, key))
+    if args.vae_steps is None:
+        args.vae_steps = round(preset.vae_steps * min(1.0, args.max_steps / preset.max_steps))
+    return args
+
+
+# -----------------------------------------------------------------------------
+# 2. Building: the model, the frozen parts, the data
+
+
+class Trainee(nn.Module):
+    """Everything the optimizer updates, as one module (DDP wraps one): the DTC model and, in the tiny preset, its
+    image encoder. forward = dtc.diffusion_loss, with the reference tokens recomputed WITH gradients when the
+    image encoder trains (dtc.prepare computes them without)."""
+
+    def __init__(self, model, image_encoder=None):
+        super().__init__()
+        self.model, self.image_encoder = model, image_encoder
+        self.schedule = Schedule()
+
+    def forward(self, cond, reference, generator, drop):
+        if self.image_encoder is not None:
+            cond = dict(cond, tokens=encode_image_tokens(self.image_encoder, reference, self.model.cfg.image_size))
+        return diffusion_loss(self.model, self.schedule, cond, generator, drop)
+
+
+def build_model(args):
+    """(trainee, frozen). Weights are float32 (autocast computes in bfloat16 on GPU)."""
+    variant = dict(image_tokens=args.image_tokens, hint=bool(args.hint), fusion=args.fusion, hint_input=args.hint_input)
+    if args.preset == "sd15":
+        if not args.sd or not args.dinov2:
+            raise CheckpointError("the sd15 preset needs --sd (SD 1.5 file) and --dinov2 (DINOv2 hub file)")
+        model, frozen = from_original(args.sd, args.dinov2, dtype=torch.float32, **variant)
+        return Trainee(model), frozen
+    encoder = DINOv2(replace(TINY_ENCODER, img_size=args.size))
+    encoder.mask_token.requires_grad_(False)  # DINOv2's own masked-patch training only: unused here
+    cfg = DTCConfig(unet=TINY_UNET, image_encoder_dim=TINY_ENCODER.embed_dim, image_size=args.size,
+                    latent_channels=TINY_VAE.embed_dim, vae_factor=TINY_VAE.downsample_factor, **variant)
+    return Trainee(DiffuseToChoose(cfg), encoder), Frozen(vae=AutoencoderKL(TINY_VAE), image_encoder=encoder)
+
+
+def build_dataset(args, ref_size, train=True):
+    """VITON-HD when the folder has train_pairs.txt and train/, else a triplet folder; tiny: the teaching world."""
+    if args.data is None:
+        if args.preset != "tiny":
+            raise DataError("--data is required (a VITON-HD release or a triplet folder)")
+        return TeachingWorld(args.size, "train" if train else "heldout", length=10_000 if train else 8,
+                             seed=args.seed, ref_size=ref_size)
+    if os.path.isfile(os.path.join(args.data, "train_pairs.txt")) and os.path.isdir(os.path.join(args.data, "train")):
+        return VitonHDDataset(args.data, "train", args.size, ref_size, train=train, seed=args.seed, skip_bad=args.skip_bad)
+    return TripletDataset(args.data, args.size, ref_size, train=train, seed=args.seed, skip_bad=args.skip_bad)
+
+
+def micro_batches(dataset, args, epoch, position, ranks, rank, accum):
+    """Yields (epoch, position, [accum micro-batches of this rank]) per optimizer step, forever, from `position`
+    (a step index within `epoch`). An epoch's order is a permutation keyed by (seed, epoch) alone."""
+    b = args.batch_size
+    G = b * ranks * accum  # the global batch
+    per_epoch = len(dataset) // G
+    if per_epoch == 0:
+        raise DataError(f"{args.data or 'teaching world'}: {len(dataset)} samples, fewer than one global batch of {G}")
+    while True:
+        order = torch.randperm(len(dataset), generator=_generator(0x0D, args.seed, epoch)).tolist()
+        mine = [order[s * G + m * b + i] for s in range(position, per_epoch)
+                for m in range(rank * accum, (rank + 1) * accum) for i in range(b)]
+        dataset.set_epoch(epoch)  # a fresh loader (and workers) per epoch, as data.py asks
+        loader = iter(DataLoader(dataset, batch_size=b, sampler=mine, num_workers=args.num_workers,
+                                 pin_memory=torch.cuda.is_available()))
+        for s in range(position, per_epoch):
+            yield epoch, s, [next(loader) for _ in range(accum)]
+        epoch, position = epoch + 1, 0
+
+
+# -----------------------------------------------------------------------------
+# 3. The step: tiny's VAE phase, and one DTC optimizer step over this rank's micro-batches
+
+
+def train_vae(vae, dataset, args, ranks, device, show):
+    """Tiny preset, phase 1: the VAE as an autoencoder of the training images (targets and masked sources): L1 on a
+    posterior sample's reconstruction + a tiny KL (SD's VAE recipe without its LPIPS and GAN terms). Then it is
+    rescaled so that latents x LATENT_SCALE have unit variance (what SD's scale factor does for SD's VAE) and frozen.
+    Every process trains the same copy on the whole global batch (no communication); rank 0's is broadcast."""
+    preset = PRESETS[args.preset]
+    opt = torch.optim.AdamW(vae.parameters(), lr=preset.vae_lr, weight_decay=0.0)
+    stream = micro_batches(dataset, args, 0, 0, 1, 0, ranks * args.grad_accum)
+
+    def images(batch):
+        return torch.cat([batch["target"], batch["source"] * batch["mask"]]).to(device)
+
+    bar = tqdm(range(args.vae_steps), desc="vae", disable=not show, dynamic_ncols=True)
+    for step in bar:
+        _, _, micro = next(stream)
+        for m, batch in enumerate(micro):
+            x = images(batch)
+            posterior = vae.encode(x)
+            recon = vae.decode(posterior.sample(_generator(0x7AE, args.seed, step, m)))
+            kl = 0.5 * (posterior.mean ** 2 + posterior.std ** 2 - 1 - posterior.logvar).mean()
+            loss = F.l1_loss(recon, x) + preset.vae_kl * kl
+            (loss / len(micro)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(l1=f"{F.l1_loss(recon, x).item():.4f}")
+        if STOP:
+            raise SystemExit("stopped during the VAE phase (not checkpointed): start again")
+    with torch.no_grad():  # fold the scale s into the VAE: z' = s z exactly, so decode(z') = old decode(z)
+        std = torch.cat([vae.encode(images(b)).mean for b in next(stream)[2]]).std()
+        s = 1 / (LATENT_SCALE * std)
+        E = vae.cfg.embed_dim
+        vae.quant_conv.weight[:E] *= s
+        vae.quant_conv.bias[:E] *= s
+        vae.quant_conv.bias[E:] += 2 * math.log(s)  # logvar of s z
+        vae.post_quant_conv.weight /= s
+    if ranks > 1:
+        for t in vae.state_dict().values():
+            dist.broadcast(t, 0)
+    return vae.requires_grad_(False).eval()
+
+
+def dtc_step(trainee, ddp, frozen, vgg, batches, step, args, rank, device, autocast):
+    """Forward and backward over this rank's micro-batches, gradients accumulated (DDP averages over ranks).
+    Returns the sums over the micro-batches of (loss, loss_eps, loss_vgg)."""
+    totals = torch.zeros(3)
+    for j, batch in enumerate(batches):
+        m = rank * len(batches) + j  # the micro-batch's index within the global batch
+        g = _generator(0x57E9, args.seed, 0 if args.overfit_batch else step, m)
+        source, mask, reference, target = (batch[k].to(device, non_blocking=True)
+                                           for k in ("source", "mask", "reference", "target"))
+        # DDP all-reduces the gradients in the backward of the last micro-batch only
+        last = j == len(batches) - 1
+        with nullcontext() if last or ddp is trainee else ddp.no_sync():
+            with autocast:
+                cond = prepare(frozen, source, mask, reference, trainee.model.cfg.image_size, g, target=target)
+                cond = {k: v.float() for k, v in cond.items()}  # float32 latents: the noise target stays exact
+                drop = (torch.rand(len(source), generator=g) < args.p_uncond).to(device)
+                loss_eps, eps, z_t, t = ddp(cond, reference, g, drop)
+                loss_vgg = torch.zeros((), device=device)
+                if vgg is not None:  # DCI-VTON's refinement loss: the decoded x0 estimate against the target,
+                    x0 = trainee.schedule.predict_x0(z_t, eps, t)  # gradients through the frozen decoder
+                    loss_vgg = vgg(frozen.vae.decode(x0 / LATENT_SCALE), target)
+                loss = loss_eps + args.vgg_weight * loss_vgg
+            (loss / len(batches)).backward()
+        totals += torch.stack([loss.detach(), loss_eps.detach(), loss_vgg.detach()]).float().cpu()
+    return totals
+
+
+# -----------------------------------------------------------------------------
+# 4. The loop
+
+STOP = False  # set by Ctrl-C / SIGTERM: the loop saves at the end of the current step and exits
+
+
+def request_stop(signum, frame):
+    global STOP
+    if STOP:  # asked twice: quit now
+        raise KeyboardInterrupt
+    STOP = True
+    print(f"\n{signal.Signals(signum).name}: saving after this step (again to quit at once)", file=sys.stderr)
+
+
+def train(args, trainee, frozen, vgg, dataset, ckpt, ranks, rank, device):
+    show = rank == 0
+    amp = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+    named = [(n, p) for n, p in trainee.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
+    ema = {n: p.detach().clone() for n, p in named} if args.ema else None
+    step, epoch, position = 0, 0, 0
+    if ckpt is not None and ckpt["step"] > 0:  # (the step-0 checkpoint after tiny's VAE phase has no optimizer)
+        opt.load_state_dict(ckpt["optimizer"])
+        ema = {n: t.to(device) for n, t in ckpt["ema"].items()} if ckpt["ema"] is not None else None
+        step, epoch, position = ckpt["step"], ckpt["epoch"], ckpt["position"]
+        set_rng_states(ckpt["rng"])
+    ddp = DistributedDataParallel(trainee, device_ids=[device.index] if device.type == "cuda" else None) \
+        if ranks > 1 else trainee
+    stream = micro_batches(dataset, args, epoch, position, ranks, rank, args.grad_accum)
+    if args.overfit_batch:
+        fixed_batch = next(stream)
+        stream = iter(lambda: fixed_batch, None)
+    G = args.batch_size * ranks * args.grad_accum
+    fixed = samples_to_show(args, dataset) if show and args.sample_every else None
+    log = open(os.path.join(args.out_dir, "log.jsonl"), "a") if show else None
+    bar = tqdm(total=args.max_steps, initial=step, desc="dtc", disable=not show, dynamic_ncols=True)
+    stopping = False
+    while step < args.max_steps and not stopping:
+        t0 = time.perf_counter()
+        epoch, position, batches = next(stream)
+        totals = dtc_step(trainee, ddp, frozen, vgg, batches, step, args, rank, device, autocast)
+        grad_norm = nn.utils.clip_grad_norm_(params, args.clip_grad) if args.clip_grad > 0 else None
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            for n, p in named:
+                ema[n].lerp_(p.detach(), 1 - args.ema)
+        step += 1
+        packed = torch.cat([totals, torch.tensor([float(STOP)], device=totals.device)])
+        if ranks > 1:  # the logged losses are global means; every process stops together
+            dist.all_reduce(packed)
+        loss, loss_eps, loss_vgg = (packed[:3] / (ranks * args.grad_accum)).tolist()
+        stopping = packed[3].item() > 0
+        record = dict(step=step, epoch=epoch, loss=loss, loss_eps=loss_eps, loss_vgg=loss_vgg, lr=args.lr,
+                      grad_norm=None if grad_norm is None else grad_norm.item(),
+                      images_per_s=G / (time.perf_counter() - t0))
+        if show:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{record['images_per_s']:.1f}")
+            if step % args.log_every == 0:
+                bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+            if step % args.save_every == 0 or step == args.max_steps or stopping:
+                save_checkpoint(args, trainee, frozen, opt, ema, step, epoch, position + 1)
+            if args.sample_every and step % args.sample_every == 0:
+                save_samples(trainee, frozen, fixed, os.path.join(args.out_dir, "samples", f"step_{step:06d}.png"),
+                             args.seed, device, autocast)
+    bar.close()
+    if show:
+        log.close()
+        plot_losses(os.path.join(args.out_dir, "log.jsonl"), os.path.join(args.out_dir, "loss.png"))
+        if stopping:
+            print(f"stopped at step {step}: {args.out_dir}/ckpt.pt saved; continue with --resume", file=sys.stderr)
+        else:
+            if ema is not None:  # the final weights are the averaged ones
+                with torch.no_grad():
+                    for n, p in named:
+                        p.copy_(ema[n])
+            path = os.path.join(args.out_dir, "dtc.safetensors")
+            save_dtc(trainee.model, path, frozen=frozen if args.preset == "tiny" else None)
+            print(f"done: {path}")
+
+
+# -----------------------------------------------------------------------------
+# 5. Checkpoints, sample grids and the loss curve
+
+
+def save_checkpoint(args, trainee, frozen, opt, ema, step, epoch, position):
+    """OUT_DIR/ckpt.pt: written to a temporary file, then renamed, so a crash never leaves half a checkpoint."""
+    state = dict(args=vars(args), dtc_config=asdict(trainee.model.cfg), step=step, epoch=epoch, position=position,
+                 trainee=trainee.state_dict(), optimizer=opt.state_dict() if opt is not None else None, ema=ema,
+                 vae=frozen.vae.state_dict() if args.preset == "tiny" else None, rng=rng_states())
+    path = os.path.join(args.out_dir, "ckpt.pt")
+    torch.save(state, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+
+
+def rng_states():
+    """The global RNGs. The training draws come from keyed generators, not from these; they are saved so that
+    anything that does use them (a user's dataset transform) resumes too."""
+    return dict(torch=torch.get_rng_state(), python=random.getstate(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def set_rng_states(states):
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def samples_to_show(args, dataset):
+    """A few fixed samples, without training randomness, batched: the rows of every sample grid."""
+    data = build_dataset(args, dataset.ref_size, train=False)
+    return next(iter(DataLoader(data, batch_size=min(4, len(data)))))
+
+
+@torch.no_grad()
+def save_samples(trainee, frozen, fixed, path, seed, device, autocast, steps=20):
+    """One row per fixed sample: source | mask (white = fill) | reference | hint | sample (DDIM, guidance 5)."""
+    source, mask, reference = (fixed[k].to(device) for k in ("source", "mask", "reference"))
+    g = torch.Generator().manual_seed(seed)
+    with autocast:
+        cond = prepare(frozen, source, mask, reference, trainee.model.cfg.image_size, g)
+        z = sample_latents(trainee.model, trainee.schedule, cond, steps=steps, generator=g, progress=False)
+        x = frozen.vae.decode(z / LATENT_SCALE)
+    T = max(128, source.shape[-1])  # tiles of at least 128 px, so 64 px images stay visible
+    rows = [[to_pil(source[i]), mask_to_pil(mask[i]), to_pil(reference[i]), to_pil(cond["hint"][i] * 2 - 1),
+             to_pil(x[i])] for i in range(len(source))]
+    grid = Image.new("RGB", (5 * T, len(rows) * T), "white")
+    for r, row in enumerate(rows):
+        for c, im in enumerate(row):
+            grid.paste(im.convert("RGB").resize((T, T), Image.NEAREST), (c * T, r * T))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    grid.save(path)
+
+
+def plot_losses(log_path, png_path, W=800, H=400, pad=50):
+    """The loss per step (grey) and its running mean (blue), drawn with PIL."""
+    records = [json.loads(line) for line in open(log_path) if line.strip()]
+    if len(records) < 2:
+        return
+    steps, losses = [r["step"] for r in records], [r["loss"] for r in records]
+    k = max(1, len(losses) // 50)
+    smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
+    lo, hi = min(losses), max(losses)
+    hi = hi if hi > lo else lo + 1
+
+    def xy(s, v):
+        return (pad + (s - steps[0]) / max(1, steps[-1] - steps[0]) * (W - 2 * pad),
+                H - pad - (v - lo) / (hi - lo) * (H - 2 * pad))
+
+    im = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(im)
+    d.rectangle([pad, pad, W - pad, H - pad], outline="black")
+    d.line([xy(s, v) for s, v in zip(steps, losses)], fill=(190, 190, 190))
+    d.line([xy(s, v) for s, v in zip(steps, smooth)], fill=(30, 80, 200), width=2)
+    d.text((pad, 15), f"loss per step (grey), running mean of {k} (blue); last {smooth[-1]:.4f}", fill="black")
+    d.text((5, pad - 6), f"{hi:.3g}", fill="black")
+    d.text((5, H - pad - 6), f"{lo:.3g}", fill="black")
+    d.text((pad, H - pad + 8), f"step {steps[0]}", fill="black")
+    d.text((W - pad - 60, H - pad + 8), f"step {steps[-1]}", fill="black")
+    im.save(png_path)
+
+
+# -----------------------------------------------------------------------------
+# 6. Main
+
+
+def restore_args(args, saved, argv):
+    """A resumed run keeps the options it was started with, except CHANGEABLE ones; says so for explicit ones."""
+    given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+    for key, value in saved.items():
+        if key in CHANGEABLE:
+            continue
+        if key in given and getattr(args, key) != value:
+            print(f"warning: --{key}={getattr(args, key)} ignored: the run was started with {value}", file=sys.stderr)
+        setattr(args, key, value)
+    return args
+
+
+def main(argv=None):
+    global STOP
+    STOP = False
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    ranks, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if ranks > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    ckpt = None
+    if os.path.exists(ckpt_path):
+        if not args.resume:
+            raise SystemExit(f"error: {ckpt_path}: a run is already there; --resume continues it, "
+                             "or choose another --out_dir")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        args = restore_args(args, ckpt["args"], argv)
+    os.makedirs(args.out_dir, exist_ok=True)
+    if rank == 0 and ckpt is not None:  # drop log lines of steps after the checkpoint (they are redone)
+        log_path = os.path.join(args.out_dir, "log.jsonl")
+        if os.path.exists(log_path):
+            lines = [line for line in open(log_path) if line.strip() and json.loads(line)["step"] <= ckpt["step"]]
+            open(log_path, "w").writelines(lines)
+
+    torch.manual_seed(args.seed)  # the same initial weights in every process (DDP also broadcasts rank 0's)
+    trainee, frozen = build_model(args)
+    ref_size = (trainee.model.cfg.image_size,) * 2
+    dataset = build_dataset(args, ref_size)
+    torch.manual_seed(args.seed + rank)  # per-process global RNG; the training draws use keyed generators
+    if args.grad_checkpointing:
+        trainee.model.unet.grad_checkpointing = True
+        if trainee.model.cfg.hint:
+            trainee.model.hint_encoder.grad_checkpointing = True
+    trainee.to(device)
+    frozen.vae.to(device)
+    frozen.image_encoder.to(device)
+    if ckpt is not None:
+        trainee.load_state_dict(ckpt["trainee"])
+        if ckpt["vae"] is not None:
+            frozen.vae.load_state_dict(ckpt["vae"])
+    if args.preset == "tiny":
+        if ckpt is None:
+            train_vae(frozen.vae, dataset, args, ranks, device, show=rank == 0)
+            if rank == 0:  # the VAE phase is worth keeping: a step-0 checkpoint
+                save_checkpoint(args, trainee, frozen, None, None, 0, 0, 0)
+        frozen.vae.requires_grad_(False).eval()
+    elif device.type == "cuda" and args.dtype != "float32":  # frozen and run under autocast: bfloat16 halves them
+        frozen.vae.to(torch.bfloat16)
+        frozen.image_encoder.to(torch.bfloat16)
+    vgg = None
+    if args.vgg_weights and args.vgg_weight > 0:
+        vgg = VGGLoss(args.vgg_weights).to(device)
+    elif args.vgg_weight > 0 and rank == 0:
+        print("warning: no --vgg_weights: the VGG perceptual loss is off (paper: on, lambda 1e-3)", file=sys.stderr)
+
+    handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        train(args, trainee, frozen, vgg, dataset, ckpt, ranks, rank, device)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        if ranks > 1:
+            dist.destroy_process_group()
+
+
+def one_line(error):
+    """The message of a DataError or CheckpointError on one line; from a DataLoader worker, the original one."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return "; ".join(line.strip() for line in text.splitlines())
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (DataError, CheckpointError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        sys.exit(1)
