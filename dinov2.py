@@ -45,7 +45,7 @@ class DINOv2Config:
 
 def _hub_config(embed_dim, depth, ffn, registers=0, **rest):
     # hub models: 64-wide heads; the files with registers are those of the size=/antialias release
-    return DINOv2Config(embed_dim=embed_dim, depth=depth, num_heads=embed_dim // 64, ffn=ffn,
+    return DINOv2Config(embed_dim=embed_dim, depth=depth, num_heads=max(1, embed_dim // 64), ffn=ffn,
                         num_registers=registers, interpolate_offset=0.0 if registers else 0.1,
                         interpolate_antialias=registers > 0, **rest)
 
