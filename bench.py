@@ -14,6 +14,9 @@ The whole GPU table (ours with and without torch.compile, latent_only, diffusers
     python bench.py all --device=cuda --size=512 --steps=40 --guidance=5 --dtype=bfloat16 --batch_sizes=4,8 \\
         --compile --out=bench_gpu.md
 
+(about 6-8 minutes on an H100, estimated: 10 sampling rows of 4 images each plus their components, one
+torch.compile, diffusers' loop, 6 training rows; it needs about 50 GB of GPU memory at batch 8.)
+
 On a CPU: `python bench.py all --arch=tiny` runs in seconds; `python bench.py compare --size=256 --batch=1`
 compares the real-size networks (32x32 latents) in a few minutes. Every option also accepts --key=value.
 diffusers and timm are test-only dependencies: without them the reference rows are skipped with a note.
@@ -106,14 +109,16 @@ def derived(model, **changes):
     with torch.device("meta"):
         new = DiffuseToChoose(replace(model.cfg, **changes))
     old, p = model.state_dict(), next(model.parameters())
-    sd = {k: old[k] if k in old and old[k].shape == v.shape else 0.02 * torch.randn(v.shape, device=p.device, dtype=p.dtype)
-          for k, v in new.state_dict().items()}
+    fresh = lambda v: 0.02 * torch.randn(v.shape, device=p.device, dtype=p.dtype)
+    sd = {k: old[k] if k in old and old[k].shape == v.shape else fresh(v) for k, v in new.state_dict().items()}
     new.load_state_dict(sd, assign=True)
     return new.eval()
 
 
 def meta_like(tensors):
-    return {k: torch.empty_like(v, device="meta") for k, v in tensors.items()}
+    """Shapes only, floats as float32 like the meta replicas (the FLOPs do not depend on the dtype)."""
+    return {k: torch.empty(v.shape, device="meta", dtype=torch.float32 if v.is_floating_point() else v.dtype)
+            for k, v in tensors.items()}
 
 
 def inputs(B, size, device, g):
@@ -231,6 +236,14 @@ class TwoForwardCFG:
                           for i in range(2)])
 
 
+def on(flag):
+    return "on" if flag else "off"
+
+
+def precision(dtype):
+    return "float32 weights" if dtype == torch.float32 else f"{str(dtype)[6:]} weights + autocast"
+
+
 def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
@@ -239,8 +252,9 @@ def attention(v):
     return sdpa_kernel(SDPBackend.MATH) if v.math_sdpa else nullcontext()
 
 
-def channels_last(tensors, on):
-    return {k: t.contiguous(memory_format=torch.channels_last) if on and t.ndim == 4 else t for k, t in tensors.items()}
+def channels_last(tensors, enabled):
+    return {k: t.contiguous(memory_format=torch.channels_last) if enabled and t.ndim == 4 else t
+            for k, t in tensors.items()}
 
 
 def conditioning(frozen, x, v, image_size):
@@ -328,8 +342,7 @@ def configured(model, frozen, base, v, device):
     fmt = torch.channels_last if v.channels_last else torch.contiguous_format
     for module in (m, frozen.vae, frozen.image_encoder):
         module.to(dtype=v.dtype, memory_format=fmt)
-    if v.offload:
-        frozen.image_encoder.cpu()
+    frozen.image_encoder.to("cpu" if v.offload else device)
     runner = torch.compile(m) if v.compile else m if v.batched_cfg else TwoForwardCFG(m)
     try:
         yield m, runner
@@ -346,8 +359,8 @@ def configured(model, frozen, base, v, device):
 
 
 def free(device):
-    gc.collect()
-    if device.type == "cuda":
+    if device.type == "cuda":  # hand freed blocks back, so the next row's peak starts from what it holds
+        gc.collect()
         torch.cuda.empty_cache()
 
 
@@ -382,11 +395,10 @@ def sample_variants(args, base):
              ("no hint branch (PBE-like)", replace(base, hint=False)),
              ("math SDPA backend", replace(base, math_sdpa=True))]
     other = torch.bfloat16 if base.dtype == torch.float32 else torch.float32
-    rows.append((f"{str(other)[6:]} weights" + (" + autocast" if other != torch.float32 else ""), replace(base, dtype=other)))
-    on_off = lambda on: "off" if on else "on"  # the row flips the base's setting
-    rows += [(f"channels_last {on_off(base.channels_last)}", replace(base, channels_last=not base.channels_last)),
-             (f"DINOv2 offload {on_off(base.offload)}", replace(base, offload=not base.offload)),
-             (f"tiled VAE decode {on_off(base.tiled_decode)}", replace(base, tiled_decode=not base.tiled_decode))]
+    rows.append((precision(other), replace(base, dtype=other)))
+    rows += [(f"channels_last {on(not base.channels_last)}", replace(base, channels_last=not base.channels_last)),
+             (f"DINOv2 offload {on(not base.offload)}", replace(base, offload=not base.offload)),
+             (f"tiled VAE decode {on(not base.tiled_decode)}", replace(base, tiled_decode=not base.tiled_decode))]
     if args.compile:
         rows.append(("torch.compile", replace(base, compile=True)))
     return rows
@@ -469,12 +481,12 @@ def diffusers_work(refs, frozen, x, cond, args):
     """The reference pipeline's parts, as image_work: timm DINOv2, diffusers' VAE and U-Net (the CFG batch)."""
     dino = frozen.image_encoder if refs["dino"] is None else refs["dino"]
     ctx = refs["token_proj"](cond["tokens"].to(cond["z_masked"].dtype))
-    n = 2 if args.guidance != 1.0 else 1
-    sample = torch.cat([torch.randn_like(cond["z_masked"]), cond["z_masked"], cond["mask_lat"]], 1)
+    n = 2 if args.guidance != 1.0 else 1  # the CFG batch (both halves conditional here: the same arithmetic)
+    sample = torch.cat([torch.randn_like(cond["z_masked"]), cond["z_masked"], cond["mask_lat"]], 1).repeat(n, 1, 1, 1)
+    ctx = ctx.repeat(n, 1, 1)
     return {"DINOv2": (lambda: encode_image_tokens(dino, x["reference"], args.image_size), 1),
             "VAE enc": (lambda: refs["vae"].encode(x["source"] * x["mask"]).latent_dist.sample(), 1),
-            "U-Net step": (lambda: refs["unet"](torch.cat([sample] * n), 500,
-                                                encoder_hidden_states=torch.cat([ctx] * n)).sample, args.steps),
+            "U-Net step": (lambda: refs["unet"](sample, 500, encoder_hidden_states=ctx).sample, args.steps),
             "VAE dec": (lambda: refs["vae"].decode(cond["z_masked"] / LATENT_SCALE).sample, 1)}
 
 
@@ -538,7 +550,9 @@ def compare_rows(model, frozen, refs, x, cond, args):
         if theirs is None:
             continue
         print(f"  {name}: ours vs {lib}", file=sys.stderr, flush=True)
-        rows.append([name, shape, timed(ours, device, args.repeats), timed(theirs, device, args.repeats), lib])
+        ours(), theirs()  # warm-up; then alternate, so a change in machine load hits both sides alike
+        times = [(timed(ours, device, 1, warmup=0), timed(theirs, device, 1, warmup=0)) for _ in range(args.repeats)]
+        rows.append([name, shape, statistics.median(a for a, _ in times), statistics.median(b for _, b in times), lib])
     return rows
 
 
@@ -555,6 +569,7 @@ def table(header, rows):
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
+TRAIN_HEADER = ["batch", "variant", "s/step", "images/s", "canvas ms/step", "peak MiB", "TFLOP/s", "MFU"]
 COMPONENTS = ["DINOv2", "VAE enc", "canvas", "hint enc", "U-Net step", "VAE dec"]
 SAMPLE_HEADER = ["variant", "DINOv2 ms", "VAE enc ms", "canvas ms", "hint enc ms/image", "U-Net ms/step", "VAE dec ms",
                  "s/image", "peak MiB", "TFLOP/s"]
@@ -566,27 +581,34 @@ def sample_section(args, device, base, compare_only=False):
     model.eval()
     schedule = Schedule()
     x = inputs(args.batch, args.size, device, torch.Generator().manual_seed(args.seed))
-    notes, out, results, image_tflop = [], [], [], {}
+    notes, out, results, image_tflop, counted = [], [], [], {}, {}
     with torch.no_grad(), autocast(device, base.dtype):
         cond = conditioning(frozen, x, replace(base, offload=False, channels_last=False), cfgs[0].image_size)
     if not compare_only:
-        if args.offload:
-            frozen.image_encoder.cpu()
         for label, v in sample_variants(args, base):
             print(f"sample: {label}", file=sys.stderr, flush=True)
-            image_tflop[label] = image_flops(cfgs, x, cond, v, args) / 1e12
+            if v.compile and device.type == "cpu":
+                notes.append("torch.compile row skipped on the CPU: inductor's C++/OpenMP kernels made every later "
+                             "eager call in the process ~100x slower on a 2-core machine (measured), which would spoil "
+                             "the rows after it; measure it on CUDA")
+                results.append(dict(label=label, error="skipped"))
+                continue
+            arithmetic = (v.hint, v.hint_input, v.tiled_decode)  # what changes the FLOPs; the other switches do not
+            if arithmetic not in counted:
+                counted[arithmetic] = image_flops(cfgs, x, cond, v, args) / 1e12
+            image_tflop[label] = counted[arithmetic]
             try:
                 results.append(sample_row(label, v, model, frozen, base, x, args, schedule))
             except torch.cuda.OutOfMemoryError:
                 results.append(dict(label=label, error="OOM"))
-            except Exception as e:  # torch.compile needs a working compiler toolchain, which CPUs often lack
+            except Exception as e:  # torch.compile needs a working toolchain: a failure is a note, not the end
                 if not v.compile:
                     raise
-                notes.append(f"torch.compile failed on {device.type}, row skipped: {str(e).strip().splitlines()[0][:200]}")
+                first = str(e).strip().splitlines()[0][:200]
+                notes.append(f"torch.compile failed on {device.type}, row skipped: {first}")
                 results.append(dict(label=label, error="skipped"))
             free(device)
-        if args.offload:
-            frozen.image_encoder.to(device)
+        frozen.image_encoder.to(device)  # (the base row may offload it) the comparison runs ours on the device
     refs = references(model, frozen, notes)
     compare = []
     if refs is not None:
@@ -623,10 +645,9 @@ def sample_section(args, device, base, compare_only=False):
             rows.append([r["label"], *ms, fmt(r["seconds"] / args.batch), fmt(r["mib"], 5),
                          fmt(image_tflop[r["label"]] / r["seconds"])])
         b = results[0]
-        settings = (f"base = batched CFG, hint input 'full', default SDPA backends, {str(base.dtype)[6:]} weights"
-                    f"{' + autocast' if base.dtype != torch.float32 else ''}, channels_last {'on' if base.channels_last else 'off'}, "
-                    f"DINOv2 offload {'on' if base.offload else 'off'}, tiled decode {'on' if base.tiled_decode else 'off'}; "
-                    "every other row flips one switch")
+        settings = (f"base = batched CFG, hint input 'full', default SDPA backends, {precision(base.dtype)}, "
+                    f"channels_last {on(base.channels_last)}, DINOv2 offload {on(base.offload)}, "
+                    f"tiled decode {on(base.tiled_decode)}; every other row flips one switch")
         lines = [f"## Sampling: {args.size}x{args.size}, {args.steps} DDIM steps, guidance {args.guidance:g}, "
                  f"batch {args.batch}", "", table(SAMPLE_HEADER, rows), "", f"- {settings}.",
                  "- Component times are medians for the batch, separately timed; hint enc and VAE enc/dec as the row "
@@ -636,8 +657,8 @@ def sample_section(args, device, base, compare_only=False):
         if "error" not in b:
             once = sum(b["times"].get(c, 0) for c in ("DINOv2", "VAE enc", "canvas"))
             lines.append(f"- DINOv2 tokens, VAE latents and the hint canvas are computed once per image (prepare(), "
-                         f"DTC's design): {once * 1e3:.4g} ms for the batch, {100 * once / b['seconds']:.2g}% of the base "
-                         "row's time; the DINOv2 encoder never runs per step.")
+                         f"DTC's design): {once * 1e3:.4g} ms for the batch, {100 * once / b['seconds']:.2g}% of the "
+                         "base row's time; the DINOv2 encoder never runs per step.")
         lines += [f"- TFLOP/s = FLOPs per batch / end-to-end seconds; FLOPs counted once with FlopCounterMode on meta "
                   f"replicas (base: {image_tflop['DTC (base)']:.4g} TFLOP per batch); diffusers' loop is credited the "
                   "FLOPs of our identical-architecture 'no hint branch' row.",
@@ -649,10 +670,31 @@ def sample_section(args, device, base, compare_only=False):
         rows = [[name, shape, fmt(a * 1e3), fmt(b * 1e3), f"{a / b:.3g}", lib] for name, shape, a, b, lib in compare]
         out.append("\n".join([f"## Ours vs the reference implementations (same weights, {str(base.dtype)[6:]})", "",
                               table(["module", "input", "ours ms", "reference ms", "ours / reference", "reference"],
-                                    rows), "", "- ms for the sampling row are s/image (x1000). Goal: ours / reference <= 1."]))
+                                    rows), "", "- Medians of alternating timed runs (ours, reference, ours, ...); "
+                              "the sampling row is in ms per image. Goal: ours / reference <= 1."]))
     elif compare_only and notes:
         out.append("\n".join(f"- {n}" for n in notes))
     return out
+
+
+def train_row(model, frozen, schedule, x, checkpointing, fused, args, device, base):
+    model.unet.grad_checkpointing = checkpointing
+    if model.cfg.hint:
+        model.hint_encoder.grad_checkpointing = checkpointing
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=fused)
+
+    def step():
+        with autocast(device, base.dtype):
+            cond = prepare(frozen, x["source"], x["mask"], x["reference"], model.cfg.image_size, target=x["target"])
+            loss = diffusion_loss(model, schedule, cond)[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up: AdamW state, cuDNN autotuning
+    with PeakMemory(device) as mem:
+        seconds = timed(step, device, args.repeats, warmup=0)
+    return seconds, mem.mib
 
 
 def train_section(args, device, base):
@@ -694,35 +736,15 @@ def train_section(args, device, base):
     free(device)
     lines = [f"## Training: {args.size}x{args.size}, {str(base.dtype)[6:]} autocast over fp32 master weights"
              if base.dtype != torch.float32 else f"## Training: {args.size}x{args.size}, float32", "",
-             table(["batch", "variant", "s/step", "images/s", "canvas ms/step", "peak MiB", "TFLOP/s", "MFU"], rows), "",
+             table(TRAIN_HEADER, rows), "",
              "- One step: prepare() (frozen VAE encodes of target and masked source, DINOv2 tokens, hint canvas, all "
              "under no_grad), the DTC forward and backward (Eq. 1 loss, no VGG loss), AdamW (fused on CUDA).",
-             f"- MFU against {fmt(peak)} TFLOP/s" + (" (--peak_tflops; default: H100 SXM bf16 dense)" if peak else
-                                                     " (n/a: give --peak_tflops)") + "; FLOPs per step "
-             f"counted with FlopCounterMode on meta replicas (model FLOPs, no checkpoint recomputation).",
+             (f"- MFU against {peak:g} TFLOP/s (--peak_tflops; default on cuda: H100 SXM bf16 dense)" if peak else
+              "- MFU n/a on a CPU unless --peak_tflops is given") + f"; FLOPs per step ({fmt(step_tflop)} TFLOP at "
+             "the last batch size) counted once with FlopCounterMode on meta replicas (model FLOPs, no recomputation).",
              "- canvas: make_hint's Python largest-rectangle search for the batch, part of each step.",
              f"- {memory_note(device)}; includes AdamW state."]
     return ["\n".join(lines)]
-
-
-def train_row(model, frozen, schedule, x, checkpointing, fused, args, device, base):
-    model.unet.grad_checkpointing = checkpointing
-    if model.cfg.hint:
-        model.hint_encoder.grad_checkpointing = checkpointing
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=fused)
-
-    def step():
-        with autocast(device, base.dtype):
-            cond = prepare(frozen, x["source"], x["mask"], x["reference"], model.cfg.image_size, target=x["target"])
-            loss = diffusion_loss(model, schedule, cond)[0]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step()  # warm-up: AdamW state, cuDNN autotuning
-    with PeakMemory(device) as mem:
-        seconds = timed(step, device, args.repeats, warmup=0)
-    return seconds, mem.mib
 
 
 def main(argv=None):
@@ -741,9 +763,11 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # for float32 rows
     base = Variant(dtype=dtype, channels_last=args.channels_last, offload=args.offload, tiled_decode=args.tiled_decode)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    where = (f"{torch.cuda.get_device_name(device)} (TF32 on for float32)" if device.type == "cuda"
+             else f"CPU, {torch.get_num_threads()} threads")
+    command = " ".join(sys.argv[1:] if argv is None else argv)
     sections = [f"# DTC benchmark: {args.mode}, arch {args.arch}, {where}, torch {torch.__version__}, "
-                f"{str(dtype)[6:]}, random weights\n\n`python bench.py {' '.join(sys.argv[1:] if argv is None else argv)}`"]
+                f"{str(dtype)[6:]}, random weights\n\n`python bench.py {command}`"]
     print(sections[0] + "\n", flush=True)
     todo = {"sample": ["sample"], "train": ["train"], "compare": ["compare"], "all": ["sample", "train"]}[args.mode]
     for part in todo:

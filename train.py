@@ -25,9 +25,11 @@ Reproducibility. The data order and every random draw of a step (VAE posterior s
 come from generators keyed by (seed, step, micro-batch), where micro-batch m of a step is samples [m*b, (m+1)*b) of
 its global batch, and rank r computes m = r*grad_accum ... r*grad_accum + grad_accum - 1. So a resumed run repeats
 the uninterrupted one exactly, and one process with grad_accum = N x A reproduces N processes with grad_accum = A
-(same batch_size). Each option also accepts --key=value.
+(same batch_size; bit for bit with the same thread count: torchrun sets OMP_NUM_THREADS=1). Each option also
+accepts --key=value.
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -51,7 +53,8 @@ from checkpoint import CheckpointError
 from data import DataError, TeachingWorld, TripletDataset, VitonHDDataset, _generator, mask_to_pil, to_pil
 from dinov2 import DINOv2, DINOv2Config
 from dtc import (DiffuseToChoose, DTCConfig, Frozen, Schedule, VGGLoss, diffusion_loss, encode_image_tokens,
-                 from_original, make_hint, prepare, sample_latents, save_dtc)
+                 from_original, prepare, sample_latents, save_dtc)
+from sample import grid
 from unet import UNetConfig
 from vae import LATENT_SCALE, AutoencoderKL, VAEConfig
 
@@ -61,35 +64,34 @@ from vae import LATENT_SCALE, AutoencoderKL, VAEConfig
 
 @dataclass
 class Preset:
-    size: int            # training resolution (square)
-    batch_size: int      # per process and micro-step
+    size: int              # training resolution (square)
+    batch_size: int        # per process and micro-step
     lr: float
     max_steps: int
     save_every: int
     sample_every: int
     num_workers: int
-    vae_steps: int = 0   # tiny: autoencoder steps before DTC (scaled down with a smaller --max_steps)
+    vae_steps: int = 0     # tiny: autoencoder steps before DTC (scaled down with a smaller --max_steps)
+    vae_batch_size: int = 0  # (at most --batch_size)
     vae_lr: float = 0.0
-    vae_kl: float = 0.0  # weight of the KL term per latent element (SD's VAE: 1e-6 on sums; here "tiny")
+    vae_kl: float = 0.0    # weight of the KL term (per latent element) against the L1 (per pixel)
 
 
 PRESETS = {
     # 15k steps at a global batch of 32 (4 x 8 GPUs) is ~40 epochs of VITON-HD's 11,647 pairs (paper §4.1: 40 epochs)
     "sd15": Preset(size=512, batch_size=4, lr=1e-5, max_steps=15_000, save_every=1000, sample_every=1000, num_workers=4),
     "tiny": Preset(size=64, batch_size=32, lr=1e-3, max_steps=1000, save_every=200, sample_every=200, num_workers=0,
-                   vae_steps=200, vae_lr=2e-3, vae_kl=1e-4),
+                   vae_steps=300, vae_batch_size=8, vae_lr=2e-3, vae_kl=1e-4),
 }
-
-# The tiny architecture (DTC's, narrow). The image encoder's img_size and DTC's image_size follow --size.
+# The tiny architecture: DTC's, narrow. The encoder's img_size and DTC's image_size follow --size.
 TINY_UNET = UNetConfig(in_channels=9, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
                        attention_levels=(1, 2), num_heads=4, context_dim=64)
 TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)  # 4x downsampling: 64x64 -> 16x16
 TINY_ENCODER = DINOv2Config(embed_dim=64, depth=3, num_heads=4, ffn="mlp", patch_size=8, img_size=64,
                             interpolate_offset=0.0)
-
-# Options a resumed run may change; every other option comes from the checkpoint.
-CHANGEABLE = {"max_steps", "save_every", "sample_every", "log_every", "num_workers", "device", "resume", "out_dir",
-              "data", "sd", "dinov2", "vgg_weights"}
+# what a resumed run may change (files may have moved); every other option comes from the checkpoint
+CHANGEABLE = {"max_steps", "save_every", "sample_every", "log_every", "num_workers", "device", "data", "sd", "dinov2",
+              "vgg_weights"}
 
 
 def parse_args(argv=None):
@@ -101,8 +103,8 @@ def parse_args(argv=None):
     p.add_argument("--sd", help="sd15: SD 1.5, SD 1.5-inpainting or Paint-by-Example single file")
     p.add_argument("--dinov2", help="sd15: DINOv2 hub file, e.g. dinov2_vitg14_pretrain.pth")
     p.add_argument("--vgg_weights", help="torchvision vgg19 file; without it the perceptual loss is off")
-    p.add_argument("--vgg_weight", type=float, default=1e-3, help="lambda of the VGG loss (paper-spec §3.1: 1e-3)")
-    p.add_argument("--p_uncond", type=float, default=0.2, help="guidance dropout per sample (hint kept)")
+    p.add_argument("--vgg_weight", type=float, default=1e-3, help="lambda of the VGG loss (paper-spec §3.1)")
+    p.add_argument("--p_uncond", type=float, default=0.2, help="guidance dropout per sample (the hint is kept)")
     p.add_argument("--max_steps", type=int, help="optimizer steps (preset default)")
     p.add_argument("--vae_steps", type=int, help="tiny: autoencoder steps first (default scales with max_steps)")
     p.add_argument("--batch_size", type=int, help="per process and micro-step (preset default)")
@@ -118,13 +120,13 @@ def parse_args(argv=None):
     p.add_argument("--grad_checkpointing", action="store_true", help="recompute U-Net blocks in backward")
     p.add_argument("--save_every", type=int, help="steps between checkpoints")
     p.add_argument("--sample_every", type=int, help="steps between sample grids; 0 = none")
-    p.add_argument("--log_every", type=int, default=50, help="steps between printed lines (log.jsonl has every step)")
+    p.add_argument("--log_every", type=int, default=50, help="steps between printed lines (log.jsonl has all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_workers", type=int, help="DataLoader worker processes (preset default)")
     p.add_argument("--skip_bad", action="store_true", help="skip bad samples with a warning instead of stopping")
     p.add_argument("--overfit_batch", action="store_true",
                    help="debugging: one fixed batch with fixed t and noise every step; the loss must fall")
-    # DTC variants for the ablations (paper §4.3, Table 1 and 2)
+    # DTC variants for the ablations (paper §4.3 and Table 2)
     p.add_argument("--image_tokens", default="all", choices=["all", "cls"], help="cls: PBE-style, CLS token only")
     p.add_argument("--hint", type=int, default=1, choices=[0, 1], help="0: no hint branch (PBE-style baseline)")
     p.add_argument("--no_hint", dest="hint", action="store_const", const=0, help="same as --hint=0")
@@ -161,15 +163,15 @@ class Trainee(nn.Module):
 
 
 def build_model(args):
-    """(trainee, frozen). Weights are float32 (autocast computes in bfloat16 on GPU)."""
+    """(trainee, frozen), float32 (autocast computes in bfloat16 on GPU)."""
     variant = dict(image_tokens=args.image_tokens, hint=bool(args.hint), fusion=args.fusion, hint_input=args.hint_input)
     if args.preset == "sd15":
         if not args.sd or not args.dinov2:
-            raise CheckpointError("the sd15 preset needs --sd (SD 1.5 file) and --dinov2 (DINOv2 hub file)")
+            raise CheckpointError("the sd15 preset needs --sd (an SD 1.5 file) and --dinov2 (a DINOv2 hub file)")
         model, frozen = from_original(args.sd, args.dinov2, dtype=torch.float32, **variant)
         return Trainee(model), frozen
     encoder = DINOv2(replace(TINY_ENCODER, img_size=args.size))
-    encoder.mask_token.requires_grad_(False)  # DINOv2's own masked-patch training only: unused here
+    encoder.mask_token.requires_grad_(False)  # for DINOv2's own masked-patch training: unused here
     cfg = DTCConfig(unet=TINY_UNET, image_encoder_dim=TINY_ENCODER.embed_dim, image_size=args.size,
                     latent_channels=TINY_VAE.embed_dim, vae_factor=TINY_VAE.downsample_factor, **variant)
     return Trainee(DiffuseToChoose(cfg), encoder), Frozen(vae=AutoencoderKL(TINY_VAE), image_encoder=encoder)
@@ -180,21 +182,21 @@ def build_dataset(args, ref_size, train=True):
     if args.data is None:
         if args.preset != "tiny":
             raise DataError("--data is required (a VITON-HD release or a triplet folder)")
-        return TeachingWorld(args.size, "train" if train else "heldout", length=10_000 if train else 8,
+        return TeachingWorld(args.size, "train" if train else "heldout", length=10_000 if train else 4,
                              seed=args.seed, ref_size=ref_size)
     if os.path.isfile(os.path.join(args.data, "train_pairs.txt")) and os.path.isdir(os.path.join(args.data, "train")):
         return VitonHDDataset(args.data, "train", args.size, ref_size, train=train, seed=args.seed, skip_bad=args.skip_bad)
     return TripletDataset(args.data, args.size, ref_size, train=train, seed=args.seed, skip_bad=args.skip_bad)
 
 
-def micro_batches(dataset, args, epoch, position, ranks, rank, accum):
-    """Yields (epoch, position, [accum micro-batches of this rank]) per optimizer step, forever, from `position`
-    (a step index within `epoch`). An epoch's order is a permutation keyed by (seed, epoch) alone."""
-    b = args.batch_size
-    G = b * ranks * accum  # the global batch
+def micro_batches(dataset, args, b, accum, ranks=1, rank=0, epoch=0, position=0):
+    """Yields (epoch, position, [this rank's accum micro-batches of b]) per optimizer step, forever, starting at
+    step `position` of `epoch`. The epoch's order is a permutation keyed by (seed, epoch) alone; step s takes
+    samples [s G, (s+1) G) of it (G = b ranks accum) and rank r its micro-batches r accum ... r accum + accum - 1."""
+    G = b * ranks * accum
     per_epoch = len(dataset) // G
     if per_epoch == 0:
-        raise DataError(f"{args.data or 'teaching world'}: {len(dataset)} samples, fewer than one global batch of {G}")
+        raise DataError(f"{args.data or 'the teaching world'}: {len(dataset)} samples, fewer than one global batch ({G})")
     while True:
         order = torch.randperm(len(dataset), generator=_generator(0x0D, args.seed, epoch)).tolist()
         mine = [order[s * G + m * b + i] for s in range(position, per_epoch)
@@ -208,54 +210,51 @@ def micro_batches(dataset, args, epoch, position, ranks, rank, accum):
 
 
 # -----------------------------------------------------------------------------
-# 3. The step: tiny's VAE phase, and one DTC optimizer step over this rank's micro-batches
+# 3. The steps: tiny's VAE phase, and one DTC optimizer step over this rank's micro-batches
 
 
-def train_vae(vae, dataset, args, ranks, device, show):
-    """Tiny preset, phase 1: the VAE as an autoencoder of the training images (targets and masked sources): L1 on a
-    posterior sample's reconstruction + a tiny KL (SD's VAE recipe without its LPIPS and GAN terms). Then it is
-    rescaled so that latents x LATENT_SCALE have unit variance (what SD's scale factor does for SD's VAE) and frozen.
-    Every process trains the same copy on the whole global batch (no communication); rank 0's is broadcast."""
+def train_vae(vae, dataset, args, device, show):
+    """Tiny preset, phase 1: the VAE as an autoencoder of the training targets (the masked sources are only ever
+    encoded, as conditioning): L1 on a posterior sample's reconstruction + a tiny KL (SD's VAE recipe without its
+    LPIPS and GAN terms). Then rescaled so that latents x LATENT_SCALE have unit variance, as SD's scale factor
+    makes them for SD's VAE. Every process trains the same copy on the same batches: no communication."""
     preset = PRESETS[args.preset]
     opt = torch.optim.AdamW(vae.parameters(), lr=preset.vae_lr, weight_decay=0.0)
-    stream = micro_batches(dataset, args, 0, 0, 1, 0, ranks * args.grad_accum)
-
-    def images(batch):
-        return torch.cat([batch["target"], batch["source"] * batch["mask"]]).to(device)
-
+    stream = micro_batches(dataset, args, min(preset.vae_batch_size, args.batch_size), 1)
     bar = tqdm(range(args.vae_steps), desc="vae", disable=not show, dynamic_ncols=True)
     for step in bar:
-        _, _, micro = next(stream)
-        for m, batch in enumerate(micro):
-            x = images(batch)
-            posterior = vae.encode(x)
-            recon = vae.decode(posterior.sample(_generator(0x7AE, args.seed, step, m)))
-            kl = 0.5 * (posterior.mean ** 2 + posterior.std ** 2 - 1 - posterior.logvar).mean()
-            loss = F.l1_loss(recon, x) + preset.vae_kl * kl
-            (loss / len(micro)).backward()
+        x = next(stream)[2][0]["target"].to(device)
+        posterior = vae.encode(x)
+        recon = vae.decode(posterior.sample(_generator(0x7AE, args.seed, step)))
+        l1 = F.l1_loss(recon, x)
+        kl = 0.5 * (posterior.mean ** 2 + posterior.std ** 2 - 1 - posterior.logvar).mean()
+        (l1 + preset.vae_kl * kl).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        bar.set_postfix(l1=f"{F.l1_loss(recon, x).item():.4f}")
+        bar.set_postfix(l1=f"{l1.item():.4f}")
         if STOP:
-            raise SystemExit("stopped during the VAE phase (not checkpointed): start again")
-    with torch.no_grad():  # fold the scale s into the VAE: z' = s z exactly, so decode(z') = old decode(z)
-        std = torch.cat([vae.encode(images(b)).mean for b in next(stream)[2]]).std()
-        s = 1 / (LATENT_SCALE * std)
-        E = vae.cfg.embed_dim
-        vae.quant_conv.weight[:E] *= s
-        vae.quant_conv.bias[:E] *= s
-        vae.quant_conv.bias[E:] += 2 * math.log(s)  # logvar of s z
-        vae.post_quant_conv.weight /= s
-    if ranks > 1:
-        for t in vae.state_dict().values():
-            dist.broadcast(t, 0)
+            raise SystemExit("stopped in the VAE phase, before the first checkpoint: start again")
+    with torch.no_grad():
+        std = vae.encode(next(stream)[2][0]["target"].to(device)).mean.std().item()
+        fold_latent_scale(vae, 1 / (LATENT_SCALE * std))
     return vae.requires_grad_(False).eval()
+
+
+@torch.no_grad()
+def fold_latent_scale(vae, s):
+    """Makes the VAE's latents s times larger, exactly: the posterior's mean x s (logvar + 2 log s) in quant_conv,
+    and post_quant_conv / s, so decode(s z) is the old decode(z)."""
+    E = vae.cfg.embed_dim  # quant_conv's outputs: E means, then E logvars
+    vae.quant_conv.weight[:E] *= s
+    vae.quant_conv.bias[:E] *= s
+    vae.quant_conv.bias[E:] += 2 * math.log(s)
+    vae.post_quant_conv.weight /= s
 
 
 def dtc_step(trainee, ddp, frozen, vgg, batches, step, args, rank, device, autocast):
     """Forward and backward over this rank's micro-batches, gradients accumulated (DDP averages over ranks).
     Returns the sums over the micro-batches of (loss, loss_eps, loss_vgg)."""
-    totals = torch.zeros(3)
+    totals = torch.zeros(3, device=device)
     for j, batch in enumerate(batches):
         m = rank * len(batches) + j  # the micro-batch's index within the global batch
         g = _generator(0x57E9, args.seed, 0 if args.overfit_batch else step, m)
@@ -275,7 +274,7 @@ def dtc_step(trainee, ddp, frozen, vgg, batches, step, args, rank, device, autoc
                     loss_vgg = vgg(frozen.vae.decode(x0 / LATENT_SCALE), target)
                 loss = loss_eps + args.vgg_weight * loss_vgg
             (loss / len(batches)).backward()
-        totals += torch.stack([loss.detach(), loss_eps.detach(), loss_vgg.detach()]).float().cpu()
+        totals += torch.stack([loss.detach(), loss_eps.detach(), loss_vgg.detach()]).float()
     return totals
 
 
@@ -306,15 +305,17 @@ def train(args, trainee, frozen, vgg, dataset, ckpt, ranks, rank, device):
         opt.load_state_dict(ckpt["optimizer"])
         ema = {n: t.to(device) for n, t in ckpt["ema"].items()} if ckpt["ema"] is not None else None
         step, epoch, position = ckpt["step"], ckpt["epoch"], ckpt["position"]
-        set_rng_states(ckpt["rng"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        random.setstate(ckpt["rng"]["python"])
+        if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
     ddp = DistributedDataParallel(trainee, device_ids=[device.index] if device.type == "cuda" else None) \
         if ranks > 1 else trainee
-    stream = micro_batches(dataset, args, epoch, position, ranks, rank, args.grad_accum)
-    if args.overfit_batch:
-        fixed_batch = next(stream)
-        stream = iter(lambda: fixed_batch, None)
+    stream = micro_batches(dataset, args, args.batch_size, args.grad_accum, ranks, rank, epoch, position)
+    if args.overfit_batch:  # the run's first batch, again and again
+        stream = itertools.repeat(next(micro_batches(dataset, args, args.batch_size, args.grad_accum, ranks, rank)))
     G = args.batch_size * ranks * args.grad_accum
-    fixed = samples_to_show(args, dataset) if show and args.sample_every else None
+    fixed = samples_to_show(args, trainee) if show and args.sample_every else None
     log = open(os.path.join(args.out_dir, "log.jsonl"), "a") if show else None
     bar = tqdm(total=args.max_steps, initial=step, desc="dtc", disable=not show, dynamic_ncols=True)
     stopping = False
@@ -334,6 +335,8 @@ def train(args, trainee, frozen, vgg, dataset, ckpt, ranks, rank, device):
             dist.all_reduce(packed)
         loss, loss_eps, loss_vgg = (packed[:3] / (ranks * args.grad_accum)).tolist()
         stopping = packed[3].item() > 0
+        if not math.isfinite(loss):  # the last checkpoint on disk is still a good one
+            raise SystemExit(f"error: the loss is {loss} at step {step}; try a lower --lr")
         record = dict(step=step, epoch=epoch, loss=loss, loss_eps=loss_eps, loss_vgg=loss_vgg, lr=args.lr,
                       grad_norm=None if grad_norm is None else grad_norm.item(),
                       images_per_s=G / (time.perf_counter() - t0))
@@ -370,32 +373,21 @@ def train(args, trainee, frozen, vgg, dataset, ckpt, ranks, rank, device):
 
 
 def save_checkpoint(args, trainee, frozen, opt, ema, step, epoch, position):
-    """OUT_DIR/ckpt.pt: written to a temporary file, then renamed, so a crash never leaves half a checkpoint."""
+    """OUT_DIR/ckpt.pt: written to a temporary file, then renamed, so a crash never leaves half a checkpoint.
+    The global RNG states are kept too, although the training draws come from keyed generators, not from them."""
     state = dict(args=vars(args), dtc_config=asdict(trainee.model.cfg), step=step, epoch=epoch, position=position,
                  trainee=trainee.state_dict(), optimizer=opt.state_dict() if opt is not None else None, ema=ema,
-                 vae=frozen.vae.state_dict() if args.preset == "tiny" else None, rng=rng_states())
+                 vae=frozen.vae.state_dict() if args.preset == "tiny" else None,
+                 rng=dict(torch=torch.get_rng_state(), python=random.getstate(),
+                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
     path = os.path.join(args.out_dir, "ckpt.pt")
     torch.save(state, f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
 
 
-def rng_states():
-    """The global RNGs. The training draws come from keyed generators, not from these; they are saved so that
-    anything that does use them (a user's dataset transform) resumes too."""
-    return dict(torch=torch.get_rng_state(), python=random.getstate(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-
-
-def set_rng_states(states):
-    torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
-    if states["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def samples_to_show(args, dataset):
+def samples_to_show(args, trainee):
     """A few fixed samples, without training randomness, batched: the rows of every sample grid."""
-    data = build_dataset(args, dataset.ref_size, train=False)
+    data = build_dataset(args, (trainee.model.cfg.image_size,) * 2, train=False)
     return next(iter(DataLoader(data, batch_size=min(4, len(data)))))
 
 
@@ -408,42 +400,35 @@ def save_samples(trainee, frozen, fixed, path, seed, device, autocast, steps=20)
         cond = prepare(frozen, source, mask, reference, trainee.model.cfg.image_size, g)
         z = sample_latents(trainee.model, trainee.schedule, cond, steps=steps, generator=g, progress=False)
         x = frozen.vae.decode(z / LATENT_SCALE)
-    T = max(128, source.shape[-1])  # tiles of at least 128 px, so 64 px images stay visible
-    rows = [[to_pil(source[i]), mask_to_pil(mask[i]), to_pil(reference[i]), to_pil(cond["hint"][i] * 2 - 1),
-             to_pil(x[i])] for i in range(len(source))]
-    grid = Image.new("RGB", (5 * T, len(rows) * T), "white")
-    for r, row in enumerate(rows):
-        for c, im in enumerate(row):
-            grid.paste(im.convert("RGB").resize((T, T), Image.NEAREST), (c * T, r * T))
+    T = max(128, source.shape[-1])  # rows at least 128 px high, so 64 px images stay visible
+    rows = [grid([to_pil(source[i]), mask_to_pil(mask[i]), to_pil(reference[i]), to_pil(cond["hint"][i] * 2 - 1),
+                  to_pil(x[i])], T) for i in range(len(source))]
+    image = Image.new("RGB", (max(r.width for r in rows), T * len(rows)), "white")
+    for i, row in enumerate(rows):
+        image.paste(row, (0, i * T))
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    grid.save(path)
+    image.save(path)
 
 
-def plot_losses(log_path, png_path, W=800, H=400, pad=50):
+def plot_losses(log_path, png_path, W=800, H=400, pad=40):
     """The loss per step (grey) and its running mean (blue), drawn with PIL."""
-    records = [json.loads(line) for line in open(log_path) if line.strip()]
+    with open(log_path) as f:
+        records = [json.loads(line) for line in f]
     if len(records) < 2:
         return
     steps, losses = [r["step"] for r in records], [r["loss"] for r in records]
     k = max(1, len(losses) // 50)
-    smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
-    lo, hi = min(losses), max(losses)
-    hi = hi if hi > lo else lo + 1
-
-    def xy(s, v):
-        return (pad + (s - steps[0]) / max(1, steps[-1] - steps[0]) * (W - 2 * pad),
-                H - pad - (v - lo) / (hi - lo) * (H - 2 * pad))
-
+    mean = [sum(losses[max(0, i - k + 1):i + 1]) / min(k, i + 1) for i in range(len(losses))]
+    lo, hi = min(losses), max(max(losses), min(losses) + 1e-9)
+    xy = [(pad + (s - steps[0]) / (steps[-1] - steps[0]) * (W - 2 * pad), H - pad - (v - lo) / (hi - lo) * (H - 2 * pad))
+          for s, v in zip(steps + steps, losses + mean)]
     im = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(im)
     d.rectangle([pad, pad, W - pad, H - pad], outline="black")
-    d.line([xy(s, v) for s, v in zip(steps, losses)], fill=(190, 190, 190))
-    d.line([xy(s, v) for s, v in zip(steps, smooth)], fill=(30, 80, 200), width=2)
-    d.text((pad, 15), f"loss per step (grey), running mean of {k} (blue); last {smooth[-1]:.4f}", fill="black")
-    d.text((5, pad - 6), f"{hi:.3g}", fill="black")
-    d.text((5, H - pad - 6), f"{lo:.3g}", fill="black")
-    d.text((pad, H - pad + 8), f"step {steps[0]}", fill="black")
-    d.text((W - pad - 60, H - pad + 8), f"step {steps[-1]}", fill="black")
+    d.line(xy[:len(steps)], fill=(190, 190, 190))
+    d.line(xy[len(steps):], fill=(30, 80, 200), width=2)
+    d.text((pad, 12), f"loss (grey) and its running mean over {k} steps (blue): {mean[-1]:.4f} at step {steps[-1]}; "
+                      f"y from {lo:.3g} to {hi:.3g}, x from step {steps[0]} to {steps[-1]}", fill="black")
     im.save(png_path)
 
 
@@ -452,10 +437,10 @@ def plot_losses(log_path, png_path, W=800, H=400, pad=50):
 
 
 def restore_args(args, saved, argv):
-    """A resumed run keeps the options it was started with, except CHANGEABLE ones; says so for explicit ones."""
+    """A resumed run keeps the options it was started with; only CHANGEABLE ones may be given anew."""
     given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
     for key, value in saved.items():
-        if key in CHANGEABLE:
+        if key in ("out_dir", "resume") or (key in given and key in CHANGEABLE):
             continue
         if key in given and getattr(args, key) != value:
             print(f"warning: --{key}={getattr(args, key)} ignored: the run was started with {value}", file=sys.stderr)
@@ -463,37 +448,11 @@ def restore_args(args, saved, argv):
     return args
 
 
-def main(argv=None):
-    global STOP
-    STOP = False
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    ranks, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    if ranks > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    ckpt = None
-    if os.path.exists(ckpt_path):
-        if not args.resume:
-            raise SystemExit(f"error: {ckpt_path}: a run is already there; --resume continues it, "
-                             "or choose another --out_dir")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        args = restore_args(args, ckpt["args"], argv)
-    os.makedirs(args.out_dir, exist_ok=True)
-    if rank == 0 and ckpt is not None:  # drop log lines of steps after the checkpoint (they are redone)
-        log_path = os.path.join(args.out_dir, "log.jsonl")
-        if os.path.exists(log_path):
-            lines = [line for line in open(log_path) if line.strip() and json.loads(line)["step"] <= ckpt["step"]]
-            open(log_path, "w").writelines(lines)
-
+def setup(args, ckpt, ranks, rank, device):
+    """(trainee, frozen, dataset, vgg) on the device, from the checkpoint when resuming; runs tiny's VAE phase."""
     torch.manual_seed(args.seed)  # the same initial weights in every process (DDP also broadcasts rank 0's)
     trainee, frozen = build_model(args)
-    ref_size = (trainee.model.cfg.image_size,) * 2
-    dataset = build_dataset(args, ref_size)
+    dataset = build_dataset(args, (trainee.model.cfg.image_size,) * 2)
     torch.manual_seed(args.seed + rank)  # per-process global RNG; the training draws use keyed generators
     if args.grad_checkpointing:
         trainee.model.unet.grad_checkpointing = True
@@ -508,7 +467,10 @@ def main(argv=None):
             frozen.vae.load_state_dict(ckpt["vae"])
     if args.preset == "tiny":
         if ckpt is None:
-            train_vae(frozen.vae, dataset, args, ranks, device, show=rank == 0)
+            train_vae(frozen.vae, dataset, args, device, show=rank == 0)
+            if ranks > 1:  # GPU kernels need not be deterministic: every process takes rank 0's VAE
+                for t in frozen.vae.state_dict().values():
+                    dist.broadcast(t, 0)
             if rank == 0:  # the VAE phase is worth keeping: a step-0 checkpoint
                 save_checkpoint(args, trainee, frozen, None, None, 0, 0, 0)
         frozen.vae.requires_grad_(False).eval()
@@ -520,9 +482,38 @@ def main(argv=None):
         vgg = VGGLoss(args.vgg_weights).to(device)
     elif args.vgg_weight > 0 and rank == 0:
         print("warning: no --vgg_weights: the VGG perceptual loss is off (paper: on, lambda 1e-3)", file=sys.stderr)
+    return trainee, frozen, dataset, vgg
 
+
+def main(argv=None):
+    global STOP
+    STOP = False
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    ranks, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    ckpt_path, ckpt = os.path.join(args.out_dir, "ckpt.pt"), None
+    if os.path.exists(ckpt_path):
+        if not args.resume:
+            raise SystemExit(f"error: {ckpt_path}: a run is already there; --resume continues it, "
+                             "or choose another --out_dir")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        args = restore_args(args, ckpt["args"], argv)
+        log_path = os.path.join(args.out_dir, "log.jsonl")
+        if rank == 0 and os.path.exists(log_path):  # drop the lines of steps after the checkpoint: they are redone
+            with open(log_path) as f:
+                lines = [line for line in f if json.loads(line)["step"] <= ckpt["step"]]
+            with open(log_path, "w") as f:
+                f.writelines(lines)
+    os.makedirs(args.out_dir, exist_ok=True)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if ranks > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        trainee, frozen, dataset, vgg = setup(args, ckpt, ranks, rank, device)
         train(args, trainee, frozen, vgg, dataset, ckpt, ranks, rank, device)
     finally:
         for s, h in handlers.items():
