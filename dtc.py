@@ -25,7 +25,7 @@ from tqdm import tqdm
 from checkpoint import CheckpointError, cast_floats, likely_cause, load_strict, read_state_dict, strip_prefix
 from dinov2 import IMAGENET_MEAN, IMAGENET_STD, DINOv2, DINOv2Config, load_dinov2
 from unet import UNet, UNetConfig, infer_unet_config
-from vae import LATENT_SCALE, AutoencoderKL, VAEConfig, infer_vae_config
+from vae import LATENT_SCALE, AutoencoderKL, VAEConfig
 
 # -----------------------------------------------------------------------------
 # 1. Masks and the hint image (paper §3.2 and supplement §5.1)
@@ -128,7 +128,8 @@ class DiffuseToChoose(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        assert cfg.unet.in_channels == 9, "the main U-Net takes [z_t, z_masked, mask]: 9 channels"
+        # the main U-Net takes [z_t, z_masked, mask]: 9 channels for SD's 4-channel latents
+        assert cfg.unet.in_channels == 2 * cfg.latent_channels + 1, "U-Net input must be [z_t, z_masked, mask]"
         self.cfg = cfg
         # 3. image tokens -> context (supp. §5.2: one Linear trained from scratch) and the learned null context
         # for classifier-free guidance (PBE's learnable_vector). One null token is exact for any token count:
@@ -139,7 +140,7 @@ class DiffuseToChoose(nn.Module):
         self.unet = UNet(cfg.unet)
         if cfg.hint:
             # 5. hint encoder: a trainable copy of input blocks + middle block (13 taps for SD)
-            hint_in = 9 if cfg.hint_input == "full" else cfg.latent_channels
+            hint_in = cfg.unet.in_channels if cfg.hint_input == "full" else cfg.latent_channels
             self.hint_encoder = UNet(replace(cfg.unet, in_channels=hint_in), encoder_only=True)
             self.adapter = HintAdapter(cfg.latent_channels, cfg.vae_factor)
             # 6. fusion convs, zero-initialised so that a fresh DTC computes exactly its base U-Net
@@ -333,7 +334,6 @@ def sample_latents(model, schedule, cond, steps=40, guidance=5.0, eta=0.0, sampl
     z_masked, mask_lat = cond["z_masked"], cond["mask_lat"]
     dtype = z_masked.dtype
     context = model.context(cond["tokens"].to(dtype))
-    B = z_masked.shape[0]
     z = torch.randn(z_masked.shape, generator=generator, dtype=torch.float32).to(z_masked.device, dtype)
     hint, hint_feats = cond["hint"], None
     if model.cfg.hint and model.cfg.hint_input == "latent_only":  # independent of t and c: computed once

@@ -53,7 +53,7 @@ from checkpoint import CheckpointError
 from data import DataError, TeachingWorld, TripletDataset, VitonHDDataset, _generator, mask_to_pil, to_pil
 from dinov2 import DINOv2, DINOv2Config
 from dtc import (DiffuseToChoose, DTCConfig, Frozen, Schedule, VGGLoss, diffusion_loss, encode_image_tokens,
-                 from_original, prepare, sample_latents, save_dtc)
+                 from_original, load_dtc, prepare, sample_latents, save_dtc)
 from sample import grid
 from unet import UNetConfig
 from vae import LATENT_SCALE, AutoencoderKL, VAEConfig
@@ -80,7 +80,7 @@ class Preset:
 PRESETS = {
     # 15k steps at a global batch of 32 (4 x 8 GPUs) is ~40 epochs of VITON-HD's 11,647 pairs (paper §4.1: 40 epochs)
     "sd15": Preset(size=512, batch_size=4, lr=1e-5, max_steps=15_000, save_every=1000, sample_every=1000, num_workers=4),
-    "tiny": Preset(size=64, batch_size=32, lr=1e-3, max_steps=1000, save_every=200, sample_every=200, num_workers=0,
+    "tiny": Preset(size=64, batch_size=32, lr=1e-3, max_steps=500, save_every=100, sample_every=100, num_workers=0,
                    vae_steps=300, vae_batch_size=8, vae_lr=2e-3, vae_kl=1e-4),
 }
 # The tiny architecture: DTC's, narrow. The encoder's img_size and DTC's image_size follow --size.
@@ -107,6 +107,7 @@ def parse_args(argv=None):
     p.add_argument("--p_uncond", type=float, default=0.2, help="guidance dropout per sample (the hint is kept)")
     p.add_argument("--max_steps", type=int, help="optimizer steps (preset default)")
     p.add_argument("--vae_steps", type=int, help="tiny: autoencoder steps first (default scales with max_steps)")
+    p.add_argument("--init_vae", help="tiny: take the VAE of this dtc.safetensors instead of training one")
     p.add_argument("--batch_size", type=int, help="per process and micro-step (preset default)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
     p.add_argument("--lr", type=float, help="AdamW learning rate, constant (sd15: 1e-5)")
@@ -466,7 +467,12 @@ def setup(args, ckpt, ranks, rank, device):
         if ckpt["vae"] is not None:
             frozen.vae.load_state_dict(ckpt["vae"])
     if args.preset == "tiny":
-        if ckpt is None:
+        if ckpt is None and args.init_vae:  # a tiny VAE trained before (e.g. for another ablation variant)
+            _, trained = load_dtc(args.init_vae)
+            if trained is None or asdict(trained.vae.cfg) != asdict(frozen.vae.cfg):
+                raise CheckpointError(f"{args.init_vae}: holds no tiny VAE of this preset's configuration")
+            frozen.vae.load_state_dict(trained.vae.state_dict())
+        elif ckpt is None:
             train_vae(frozen.vae, dataset, args, device, show=rank == 0)
             if ranks > 1:  # GPU kernels need not be deterministic: every process takes rank 0's VAE
                 for t in frozen.vae.state_dict().values():

@@ -30,24 +30,26 @@ class VAEConfig:
     num_res_blocks: int = 2            # per encoder level (the decoder has one more per level)
     z_channels: int = 4                # the encoder outputs 2 * z_channels (mean and logvar: ldm's double_z=True)
     embed_dim: int = 4                 # latent channels after quant_conv, the ones the U-Net sees
+    norm_groups: int = 32              # SD's. A narrow VAE needs fewer: with one channel per group every norm
+                                       # removes each channel's mean, and with it the image's colours
 
     @property
     def downsample_factor(self):
         return 2 ** (len(self.ch_mult) - 1)  # 8 for SD: 512x512 images <-> 64x64 latents
 
 
-def group_norm(channels):
-    return nn.GroupNorm(32, channels, eps=1e-6)  # every VAE norm in ldm: 32 groups, eps 1e-6 (the U-Net uses 1e-5)
+def group_norm(channels, groups):
+    return nn.GroupNorm(groups, channels, eps=1e-6)  # every VAE norm in ldm: 32 groups, eps 1e-6 (the U-Net uses 1e-5)
 
 
 class ResnetBlock(nn.Module):
     """norm-SiLU-conv twice, plus the input; a 1x1 conv `nin_shortcut` where the width changes. No time embedding."""
 
-    def __init__(self, in_ch, out_ch):
+    def __init__(self, in_ch, out_ch, groups):
         super().__init__()
-        self.norm1 = group_norm(in_ch)
+        self.norm1 = group_norm(in_ch, groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm2 = group_norm(out_ch)
+        self.norm2 = group_norm(out_ch, groups)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)  # SD's dropout before this conv is 0.0: left out
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
@@ -60,9 +62,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all pixels; q, k, v and proj_out are 1x1 convs, as in the checkpoint."""
 
-    def __init__(self, ch):
+    def __init__(self, ch, groups):
         super().__init__()
-        self.norm = group_norm(ch)
+        self.norm = group_norm(ch, groups)
         self.q = nn.Conv2d(ch, ch, 1)
         self.k = nn.Conv2d(ch, ch, 1)
         self.v = nn.Conv2d(ch, ch, 1)
@@ -99,11 +101,11 @@ class Upsample(nn.Module):
 class MidBlock(nn.Module):
     """The only attention in SD's VAE (attn_resolutions is empty): at the lowest resolution, between two ResnetBlocks."""
 
-    def __init__(self, ch):
+    def __init__(self, ch, groups):
         super().__init__()
-        self.block_1 = ResnetBlock(ch, ch)
-        self.attn_1 = AttnBlock(ch)
-        self.block_2 = ResnetBlock(ch, ch)
+        self.block_1 = ResnetBlock(ch, ch, groups)
+        self.attn_1 = AttnBlock(ch, groups)
+        self.block_2 = ResnetBlock(ch, ch, groups)
 
     def forward(self, x):
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -120,13 +122,13 @@ class Encoder(nn.Module):
             level = nn.Module()  # a bare container, so the keys read down.{i}.block.{j} and down.{i}.downsample
             level.block = nn.ModuleList()
             for _ in range(cfg.num_res_blocks):
-                level.block.append(ResnetBlock(block_in, width))
+                level.block.append(ResnetBlock(block_in, width, cfg.norm_groups))
                 block_in = width
             if i != len(widths) - 1:
                 level.downsample = Downsample(width)
             self.down.append(level)
-        self.mid = MidBlock(block_in)
-        self.norm_out = group_norm(block_in)
+        self.mid = MidBlock(block_in, cfg.norm_groups)
+        self.norm_out = group_norm(block_in, cfg.norm_groups)
         self.conv_out = nn.Conv2d(block_in, 2 * cfg.z_channels, 3, padding=1)
 
     def forward(self, x):
@@ -146,7 +148,7 @@ class Decoder(nn.Module):
         widths = [cfg.ch * m for m in cfg.ch_mult]
         block_in = widths[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, block_in, 3, padding=1)
-        self.mid = MidBlock(block_in)
+        self.mid = MidBlock(block_in, cfg.norm_groups)
         # up.{i} belongs to resolution level i (up.0 is full resolution), although the data flows from the
         # last level to the first; as in ldm, build in data order and insert at the front
         self.up = nn.ModuleList()
@@ -154,12 +156,12 @@ class Decoder(nn.Module):
             level = nn.Module()
             level.block = nn.ModuleList()
             for _ in range(cfg.num_res_blocks + 1):
-                level.block.append(ResnetBlock(block_in, widths[i]))
+                level.block.append(ResnetBlock(block_in, widths[i], cfg.norm_groups))
                 block_in = widths[i]
             if i != 0:
                 level.upsample = Upsample(block_in)
             self.up.insert(0, level)
-        self.norm_out = group_norm(block_in)
+        self.norm_out = group_norm(block_in, cfg.norm_groups)
         self.conv_out = nn.Conv2d(block_in, cfg.out_ch, 3, padding=1)
 
     def forward(self, z):

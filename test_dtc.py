@@ -1,0 +1,2242 @@
+"""Every test of the project (CPU, small random models, files written by the tests; no downloads).
+
+Run: python -m pytest -q test_dtc.py
+"""
+import itertools
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageFile
+from safetensors.torch import save_file
+
+import bench, dtc, evaluate, train, unet
+from checkpoint import CheckpointError
+from data import (DataError, HELDOUT_FIRST, PATTERNS, TeachingWorld, TripletDataset, VitonHDDataset, augment_reference,
+    bbox_mask, flip_parse, load_image, load_mask, load_parse, make_product, sample_rng, to_pil, to_tensor,
+    write_heldout, write_triplets)
+from dinov2 import DINOv2, DINOv2Config, PRESETS, infer_dinov2_config, load_dinov2
+from dtc import DiffuseToChoose, VGGLoss, load_dtc
+from unet import UNet, UNetConfig, infer_unet_config, ldm_prefix, load_unet
+from vae import AutoencoderKL, DiagonalGaussian, LATENT_SCALE, VAEConfig, infer_vae_config, load_vae
+
+
+# ====================================================================================================
+# unet.py: parity with diffusers, the encode/decode split, gradient checkpointing, the full-size
+# ====================================================================================================
+
+def tiny_cfg(**kw):
+    """SD 1.5's topology at width 32 (GroupNorm needs multiples of 32) and a 64-wide context."""
+    return UNetConfig(**{"model_channels": 32, "context_dim": 64, **kw})
+
+
+def randomised(model, seed=0):
+    """Every parameter random: the originals zero-init out.2, proj_out and out_layers.3, which would hide bugs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            for name, p in m.named_parameters(recurse=False):  # norm scales around 1 keep the signal alive
+                one = isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and name == "weight"
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05 + one)
+    return model.eval()
+
+
+def inputs(cfg, batch=2, hw=(16, 16), tokens=7, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, cfg.in_channels, *hw, generator=g)
+    ctx = torch.randn(batch, tokens, cfg.context_dim, generator=g)
+    return x, torch.tensor([1, 981][:batch]), ctx
+
+
+def diffusers_unet(cfg, **kw):
+    """diffusers' UNet2DConditionModel for an SD 1.x-topology UNetConfig (see references.md §1a)."""
+    from diffusers import UNet2DConditionModel
+    n = len(cfg.channel_mult)
+    return UNet2DConditionModel(
+        sample_size=32, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+        block_out_channels=tuple(cfg.model_channels * m for m in cfg.channel_mult), layers_per_block=cfg.num_res_blocks,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        cross_attention_dim=cfg.context_dim, attention_head_dim=cfg.num_heads,  # diffusers' name for the head count
+        norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0, **kw)
+
+
+def diffusers_unet_to_ldm(sd, layers_per_block=2):
+    """diffusers U-Net keys -> original keys (bare, no prefix): the inverse of convert_ldm_unet_checkpoint (references.md §1c)."""
+    def res(k):
+        return (k.replace("norm1", "in_layers.0").replace("conv1", "in_layers.2")
+                .replace("norm2", "out_layers.0").replace("conv2", "out_layers.3")
+                .replace("time_emb_proj", "emb_layers.1").replace("conv_shortcut", "skip_connection"))
+    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    n, out = layers_per_block + 1, {}
+    for k, v in sd.items():
+        m = k.rsplit(".", 1)[0]
+        if m in fixed:
+            nk = fixed[m] + k[len(m):]
+        elif g := re.match(r"down_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", k):
+            nk = f"input_blocks.{1 + int(g[1]) * n + int(g[2])}.0.{res(g[3])}"
+        elif g := re.match(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", k):
+            nk = f"input_blocks.{1 + int(g[1]) * n + int(g[2])}.1.{g[3]}"
+        elif g := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", k):
+            nk = f"input_blocks.{(int(g[1]) + 1) * n}.0.op.{g[2]}"
+        elif g := re.match(r"mid_block\.resnets\.(\d+)\.(.*)", k):
+            nk = f"middle_block.{2 * int(g[1])}.{res(g[2])}"
+        elif g := re.match(r"mid_block\.attentions\.0\.(.*)", k):
+            nk = f"middle_block.1.{g[1]}"
+        elif g := re.match(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", k):
+            nk = f"output_blocks.{int(g[1]) * n + int(g[2])}.0.{res(g[3])}"
+        elif g := re.match(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", k):
+            nk = f"output_blocks.{int(g[1]) * n + int(g[2])}.1.{g[3]}"
+        elif g := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)", k):
+            b = int(g[1])
+            has_attn = any(x.startswith(f"up_blocks.{b}.attentions.") for x in sd)
+            nk = f"output_blocks.{b * n + layers_per_block}.{2 if has_attn else 1}.conv.{g[2]}"
+        else:
+            raise KeyError(k)
+        out[nk] = v
+    return out
+
+
+@pytest.mark.parametrize("in_channels,hw", [(4, (16, 16)), (9, (16, 24))])
+def test_unet_parity_diffusers(in_channels, hw):
+    """Our U-Net with random weights, converted by diffusers' own single-file converter, gives diffusers' output."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    cfg = tiny_cfg(in_channels=in_channels)
+    ours = randomised(UNet(cfg))
+    dif = diffusers_unet(cfg).eval()
+    converted = convert_ldm_unet_checkpoint({ldm_prefix + k: v for k, v in ours.state_dict().items()}, {"layers_per_block": 2})
+    dif.load_state_dict(converted, strict=True)
+    x, t, ctx = inputs(cfg, hw=hw)
+    with torch.no_grad():
+        a, b = ours(x, t, ctx), dif(x, t, encoder_hidden_states=ctx).sample
+        assert a.shape == (2, 4, *hw) and a.std() > 0.1  # a signal, not a near-zero output
+        err32 = (a - b).abs().max().item()
+        ours.double(), dif.double()
+        a, b = ours(x.double(), t, ctx.double()), dif(x.double(), t, encoder_hidden_states=ctx.double()).sample
+        err64 = (a - b).abs().max().item()
+    print(f"in_channels {in_channels}: max|ours - diffusers| fp32 {err32:.2e}, fp64 {err64:.2e}")
+    assert err32 < 2e-5 and err64 < 1e-10
+
+
+def test_unet_encode_decode_split():
+    """encode + decode equals forward exactly; the skips have SD's count and shapes; decode leaves them untouched;
+    the encoder-only U-Net is the first half of the full one; any token count and non-square latents work."""
+    cfg = tiny_cfg(in_channels=9)
+    model = randomised(UNet(cfg))
+    x, t, ctx = inputs(cfg)
+    with torch.no_grad():
+        full = model(x, t, ctx)
+        emb = model.time_embedding(t)
+        h, skips = model.encode(x, emb, ctx)
+        kept = list(skips)
+        assert torch.equal(model.decode(h, skips, emb, ctx), full)
+        assert len(skips) == len(kept) and all(a is b for a, b in zip(skips, kept))
+        widths = [32] * 4 + [64] * 3 + [128] * 5
+        sizes = [16] * 3 + [8] * 3 + [4] * 3 + [2] * 3
+        assert [tuple(s.shape) for s in skips] == [(2, c, n, n) for c, n in zip(widths, sizes)]
+        assert h.shape == (2, 128, 2, 2)
+
+        # one timestep for the whole batch broadcasts
+        assert torch.allclose(model(x, torch.tensor(500), ctx), model(x, torch.tensor([500, 500]), ctx), atol=1e-5)
+        for tokens, hw in ((1, (16, 24)), (257, (8, 32))):  # PBE's 1 token, DTC's 257 DINOv2 tokens
+            xx, tt, cc = inputs(cfg, hw=hw, tokens=tokens)
+            assert model(xx, tt, cc).shape == (2, 4, *hw)
+
+        enc = UNet(cfg, encoder_only=True)
+        assert not hasattr(enc, "output_blocks") and not hasattr(enc, "out")
+        full_sd = model.state_dict()
+        assert all(full_sd[k].shape == v.shape for k, v in enc.state_dict().items())
+        enc.load_state_dict({k: full_sd[k] for k in enc.state_dict()}, strict=True)
+        h2, skips2 = enc.encode(x, enc.time_embedding(t), ctx)
+        assert torch.equal(h2, h) and all(torch.equal(a, b) for a, b in zip(skips2, skips))
+
+
+def test_unet_grad_checkpointing(monkeypatch):
+    """With grad_checkpointing every block goes through torch.utils.checkpoint; loss and gradients are unchanged."""
+    cfg = tiny_cfg()
+    model = randomised(UNet(cfg)).train()
+    x, t, ctx = inputs(cfg)
+    calls = []
+
+    def counting_checkpoint(*a, **kw):
+        calls.append(kw["use_reentrant"])
+        return torch.utils.checkpoint.checkpoint(*a, **kw)
+    monkeypatch.setattr(unet, "checkpoint", counting_checkpoint)
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(x, t, ctx).square().mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    loss0, grads0 = loss_and_grads()
+    assert calls == []
+    model.grad_checkpointing = True
+    loss1, grads1 = loss_and_grads()
+    assert calls == [False] * (12 + 1 + 12)  # input blocks, middle block, output blocks
+    assert torch.equal(loss0, loss1)
+    assert grads0.keys() == grads1.keys() and all(torch.equal(grads0[k], grads1[k]) for k in grads0)
+    with torch.no_grad():  # nothing to recompute without autograd
+        model(x, t, ctx)
+    assert len(calls) == 25
+
+
+@pytest.mark.parametrize("in_channels", [4, 9])
+def test_unet_full_size_layout(in_channels):
+    """UNet(SD 1.5) has exactly the original key names and shapes (from diffusers' model, mapped back) and
+    859.52M parameters; at 64x64 its skips have the shapes DTC's FiLM expects."""
+    cfg = UNetConfig(in_channels=in_channels)
+    with torch.device("meta"):
+        ours = UNet(cfg)
+        dif = diffusers_unet(cfg)
+    ours_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    ref_shapes = {k: tuple(v.shape) for k, v in diffusers_unet_to_ldm(dif.state_dict()).items()}
+    assert len(ours_shapes) == 686 and ours_shapes == ref_shapes
+    n = sum(p.numel() for p in ours.parameters())
+    assert n == sum(p.numel() for p in dif.parameters())
+    if in_channels == 4:
+        assert round(n / 1e6, 2) == 859.52
+    assert infer_unet_config(ours.state_dict()) == cfg
+
+    x, c = torch.empty(1, in_channels, 64, 64, device="meta"), torch.empty(1, 77, 768, device="meta")
+    emb = ours.time_embedding(torch.tensor([10], device="meta"))
+    h, skips = ours.encode(x, emb, c)
+    expected = [(320, 64)] * 3 + [(320, 32), (640, 32), (640, 32), (640, 16), (1280, 16), (1280, 16)] + [(1280, 8)] * 3
+    assert [tuple(s.shape) for s in skips] == [(1, ch, n, n) for ch, n in expected]
+    assert h.shape == (1, 1280, 8, 8) and ours.decode(h, skips, emb, c).shape == (1, 4, 64, 64)
+
+
+@pytest.mark.parametrize("cfg", [
+    tiny_cfg(),
+    tiny_cfg(in_channels=9, channel_mult=(1, 2), attention_levels=(1,), transformer_depth=2, context_dim=48),
+    tiny_cfg(channel_mult=(1, 2, 4), num_res_blocks=3, attention_levels=(0, 2), out_channels=8, model_channels=64),
+    tiny_cfg(channel_mult=(2, 3), num_res_blocks=1, attention_levels=()),
+])
+def test_unet_infer_config(cfg):
+    """The config is recovered from tensor shapes alone (num_heads stays the SD 1.x default)."""
+    with torch.device("meta"):
+        sd = UNet(cfg).state_dict()
+    assert infer_unet_config(sd) == cfg
+
+
+def write_ckpt_extras(sd):
+    """What real LatentDiffusion files carry beside the U-Net (all ignored by load_unet)."""
+    return {**{ldm_prefix + k: v for k, v in sd.items()},
+            "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None],
+            "cond_stage_model.mapper.weight": torch.randn(8, 8),
+            "first_stage_model.encoder.conv_in.weight": torch.randn(8, 3, 3, 3),
+            "model_ema.decay": torch.tensor(0.9999),
+            "model_ema.input_blocks00weight": torch.randn(32, 4, 3, 3),
+            "alphas_cumprod": torch.rand(1000), "betas": torch.rand(1000), "posterior_mean_coef1": torch.rand(1000),
+            "proj_out.weight": torch.randn(64, 16), "learnable_vector": torch.randn(1, 1, 64)}
+
+
+def test_unet_load_round_trips(tmp_path):
+    """The same weights as .safetensors (prefixed), Lightning .ckpt (fp16, with the other parts of a real file)
+    and bare .pth all load to the same model; dtype=... overrides the stored dtype."""
+    cfg = tiny_cfg()
+    ref = randomised(UNet(cfg))
+    sd = ref.state_dict()
+    x, t, ctx = inputs(cfg)
+    with torch.no_grad():
+        want = ref(x, t, ctx)
+
+    save_file({ldm_prefix + k: v.contiguous() for k, v in sd.items()}, tmp_path / "unet.safetensors")
+    fp16 = {k: v.half() if v.is_floating_point() else v for k, v in write_ckpt_extras(sd).items()}
+    torch.save({"state_dict": fp16, "global_step": 3}, tmp_path / "model.ckpt")
+    torch.save(sd, tmp_path / "bare.pth")
+
+    for source in (tmp_path / "unet.safetensors", tmp_path / "bare.pth", sd):
+        model = load_unet(source)
+        assert not model.training and infer_unet_config(model.state_dict()) == cfg
+        assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.state_dict().values())
+        with torch.no_grad():
+            assert torch.equal(model(x, t, ctx), want)
+
+    half = load_unet(tmp_path / "model.ckpt")
+    assert all(v.dtype == torch.float16 for v in half.state_dict().values())  # fp16 kept, and no integer tensor
+    with torch.no_grad():
+        err = (half.float()(x, t, ctx) - want).abs().max().item()
+    assert 0 < err < 0.02 * want.abs().max().item()  # fp16 weight rounding only
+
+    override = load_unet(tmp_path / "model.ckpt", dtype=torch.float32)
+    assert all(v.dtype == torch.float32 for v in override.state_dict().values())
+    with torch.no_grad():
+        assert torch.allclose(override(x, t, ctx), half.float()(x, t, ctx), atol=1e-6)
+    assert load_unet(tmp_path / "unet.safetensors", in_channels=4).cfg.in_channels == 4
+
+
+class RunsCode:
+    """Pickled as a call to os.system: loading it must be refused without running it."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_unet_load_errors(tmp_path):
+    """Each bad input gives a CheckpointError naming the file and the problem."""
+    cfg = tiny_cfg()
+    sd = randomised(UNet(cfg)).state_dict()
+
+    def fails(path, *words, **kw):
+        with pytest.raises(CheckpointError) as e:
+            load_unet(path, **kw)
+        msg = str(e.value)
+        assert str(path) in msg and all(w in msg for w in words), msg
+        return msg
+
+    fails(tmp_path / "missing.safetensors", "not found")
+
+    save_file({ldm_prefix + k: v.contiguous() for k, v in sd.items()}, tmp_path / "cut.safetensors")
+    torch.save({"state_dict": {ldm_prefix + k: v for k, v in sd.items()}}, tmp_path / "cut.ckpt")
+    for name in ("cut.safetensors", "cut.ckpt"):
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(data[: len(data) // 2])
+        fails(tmp_path / name, "truncated or corrupt")
+
+    marker = tmp_path / "ran"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "hook": RunsCode(marker)}, tmp_path / "evil.ckpt")
+    fails(tmp_path / "evil.ckpt", "refused")
+    assert not marker.exists()
+
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    torch.save(convert_ldm_unet_checkpoint({ldm_prefix + k: v for k, v in sd.items()}, {"layers_per_block": 2}),
+               tmp_path / "diffusion_pytorch_model.pth")
+    fails(tmp_path / "diffusion_pytorch_model.pth", "diffusers")
+
+    sd2 = dict(sd)
+    sd2["middle_block.1.proj_in.weight"] = sd2["middle_block.1.proj_in.weight"][:, :, 0, 0]  # SD 2.x: Linear proj_in
+    torch.save(sd2, tmp_path / "sd2.pth")
+    fails(tmp_path / "sd2.pth", "SD 2")
+    with torch.device("meta"):
+        sd2 = UNet(tiny_cfg(context_dim=1024)).state_dict()
+    with pytest.raises(CheckpointError, match="SD 2"):
+        load_unet(sd2)
+
+    broken = {ldm_prefix + k: v for k, v in sd.items() if k != "output_blocks.3.0.emb_layers.1.bias"}
+    broken[ldm_prefix + "output_blocks.3.0.extra.weight"] = torch.zeros(1)
+    save_file(broken, tmp_path / "broken.safetensors")
+    fails(tmp_path / "broken.safetensors", "1 missing keys: output_blocks.3.0.emb_layers.1.bias",
+          "1 unexpected keys: output_blocks.3.0.extra.weight")
+    torch.save({**{ldm_prefix + k: v for k, v in sd.items()}, "control_model.zero_convs.0.0.weight": torch.zeros(1)},
+               tmp_path / "stray.ckpt")
+    fails(tmp_path / "stray.ckpt", "unexpected keys", "control_model.zero_convs.0.0.weight")
+
+    torch.save({"state_dict": {ldm_prefix + k: v for k, v in sd.items()}}, tmp_path / "v1-5-pruned-emaonly.ckpt")
+    fails(tmp_path / "v1-5-pruned-emaonly.ckpt", "has 4 input channels, 9 needed", "text-to-image", "inpainting",
+          in_channels=9)
+
+
+# ====================================================================================================
+# vae.py: parity with diffusers' AutoencoderKL, the posterior, the full-size key layout, and loading.
+# ====================================================================================================
+
+TINY = VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2)  # 32x32 images <-> 8x8 latents
+
+
+def randomise_vae(model, seed=0):
+    """Every parameter random (the originals zero-init nothing here, but default init hides scale bugs):
+    conv weights ~ N(0, 1/fan_in) keep activations O(1); norm weights around 1; all biases non-zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            r = torch.randn(p.shape, generator=g, dtype=p.dtype)
+            if p.ndim > 1:
+                p.copy_(r / math.sqrt(p[0].numel()))
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.2 * r)
+            else:
+                p.copy_(0.2 * r)
+    return model
+
+
+def tiny_vae(seed=0):
+    return randomise_vae(AutoencoderKL(TINY), seed).eval()
+
+
+def diffusers_vae(cfg, device=None):
+    from diffusers import AutoencoderKL as DiffusersKL
+    n = len(cfg.ch_mult)
+    with torch.device(device or "cpu"):
+        return DiffusersKL(in_channels=cfg.in_channels, out_channels=cfg.out_ch, latent_channels=cfg.embed_dim,
+                           norm_num_groups=32, block_out_channels=tuple(cfg.ch * m for m in cfg.ch_mult),
+                           layers_per_block=cfg.num_res_blocks, down_block_types=("DownEncoderBlock2D",) * n,
+                           up_block_types=("UpDecoderBlock2D",) * n).eval()
+
+
+def diffusers_vae_to_ldm(sd, n_levels):
+    """Test-only inverse of diffusers' convert_ldm_vae_checkpoint (references.md 1d), bare ldm names."""
+    attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    out = {}
+    for k, v in sd.items():
+        nk = k.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+        nk = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)", r"encoder.down.\1.block.\2", nk)
+        nk = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0", r"encoder.down.\1.downsample", nk)
+        nk = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)", lambda g: f"decoder.up.{n_levels-1-int(g[1])}.block.{g[2]}", nk)
+        nk = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0", lambda g: f"decoder.up.{n_levels-1-int(g[1])}.upsample", nk)
+        nk = re.sub(r"mid_block\.resnets\.(\d+)", lambda g: f"mid.block_{int(g[1]) + 1}", nk)
+        if g := re.match(r"(.*)mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(weight|bias)", nk):
+            nk = f"{g[1]}mid.attn_1.{attn[g[2]]}.{g[3]}"
+            v = v[:, :, None, None] if v.ndim == 2 else v  # Linear (C, C) -> 1x1 conv (C, C, 1, 1)
+        out[nk] = v
+    return out
+
+
+def test_vae_parity_with_diffusers():
+    """encode mean/logvar and decode equal diffusers' AutoencoderKL fed our weights through its own converter,
+    in fp32 and fp64, on a random image and on a near-constant one (which exposes GroupNorm eps)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    ours = tiny_vae()
+    dif = diffusers_vae(TINY)
+    n = len(TINY.ch_mult)
+    conv_cfg = {"down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n}
+    dif.load_state_dict(convert_ldm_vae_checkpoint(
+        {"first_stage_model." + k: v for k, v in ours.state_dict().items()}, conv_cfg), strict=True)
+
+    g = torch.Generator().manual_seed(1)
+    images = {"random": torch.rand(2, 3, 32, 32, generator=g) * 2 - 1,
+              "flat": 0.3 + 1e-4 * torch.randn(2, 3, 32, 32, generator=g)}
+    z = torch.randn(2, 4, 8, 8, generator=g)
+    worst = {}
+    for dtype, tol in ((torch.float32, 2e-5), (torch.float64, 1e-10)):
+        ours.to(dtype), dif.to(dtype)
+        with torch.no_grad():
+            for name, x in images.items():
+                post, ref = ours.encode(x.to(dtype)), dif.encode(x.to(dtype)).latent_dist
+                assert post.mean.shape == (2, 4, 8, 8)
+                for what, a, b in (("mean", post.mean, ref.mean), ("logvar", post.logvar, ref.logvar)):
+                    d = (a - b).abs().max().item()
+                    worst[f"{dtype} {name} {what}"] = d
+                    assert d < tol, (dtype, name, what, d)
+            out, ref = ours.decode(z.to(dtype)), dif.decode(z.to(dtype)).sample
+            assert out.shape == (2, 3, 32, 32) and out.abs().max() > 0.1  # a live signal, not a vanished one
+            d = (out - ref).abs().max().item()
+            worst[f"{dtype} decode"] = d
+            assert d < tol, (dtype, "decode", d)
+    print(worst)
+
+
+def test_vae_posterior_sample_and_clamp():
+    """sample(generator) is mean + std * randn of that generator (so seeds reproduce, and equal diffusers'
+    sample); mode() is the mean; logvar is clamped to [-30, 20]."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    moments = torch.randn(2, 8, 4, 4)
+    post = DiagonalGaussian(moments)
+    s1 = post.sample(torch.Generator().manual_seed(7))
+    s2 = post.sample(torch.Generator().manual_seed(7))
+    s3 = post.sample(torch.Generator().manual_seed(8))
+    noise = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(s1, s2) and not torch.equal(s1, s3)
+    assert torch.equal(s1, moments[:, :4] + torch.exp(0.5 * moments[:, 4:]) * noise)
+    assert torch.equal(s1, DiagonalGaussianDistribution(moments).sample(torch.Generator().manual_seed(7)))
+    assert torch.equal(post.mode(), moments[:, :4])
+    assert post.sample().shape == (2, 4, 4, 4) and post.sample(None).dtype == torch.float32
+
+    huge = torch.cat([torch.zeros(1, 4, 2, 2), torch.full((1, 2, 2, 2), 1e4), torch.full((1, 2, 2, 2), -1e4)], 1)
+    post = DiagonalGaussian(huge)
+    assert post.logvar[:, :2].eq(20).all() and post.logvar[:, 2:].eq(-30).all()
+    assert torch.isfinite(post.std).all() and torch.isfinite(post.sample(torch.Generator().manual_seed(0))).all()
+    half = DiagonalGaussian(huge.half())  # clamped before exp: exp(10) is finite in fp16
+    assert half.sample(torch.Generator().manual_seed(0)).dtype == torch.float16 and torch.isfinite(half.std).all()
+
+
+def test_vae_full_size_keys_match_sd():
+    """The default config on meta has exactly the real SD VAE's keys and shapes (diffusers' full-size VAE mapped
+    back to ldm names), ~83.65M parameters, downsample factor 8, and infer_vae_config recovers the default."""
+    with torch.device("meta"):
+        ours = AutoencoderKL(VAEConfig())
+    ref = diffusers_vae_to_ldm(diffusers_vae(VAEConfig(), device="meta").state_dict(), 4)
+    sd = ours.state_dict()
+    assert sorted(sd) == sorted(ref)
+    assert {k: tuple(v.shape) for k, v in sd.items()} == {k: tuple(v.shape) for k, v in ref.items()}
+    assert sd["encoder.mid.attn_1.q.weight"].shape == (512, 512, 1, 1) and "decoder.up.3.upsample.conv.weight" in sd
+    assert "decoder.up.0.upsample.conv.weight" not in sd and "encoder.down.3.downsample.conv.weight" not in sd
+    n = sum(p.numel() for p in ours.parameters())
+    assert n == sum(v.numel() for v in ref.values()) and round(n / 1e4) == 8365, n
+    assert VAEConfig().downsample_factor == 8 and TINY.downsample_factor == 4
+    assert infer_vae_config(sd) == VAEConfig()
+    assert LATENT_SCALE == 0.18215
+
+
+def outputs(model, dtype=torch.float32):
+    g = torch.Generator().manual_seed(3)
+    x, z = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1, torch.randn(1, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        post = model.encode(x.to(dtype))
+        return post.mean, post.logvar, model.decode(z.to(dtype))
+
+
+def same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_vae_load_round_trips(tmp_path):
+    """A full SD-style .safetensors (with U-Net/CLIP keys to ignore), a bare fp16 .ckpt with `state_dict`
+    wrapper and loss.*/model_ema.* keys, a bare .pth and an in-memory dict all load to the same outputs."""
+    model = tiny_vae()
+    sd = model.state_dict()
+    want = outputs(model)
+
+    full = {"first_stage_model." + k: v for k, v in sd.items()}
+    full |= {"model.diffusion_model.input_blocks.0.0.weight": torch.randn(32, 9, 3, 3),
+             "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.randn(8),
+             "alphas_cumprod": torch.rand(1000)}
+    save_file(full, tmp_path / "sd.safetensors")
+    loaded = load_vae(tmp_path / "sd.safetensors")
+    assert isinstance(loaded, AutoencoderKL) and not loaded.training and loaded.cfg == TINY
+    assert same(outputs(loaded), want)
+
+    torch.save(sd, tmp_path / "vae.pth")
+    assert same(outputs(load_vae(tmp_path / "vae.pth")), want)
+    assert same(outputs(load_vae(dict(sd))), want)
+
+    bare16 = {k: v.half() for k, v in sd.items()}
+    bare16 |= {"loss.logvar": torch.zeros(()), "loss.discriminator.main.0.weight": torch.randn(64, 3, 4, 4).half(),
+               "loss.perceptual_loss.net.slice1.0.weight": torch.randn(64, 3, 3, 3),
+               "model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(5, dtype=torch.int32)}
+    torch.save({"state_dict": bare16, "global_step": 840000}, tmp_path / "vae.ckpt")
+    as_file = load_vae(tmp_path / "vae.ckpt")
+    assert {p.dtype for p in as_file.parameters()} == {torch.float16}
+    upcast = load_vae(tmp_path / "vae.ckpt", dtype=torch.float32)  # dtype override
+    assert {p.dtype for p in upcast.parameters()} == {torch.float32}
+    rounded = tiny_vae()
+    rounded.load_state_dict({k: v.half().float() for k, v in sd.items()})
+    assert same(outputs(upcast), outputs(rounded))
+    assert same(outputs(load_vae(tmp_path / "sd.safetensors", dtype=torch.float64), torch.float64),
+                outputs(model.double(), torch.float64))
+
+
+def test_vae_load_errors(tmp_path):
+    """Bad inputs give one CheckpointError naming the file: missing, truncated, diffusers-format, missing/
+    unexpected/wrong-shape keys, and a file with no VAE keys at all."""
+    sd = tiny_vae().state_dict()
+    with pytest.raises(CheckpointError, match=r"nope\.safetensors: file not found"):
+        load_vae(tmp_path / "nope.safetensors")
+
+    save_file(sd, tmp_path / "cut.safetensors")
+    data = (tmp_path / "cut.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"cut\.safetensors: cannot read the file \(truncated or corrupt"):
+        load_vae(tmp_path / "cut.safetensors")
+
+    save_file(diffusers_vae(TINY).state_dict(), tmp_path / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model\.safetensors: does not match(.|\n)*"
+                                              r"likely cause: this is a diffusers-format file"):
+        load_vae(tmp_path / "diffusion_pytorch_model.safetensors")
+
+    broken = {"first_stage_model." + k: v for k, v in sd.items() if k != "encoder.mid.attn_1.q.bias"}
+    broken["first_stage_model.encoder.extra.weight"] = torch.zeros(1)
+    broken["first_stage_model.quant_conv.weight"] = torch.zeros(8, 8, 3, 3)
+    torch.save({"state_dict": broken}, tmp_path / "broken.ckpt")
+    with pytest.raises(CheckpointError) as e:
+        load_vae(tmp_path / "broken.ckpt")
+    msg = str(e.value)
+    assert msg.startswith(str(tmp_path / "broken.ckpt")) and "1 missing keys: encoder.mid.attn_1.q.bias" in msg
+    assert "1 unexpected keys: encoder.extra.weight" in msg and "quant_conv.weight (8, 8, 3, 3)" in msg
+
+    save_file({"model.diffusion_model.out.2.weight": torch.zeros(4, 32, 3, 3)}, tmp_path / "unet.safetensors")
+    with pytest.raises(CheckpointError, match=r"unet\.safetensors: no first_stage_model\. or encoder\./decoder\. keys: "
+                                              r"not an SD VAE or SD checkpoint"):
+        load_vae(tmp_path / "unet.safetensors")
+
+
+# ====================================================================================================
+# dinov2.py: parity with timm and transformers, hub-file structure, loading.
+# ====================================================================================================
+
+def _tiny(ffn="mlp", registers=0, embed_dim=64, num_heads=4):
+    """Tiny hub-shaped config: 37x37 pos_embed grid (518 / 14) so every test size below resamples."""
+    return DINOv2Config(embed_dim=embed_dim, depth=2, num_heads=num_heads, ffn=ffn, num_registers=registers,
+                        interpolate_offset=0.0 if registers else 0.1, interpolate_antialias=registers > 0)
+
+
+def _random_model(cfg, seed=0):
+    """A model with EVERY parameter random (LayerScale gammas, tokens, pos_embed included)."""
+    g = torch.Generator().manual_seed(seed)
+    model = DINOv2(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            std = 1.0 if ("token" in name or "pos_embed" in name) else 0.1
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+            if "norm" in name and name.endswith("weight"):
+                p.add_(1.0)
+    return model
+
+
+def _orig_interp_pos(pos_embed, x, patch=14, offset=0.1):
+    """The facebookresearch interpolate_pos_encoding (non-register release), transcribed with its own
+    names: it unpacks `B, nc, w, h = x.shape`, so its w0 counts ROWS (H) and h0 COLUMNS (W)."""
+    B, nc, w, h = x.shape
+    N = pos_embed.shape[1] - 1
+    npatch = (w // patch) * (h // patch)
+    if npatch == N and w == h:
+        return pos_embed
+    pos = pos_embed.float()
+    class_pos_embed, patch_pos_embed = pos[:, 0], pos[:, 1:]
+    dim = pos.shape[-1]
+    w0, h0 = w // patch, h // patch
+    M = int(math.sqrt(N))
+    out = F.interpolate(patch_pos_embed.reshape(1, M, M, dim).permute(0, 3, 1, 2), mode="bicubic",
+                        antialias=False, scale_factor=((w0 + offset) / M, (h0 + offset) / M))
+    assert (w0, h0) == out.shape[-2:]
+    out = out.permute(0, 2, 3, 1).reshape(1, -1, dim)
+    return torch.cat((class_pos_embed.unsqueeze(0), out), dim=1).to(pos_embed.dtype)
+
+
+def _orig_interp_pos_reg(pos_embed, x, patch=14):
+    """Same function with the register release's settings: offset 0 -> size=(w0, h0), antialias=True."""
+    B, nc, w, h = x.shape
+    N = pos_embed.shape[1] - 1
+    if (w // patch) * (h // patch) == N and w == h:
+        return pos_embed
+    M, dim = int(math.sqrt(N)), pos_embed.shape[-1]
+    out = F.interpolate(pos_embed[:, 1:].float().reshape(1, M, M, dim).permute(0, 3, 1, 2), mode="bicubic",
+                        antialias=True, size=(w // patch, h // patch))
+    out = out.permute(0, 2, 3, 1).reshape(1, -1, dim)
+    return torch.cat((pos_embed[:, :1].float(), out), dim=1).to(pos_embed.dtype)
+
+
+def _timm_reference(sd, cfg, x):
+    """timm's DINOv2 built at x's size, pos_embed pre-resampled by the original formula, hub keys
+    converted by timm's own checkpoint_filter_fn."""
+    import timm
+    from timm.models.vision_transformer import checkpoint_filter_fn
+    D = cfg.embed_dim
+    kw = dict(img_size=tuple(x.shape[-2:]), embed_dim=D, depth=cfg.depth, num_heads=cfg.num_heads, num_classes=0)
+    if cfg.ffn == "swiglu":
+        # timm packs SwiGLU into one fc1 of width int(D * mlp_ratio) = 2 * hidden
+        kw["mlp_ratio"] = 2 * ((int(D * 4 * 2 / 3) + 7) // 8 * 8) / D
+        name = "vit_giant_patch14_dinov2"
+    else:
+        name = "vit_small_patch14_reg4_dinov2" if cfg.num_registers else "vit_small_patch14_dinov2"
+    resample = _orig_interp_pos_reg if cfg.num_registers else _orig_interp_pos
+    m = timm.create_model(name, pretrained=False, **kw).eval().to(x.dtype)
+    sd2 = {k: v.clone() for k, v in sd.items()}  # the filter pops keys: give it a copy
+    sd2["pos_embed"] = resample(sd2["pos_embed"], x)  # before the filter, which folds row 0 into cls_token
+    m.load_state_dict(checkpoint_filter_fn(sd2, m), strict=True)
+    with torch.no_grad():
+        return m.forward_features(x)
+
+
+def _orig_to_hf(sd):
+    """Hub keys -> transformers 5.x Dinov2WithRegistersModel keys (references.md §2)."""
+    out = {}
+    for k, v in sd.items():
+        if k in ("cls_token", "mask_token", "register_tokens"):
+            out["embeddings." + k] = v
+        elif k == "pos_embed":
+            out["embeddings.position_embeddings"] = v
+        elif k.startswith("patch_embed.proj."):
+            out["embeddings.patch_embeddings.projection." + k.split(".")[-1]] = v
+        elif k.startswith("norm."):
+            out["layernorm." + k.split(".")[-1]] = v
+        else:
+            _, i, *r = k.split(".")
+            L, t, r = f"encoder.layer.{i}.", r[-1], ".".join(r)
+            if r.startswith("attn.qkv."):
+                for n, c in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, 0)):
+                    out[L + f"attention.{n}.{t}"] = c
+            elif r.startswith("attn.proj."):
+                out[L + "attention.o_proj." + t] = v
+            elif r in ("ls1.gamma", "ls2.gamma"):
+                out[L + f"layer_scale{r[2]}.lambda1"] = v
+            else:
+                out[L + r] = v  # norm1.*, norm2.*, mlp.fc1.*, mlp.fc2.*
+    return out
+
+
+SIZES = [(224, 224), (196, 280), (518, 518)]  # resampled square, resampled non-square, trained grid
+
+
+@pytest.mark.parametrize("variant", ["mlp", "swiglu", "reg4"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float64, 1e-10)])
+def test_dinov2_parity_timm(variant, dtype, tol):
+    """Tokens equal timm's forward_features (pos_embed resampled by the original rule), incl. non-square."""
+    cfg = _tiny(ffn="swiglu" if variant == "swiglu" else "mlp", registers=4 if variant == "reg4" else 0)
+    model = _random_model(cfg).to(dtype)
+    sd = model.state_dict()
+    for i, (H, W) in enumerate(SIZES):
+        x = torch.randn(2, 3, H, W, generator=torch.Generator().manual_seed(i), dtype=dtype)
+        with torch.no_grad():
+            ours = model(x)
+        ref = _timm_reference(sd, cfg, x)
+        assert ours.shape == (2, 1 + cfg.num_registers + (H // 14) * (W // 14), cfg.embed_dim)
+        err = (ours - ref).abs().max().item()
+        print(f"{variant} {dtype} {H}x{W}: max|d| = {err:.2e}")
+        assert err < tol, (variant, H, W, err)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float64, 1e-10)])
+def test_dinov2_parity_transformers_registers(dtype, tol):
+    """Register models vs transformers Dinov2WithRegistersModel, which resamples by itself (size=,
+    antialias=True, rows = H): an independent check of our register-model rule and H/W order."""
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+    cfg = _tiny(registers=4)
+    model = _random_model(cfg, seed=1).to(dtype)
+    hf = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(
+        image_size=518, patch_size=14, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=4,
+        num_register_tokens=4, layerscale_value=1.0, use_swiglu_ffn=False, layer_norm_eps=1e-6,
+        qkv_bias=True, hidden_act="gelu")).eval().to(dtype)
+    hf.load_state_dict(_orig_to_hf(model.state_dict()), strict=True)
+    for i, (H, W) in enumerate(SIZES):
+        x = torch.randn(2, 3, H, W, generator=torch.Generator().manual_seed(i), dtype=dtype)
+        with torch.no_grad():
+            err = (model(x) - hf(pixel_values=x).last_hidden_state).abs().max().item()
+        print(f"transformers reg4 {dtype} {H}x{W}: max|d| = {err:.2e}")
+        assert err < tol, (H, W, err)
+
+
+def test_dinov2_pos_embed_rules():
+    """The trained grid returns pos_embed itself; non-square grids are (rows, cols) = (H/p, W/p), and
+    swapping them (or using the other release's rule) changes the numbers, so the parity tests can fail."""
+    model = _random_model(_tiny())
+    assert model.resized_pos_embed(37, 37) is model.pos_embed
+    x = torch.zeros(1, 3, 196, 280)
+    torch.testing.assert_close(model.resized_pos_embed(14, 20), _orig_interp_pos(model.pos_embed, x), rtol=0, atol=0)
+    assert (model.resized_pos_embed(20, 14) - model.resized_pos_embed(14, 20)).abs().max() > 0.1
+    reg = _random_model(_tiny(registers=4))
+    with torch.no_grad():
+        reg.pos_embed.copy_(model.pos_embed)
+    assert (reg.resized_pos_embed(16, 16) - model.resized_pos_embed(16, 16)).abs().max() > 0.1
+    with pytest.raises(ValueError, match="225x224 is not a multiple of the patch size 14"):
+        model(torch.zeros(1, 3, 225, 224))
+
+
+def _hub_shapes_from_timm(name):
+    """Hub key -> shape for a full-size hub file, from timm's model mapped back to hub names."""
+    import timm
+    with torch.device("meta"):
+        m = timm.create_model(name, pretrained=False, img_size=518, num_classes=0)
+    out = {}
+    for k, v in m.state_dict().items():
+        k = k.replace("mlp.fc1.", "mlp.w12.").replace("mlp.fc2.", "mlp.w3.") if "giant" in name else k
+        if k == "reg_token":
+            k = "register_tokens"
+        shape = tuple(v.shape)
+        if k == "pos_embed" and "reg4" in name:  # timm drops the CLS row for register models
+            shape = (1, shape[1] + 1, shape[2])
+        out[k] = shape
+    out["mask_token"] = (1, out["cls_token"][-1])  # timm drops mask_token; the hub files have it
+    return out
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_dinov2_full_size_structure(preset):
+    """Our S/B/L/g (+reg4) have exactly the hub files' key names and shapes."""
+    size = {"s": "small", "b": "base", "l": "large", "g": "giant"}[preset[3]]
+    name = f"vit_{size}_patch14_{'reg4_' if 'reg4' in preset else ''}dinov2"
+    with torch.device("meta"):
+        model = DINOv2(PRESETS[preset])
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert ours == _hub_shapes_from_timm(name)
+    assert infer_dinov2_config(model.state_dict()) == PRESETS[preset]
+    if preset == "vitg14":
+        n = sum(p.numel() for p in model.parameters())
+        assert len(ours) == 567
+        # timm's card says 1136.5M = 1,136,479,232 without mask_token; we keep it (1536 more)
+        assert n == 1_136_480_768 and n - 1536 == 1_136_479_232
+        assert ours["blocks.0.mlp.w12.weight"] == (8192, 1536) and ours["blocks.0.mlp.w3.weight"] == (1536, 4096)
+
+
+@pytest.mark.parametrize("ffn,registers", [("mlp", 0), ("swiglu", 0), ("mlp", 4), ("swiglu", 4)])
+def test_dinov2_infer_config(ffn, registers):
+    """infer_dinov2_config recovers tiny configs (heads = width / 64, as in every hub model)."""
+    cfg = _tiny(ffn=ffn, registers=registers, embed_dim=128, num_heads=2)
+    with torch.device("meta"):
+        sd = DINOv2(cfg).state_dict()
+    assert infer_dinov2_config(sd) == cfg
+
+
+def test_dinov2_load_files(tmp_path):
+    """A hub-style bare state dict loads from .pth and .safetensors and gives the same tokens; fp16 stays fp16."""
+    model = _random_model(_tiny(embed_dim=64, num_heads=1))  # 64-wide head, as the loader assumes
+    sd = model.state_dict()
+    x = torch.randn(1, 3, 224, 196)
+    with torch.no_grad():
+        ref = model(x)
+    torch.save(sd, tmp_path / "dinov2_tiny_pretrain.pth")
+    save_file(sd, tmp_path / "tiny.safetensors")
+    for path in (tmp_path / "dinov2_tiny_pretrain.pth", tmp_path / "tiny.safetensors"):
+        loaded = load_dinov2(path)
+        assert not loaded.training and loaded.pos_embed.dtype == torch.float32
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), ref, rtol=0, atol=0)
+    torch.save({k: v.half() for k, v in sd.items()}, tmp_path / "half.pth")
+    half = load_dinov2(tmp_path / "half.pth")
+    assert all(p.dtype == torch.float16 for p in half.parameters())
+    assert load_dinov2(sd, dtype=torch.float64).pos_embed.dtype == torch.float64
+    with torch.no_grad():
+        assert (half(x.half()).float() - ref).abs().max() < 0.05
+
+
+def test_dinov2_load_errors(tmp_path):
+    """Bad files give one CheckpointError naming the file and the problem."""
+    sd = _random_model(_tiny(embed_dim=64, num_heads=1)).state_dict()
+
+    def fails(obj, name, *words):
+        path = tmp_path / name
+        torch.save(obj, path)
+        with pytest.raises(CheckpointError) as e:
+            load_dinov2(path)
+        msg = str(e.value)
+        assert str(path) in msg and all(w in msg for w in words), msg
+
+    fails(_orig_to_hf(sd), "hf.pth", "transformers-format")
+    fails({k.replace("blocks.", "blocks.0."): v for k, v in sd.items()}, "chunked.pth", "block_chunks")
+    timm_reg = {k: v for k, v in _random_model(_tiny(registers=4)).state_dict().items() if k != "register_tokens"}
+    fails({**timm_reg, "reg_token": torch.zeros(1, 4, 64)}, "timm.pth", "timm-format")
+    fails({"teacher.backbone." + k: v for k, v in sd.items()}, "teacher.pth", "teacher.backbone.")
+    fails({k: v for k, v in sd.items() if k != "blocks.1.attn.proj.bias"}, "missing.pth", "missing keys", "blocks.1.attn.proj.bias")
+    fails({**sd, "head.weight": torch.zeros(10, 64)}, "extra.pth", "unexpected keys", "head.weight")
+    fails({**sd, "pos_embed": sd["pos_embed"][:, :-1]}, "pos.pth", "wrong shapes", "pos_embed")
+    with pytest.raises(CheckpointError, match="nowhere.pth: file not found"):
+        load_dinov2(tmp_path / "nowhere.pth")
+
+
+# ====================================================================================================
+# data.py: image reading, triplet folders, the VITON-HD layout, the teaching world.
+# ====================================================================================================
+
+def _rand_rgb(h, w, seed):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def _truncate(path):
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[: len(data) // 2])
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+def test_data_load_image_modes(tmp_path):
+    """Transparency goes on white (RGBA, LA, palette with a transparent index); grey, palette, CMYK -> RGB."""
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0] = 200  # red everywhere
+    rgba[0, 0, 3], rgba[0, 1, 3], rgba[0, 2, 3] = 0, 255, 128  # transparent, opaque, half
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    im = np.asarray(load_image(tmp_path / "a.png")).astype(int)
+    assert load_image(tmp_path / "a.png").mode == "RGB"
+    assert im[0, 0].tolist() == [255, 255, 255] and im[0, 1].tolist() == [200, 0, 0]
+    assert abs(im[0, 2, 0] - 228) <= 1 and abs(im[0, 2, 1] - 127) <= 1  # 0.5*200 + 0.5*255, 0.5*255
+
+    la = np.stack([np.full((3, 3), 40, np.uint8), np.zeros((3, 3), np.uint8)], -1)
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    assert np.asarray(load_image(tmp_path / "la.png")).min() == 255
+
+    p = Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8), "P")
+    p.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+    p.save(tmp_path / "p.png")
+    assert np.asarray(load_image(tmp_path / "p.png"))[0, 1].tolist() == [200, 100, 50]
+    p.save(tmp_path / "pt.png", transparency=0)
+    im = np.asarray(load_image(tmp_path / "pt.png"))
+    assert im[0, 0].tolist() == [255, 255, 255] and im[0, 1].tolist() == [200, 100, 50]
+
+    Image.fromarray(np.full((3, 5), 77, np.uint8), "L").save(tmp_path / "g.png")
+    g = load_image(tmp_path / "g.png")
+    assert g.mode == "RGB" and g.size == (5, 3) and np.asarray(g).tolist()[0][0] == [77, 77, 77]
+
+    Image.new("CMYK", (3, 3), (0, 0, 0, 0)).save(tmp_path / "c.jpg")
+    c = load_image(tmp_path / "c.jpg")
+    assert c.mode == "RGB" and np.asarray(c).min() > 240  # no ink = white
+
+
+def test_data_exif_orientation(tmp_path):
+    """A photo stored sideways with an EXIF rotation is read upright, and the header check agrees."""
+    for folder in ("source", "mask", "reference"):
+        (tmp_path / folder).mkdir()
+    stored = _rand_rgb(10, 20, 3)  # 20 wide, 10 high as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    stored.save(tmp_path / "source" / "r.jpg", exif=exif.tobytes())
+    assert load_image(tmp_path / "source" / "r.jpg").size == (10, 20)
+    mask = np.zeros((20, 10), np.uint8)  # drawn on the upright photo
+    mask[5:9, 2:6] = 255
+    Image.fromarray(mask).save(tmp_path / "mask" / "r.png")
+    stored.save(tmp_path / "reference" / "r.png")
+    s = TripletDataset(tmp_path, size=(20, 10), train=False)[0]
+    assert s["source"].shape == (3, 20, 10) and torch.equal(s["mask"][0], torch.from_numpy(mask < 128).float())
+
+
+def test_data_load_image_bad_files(tmp_path):
+    """Truncated PNG/JPEG and missing files raise DataError naming the file, even if someone allowed truncation."""
+    for ext in ("png", "jpg"):
+        path = tmp_path / f"t.{ext}"
+        _rand_rgb(48, 64, 0).save(path)
+        _truncate(path)
+        assert Image.open(path).size == (64, 48)  # the header still reads: only the full decode fails
+        with pytest.raises(DataError, match=rf"{path}: unreadable image"):
+            load_image(path)
+        ImageFile.LOAD_TRUNCATED_IMAGES = True  # another library's global setting must not hide it
+        try:
+            with pytest.raises(DataError, match=str(path)):
+                load_image(path)
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+    with pytest.raises(DataError, match=r"nope\.png: file not found"):
+        load_image(tmp_path / "nope.png")
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"junk\.png: unreadable image"):
+        load_image(tmp_path / "junk.png")
+
+
+def test_data_load_mask_polarity_threshold_size(tmp_path):
+    """White (>=128) in the file = fill = 0 in the tensor; wrong size is an error unless resize=True."""
+    a = np.array([[0, 127, 128, 255]], np.uint8).repeat(2, 0)  # (2,4)
+    Image.fromarray(a, "L").save(tmp_path / "m.png")
+    m = load_mask(tmp_path / "m.png")
+    assert m.shape == (1, 2, 4) and m.dtype == torch.float32
+    assert m[0, 0].tolist() == [1, 1, 0, 0]
+    Image.fromarray(a).convert("RGB").save(tmp_path / "rgb.png")
+    assert torch.equal(load_mask(tmp_path / "rgb.png"), m)
+    with pytest.raises(DataError, match=r"m\.png: mask is 4x2, the source is 8x4"):
+        load_mask(tmp_path / "m.png", size=(4, 8))
+    big = load_mask(tmp_path / "m.png", size=(4, 8), resize=True)
+    assert big.shape == (1, 4, 8) and big[0, 0].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+
+
+def test_data_tensor_round_trip(tmp_path):
+    """to_tensor gives (3,H,W) in [-1,1]; to_pil inverts it exactly for 8-bit images."""
+    im = _rand_rgb(5, 7, 1)
+    x = to_tensor(im)
+    assert x.shape == (3, 5, 7) and x.min() >= -1 and x.max() <= 1
+    assert np.array_equal(np.asarray(to_pil(x)), np.asarray(im))
+
+
+def test_data_sample_rng_independent():
+    """Each (seed, epoch, index) has its own stream; the same triple gives the same stream."""
+    draws = {(s, e, i): torch.rand(4, generator=sample_rng(s, e, i)) for s in (0, 1) for e in (0, 1, 2) for i in range(50)}
+    assert torch.equal(torch.rand(4, generator=sample_rng(1, 2, 3)), draws[1, 2, 3])
+    assert len({tuple(v.tolist()) for v in draws.values()}) == len(draws)
+
+
+def test_data_bbox_and_reference_augmentation():
+    """bbox_mask fills the fill region's bounding box; the reference flips about half the time and
+    rotates with white corners."""
+    m = torch.ones(1, 10, 12)
+    m[0, 2, 3] = m[0, 6, 8] = 0
+    b = bbox_mask(m)
+    assert (b[0, 2:7, 3:9] == 0).all() and b.sum() == 120 - 5 * 6
+    ref = torch.zeros(3, 40, 40)
+    ref[0, :, :20], ref[2, :, 20:] = 1, 1  # left half red, right half blue, on black
+    flips, corners = 0, []
+    for k in range(200):
+        out = augment_reference(ref, torch.Generator().manual_seed(k))
+        left = out[:, 20, 10]  # within +-20 degrees this point stays in its half
+        assert torch.allclose(left, torch.tensor([1.0, 0, 0]), atol=1e-4) or torch.allclose(left, torch.tensor([0, 0, 1.0]), atol=1e-4)
+        flips += bool(left[2] > 0.5)
+        corners.append(out[:, 0, 0].min())
+    assert 70 < flips < 130
+    assert sum(c > 0.99 for c in corners) > 150  # most rotations uncover a white corner
+
+
+# ---------------------------------------------------------------------------------------------- triplets
+
+def _write_triplet_folder(root, with_target=False):
+    """Three samples of different file sizes and formats; the mask fills a rectangle."""
+    sizes = {"a": (30, 40), "b": (50, 70), "c": (24, 24)}  # (H, W)
+    for k, (name, (h, w)) in enumerate(sizes.items()):
+        for folder in ("source", "mask", "reference") + (("target",) if with_target else ()):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+        _rand_rgb(h, w, k).save(root / "source" / f"{name}.{'jpg' if name == 'a' else 'png'}")
+        mask = np.zeros((h, w), np.uint8)
+        mask[h // 4: h // 2, w // 3: 2 * w // 3] = 255
+        mask[h // 2 + 2, w // 4] = 255  # a second piece, so the bounding box is larger than the fine mask
+        Image.fromarray(mask).save(root / "mask" / f"{name}.png")
+        _rand_rgb(20 + 3 * k, 16, 10 + k).save(root / "reference" / f"{name}.{'webp' if name == 'b' else 'png'}")
+        if with_target:
+            _rand_rgb(h, w, 20 + k).save(root / "target" / f"{name}.png")
+    return sizes
+
+
+def test_data_triplet_loads_resizes_and_collates(tmp_path):
+    """Sizes follow size/ref_size whatever the files are; target = source without target/; the default collate works."""
+    _write_triplet_folder(tmp_path)
+    ds = TripletDataset(tmp_path, size=(32, 24), ref_size=(28, 20), train=False)
+    assert len(ds) == 3
+    for s in ds:
+        assert s["source"].shape == (3, 32, 24) and s["mask"].shape == (1, 32, 24) and s["reference"].shape == (3, 28, 20)
+        assert s["source"].min() >= -1 and s["source"].max() <= 1
+        assert torch.equal(s["target"], s["source"])
+        assert set(s["mask"].unique().tolist()) == {0.0, 1.0}
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=3)))
+    assert batch["source"].shape == (3, 3, 32, 24) and batch["name"] == ["a", "b", "c"]
+
+
+def test_data_triplet_target_and_polarity(tmp_path):
+    """target/ is read when present; at the file size the mask is exactly the file's non-white pixels."""
+    sizes = _write_triplet_folder(tmp_path, with_target=True)
+    h, w = sizes["b"]
+    ds = TripletDataset(tmp_path, size=(h, w), ref_size=(23, 16), train=False)  # reference b is 16x23
+    s = ds[1]
+    assert s["name"] == "b"
+    assert torch.equal(s["target"], to_tensor(Image.open(tmp_path / "target" / "b.png")))
+    assert not torch.equal(s["target"], s["source"])
+    file_mask = torch.from_numpy(np.asarray(Image.open(tmp_path / "mask" / "b.png")).copy())
+    assert torch.equal(s["mask"][0], (file_mask < 128).float())
+    assert torch.equal(s["reference"], to_tensor(Image.open(tmp_path / "reference" / "b.webp")))  # eval: untouched
+
+
+def test_data_triplet_train_randomness(tmp_path):
+    """Training draws repeat for (seed, epoch, i), change across epochs, and give both fine and box masks."""
+    _write_triplet_folder(tmp_path)
+    a = TripletDataset(tmp_path, size=(32, 24), train=True, seed=3)
+    b = TripletDataset(tmp_path, size=(32, 24), train=True, seed=3)
+    b.set_epoch(5)
+    a.set_epoch(5)
+    for i in range(3):
+        assert all(torch.equal(a[i][k], b[i][k]) for k in ("source", "mask", "reference"))
+    first = [a[i]["reference"] for i in range(3)]
+    a.set_epoch(6)
+    assert any(not torch.equal(first[i], a[i]["reference"]) for i in range(3))
+    fine = TripletDataset(tmp_path, size=(32, 24), train=False)[0]["mask"]
+    box = bbox_mask(fine)
+    assert not torch.equal(fine, box)
+    kinds = []
+    for epoch in range(40):
+        a.set_epoch(epoch)
+        m = a[0]["mask"]
+        assert torch.equal(m, fine) or torch.equal(m, box)
+        kinds.append(torch.equal(m, box))
+    assert 8 < sum(kinds) < 32
+    e = TripletDataset(tmp_path, size=(32, 24), train=False)
+    e.set_epoch(7)
+    assert torch.equal(e[2]["reference"], TripletDataset(tmp_path, size=(32, 24), train=False)[2]["reference"])
+
+
+def test_data_triplet_bad_data(tmp_path):
+    """Missing counterpart, wrong mask size, empty folder, all-keep mask: DataError naming the file or root."""
+    empty = tmp_path / "empty"
+    (empty / "source").mkdir(parents=True)
+    with pytest.raises(DataError, match=str(empty)):
+        TripletDataset(empty, size=(8, 8))
+    with pytest.raises(DataError, match=str(tmp_path / "nothing")):
+        TripletDataset(tmp_path / "nothing", size=(8, 8))
+
+    root = tmp_path / "r"
+    _write_triplet_folder(root)
+    (root / "reference" / "b.webp").unlink()
+    with pytest.raises(DataError, match=rf"{root / 'reference' / 'b'}\.\*: file not found"):
+        TripletDataset(root, size=(8, 8))
+
+    root = tmp_path / "m"
+    _write_triplet_folder(root)
+    Image.new("L", (10, 10)).save(root / "mask" / "c.png")
+    with pytest.raises(DataError, match=rf"{root / 'mask' / 'c.png'}: mask is 10x10, the source is 24x24"):
+        TripletDataset(root, size=(8, 8))
+
+    root = tmp_path / "k"
+    _write_triplet_folder(root)
+    Image.new("L", (24, 24), 0).save(root / "mask" / "c.png")  # all black: nothing to fill
+    ds = TripletDataset(root, size=(8, 8), train=False)
+    with pytest.raises(DataError, match=rf"{root / 'mask' / 'c.png'}: no region to fill"):
+        ds[2]
+
+
+def test_data_triplet_skip_bad(tmp_path):
+    """skip_bad drops bad samples up front with one counted warning, and replaces decode failures by the next index."""
+    _write_triplet_folder(tmp_path)
+    (tmp_path / "mask" / "a.png").unlink()
+    with pytest.warns(UserWarning, match=r"skipped 1 of 3 samples with bad files; first: .*mask.a\.\*: file not found"):
+        ds = TripletDataset(tmp_path, size=(16, 16), skip_bad=True, train=False)
+    assert [name for name, _ in ds.samples] == ["b", "c"]
+
+    root = tmp_path / "t"
+    _write_triplet_folder(root)
+    _truncate(root / "source" / "b.png")  # passes the header check, fails the decode
+    ds = TripletDataset(root, size=(16, 16), train=False)  # the init cannot see it
+    with pytest.raises(DataError, match=rf"{root / 'source' / 'b.png'}: unreadable image"):
+        ds[1]
+    ds = TripletDataset(root, size=(16, 16), skip_bad=True, train=True)
+    with pytest.warns(UserWarning, match="b.png"):
+        s = ds[1]
+    assert s["name"] == "c" and ds.skipped == 1
+    assert torch.equal(s["reference"], ds[2]["reference"])  # exactly sample 2, its own random draws included
+
+
+def test_data_write_triplets_round_trip(tmp_path):
+    """write_triplets writes PNGs with white = fill, which TripletDataset reads back."""
+    mask = torch.ones(1, 12, 10)
+    mask[:, 3:7, 2:5] = 0
+    src = to_tensor(_rand_rgb(12, 10, 0))
+    write_triplets(tmp_path, [{"name": "x", "source": src, "mask": mask, "reference": to_tensor(_rand_rgb(9, 9, 1)),
+                               "target": to_tensor(_rand_rgb(12, 10, 2))}])
+    assert np.asarray(Image.open(tmp_path / "mask" / "x.png"))[4, 3] == 255
+    s = TripletDataset(tmp_path, size=(12, 10), ref_size=(9, 9), train=False)[0]
+    assert torch.equal(s["mask"], mask) and torch.allclose(s["source"], src, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- VITON-HD
+
+# CIHP_PGN display colours: convert('L') of these is NOT the label id
+PALETTE = {0: (0, 0, 0), 2: (255, 0, 0), 5: (255, 85, 0), 9: (0, 85, 85), 10: (85, 51, 0), 13: (0, 0, 255),
+           14: (51, 170, 221), 15: (0, 255, 255), 16: (85, 255, 170), 17: (170, 255, 85)}
+CLOTH_COLOURS = {"00001_00": (220, 30, 30), "00002_00": (30, 200, 30), "00003_00": (30, 30, 220),
+                 "00006_00": (230, 200, 20), "00008_00": (200, 20, 200)}
+
+
+def _parse_map(h, w, shift):
+    """A person-like label map: head, neck, upper garment, arms (person's left arm = id 14 on the image's right), legs."""
+    p = np.zeros((h, w), np.uint8)
+    c = w // 2 + shift
+    p[1: h // 5, c - w // 8: c + w // 8] = 13
+    p[h // 5: h // 4, c - w // 16: c + w // 16] = 10
+    p[h // 4: 3 * h // 5, c - w // 4: c + w // 4] = 5
+    p[h // 4: h // 2, c - w // 4 - 3: c - w // 4] = 15  # right arm, on the image's left
+    p[h // 4: 2 * h // 3, c + w // 4: c + w // 4 + 4] = 14
+    p[3 * h // 5:, c - w // 4: c] = 17
+    p[3 * h // 5:, c: c + w // 4] = 16
+    return p
+
+
+def _write_viton(root):
+    """train at 64x48 (H x W) with a mismatched train_pairs.txt; test at 40x30 with an unpaired test_pairs.txt."""
+    splits = {"train": ((64, 48), ["00001_00", "00002_00", "00003_00"]), "test": ((40, 30), ["00006_00", "00008_00"])}
+    parses = {}
+    for split, ((h, w), people) in splits.items():
+        for folder in ("image", "cloth", "cloth-mask", "image-parse-v3"):
+            (root / split / folder).mkdir(parents=True, exist_ok=True)
+        for k, name in enumerate(people):
+            person = np.asarray(_rand_rgb(h, w, k)).copy()
+            person[:, : w // 2, 0] = 255  # left half strongly red: a mirror is easy to see
+            Image.fromarray(person).save(root / split / "image" / f"{name}.jpg", quality=95)
+            cloth = np.full((h, w, 3), 255, np.uint8)
+            cloth[h // 5: 4 * h // 5, w // 5: 4 * w // 5] = CLOTH_COLOURS[name]
+            cloth[h // 5: 4 * h // 5, w // 5: w // 3] = (0, 0, 0)  # a dark left edge: asymmetric
+            Image.fromarray(cloth).save(root / split / "cloth" / f"{name}.jpg", quality=95)
+            Image.fromarray((cloth.min(-1) < 250).astype(np.uint8) * 255).save(root / split / "cloth-mask" / f"{name}.jpg")
+            parse = _parse_map(h, w, shift=k - 1)
+            im = Image.fromarray(parse, "P")
+            palette = [0] * 768
+            for i, rgb in PALETTE.items():
+                palette[3 * i: 3 * i + 3] = rgb
+            im.putpalette(palette)
+            im.save(root / split / "image-parse-v3" / f"{name}.png")
+            parses[name] = parse
+    # as in the release: column 2 of BOTH files names ANOTHER person's cloth
+    (root / "train_pairs.txt").write_text("00001_00.jpg 00002_00.jpg\n00002_00.jpg 00003_00.jpg\n00003_00.jpg 00001_00.jpg\n")
+    (root / "test_pairs.txt").write_text("00006_00.jpg 00008_00.jpg\n00008_00.jpg 00006_00.jpg\n")
+    return parses
+
+
+def _independent_mask(parse, radius):
+    """Keep-mask by plain numpy: the ids, then a square dilation by explicit shifts."""
+    fill = np.isin(parse, [5, 6, 7, 10, 14, 15])
+    h, w = fill.shape
+    padded = np.pad(fill, radius)
+    out = np.zeros_like(fill)
+    for dy in range(2 * radius + 1):
+        for dx in range(2 * radius + 1):
+            out |= padded[dy: dy + h, dx: dx + w]
+    return torch.from_numpy(~out).float()[None]
+
+
+def _colour(ref):
+    """The mean colour of a reference's garment area, 0..255."""
+    h, w = ref.shape[-2:]
+    return ((ref[:, h // 3: 2 * h // 3, w // 2: 3 * w // 4].mean((1, 2)) + 1) * 127.5).tolist()
+
+
+def test_data_vitonhd_garment_choice(tmp_path):
+    """Training takes cloth/<person> (never column 2); test paired likewise; test unpaired takes column 2."""
+    _write_viton(tmp_path)
+    ds = VitonHDDataset(tmp_path, "train", size=(64, 48), ref_size=(64, 48), train=False)
+    for (name, _), s in zip(ds.samples, ds):
+        assert np.allclose(_colour(s["reference"]), CLOTH_COLOURS[name], atol=12)
+        assert s["source"].shape == (3, 64, 64 * 3 // 4) and torch.equal(s["target"], s["source"])
+    with pytest.raises(ValueError):
+        VitonHDDataset(tmp_path, "train", size=(64, 48), paired=False)
+    paired = VitonHDDataset(tmp_path, "test", size=(40, 30), ref_size=(40, 30), train=False)
+    unpaired = VitonHDDataset(tmp_path, "test", size=(40, 30), ref_size=(40, 30), train=False, paired=False)
+    assert np.allclose(_colour(paired[0]["reference"]), CLOTH_COLOURS["00006_00"], atol=12)
+    assert np.allclose(_colour(unpaired[0]["reference"]), CLOTH_COLOURS["00008_00"], atol=12)
+    assert unpaired[0]["name"] == "00006_00_00008_00" and paired[0]["name"] == "00006_00"
+    assert torch.equal(paired[0]["source"], unpaired[0]["source"])
+
+
+def test_data_vitonhd_mask_by_index(tmp_path):
+    """The mask is exactly the dilated {5,6,7,10,14,15} region of the parse read by index, at any size."""
+    parses = _write_viton(tmp_path)
+    im = Image.open(tmp_path / "train" / "image-parse-v3" / "00001_00.png")
+    assert im.mode == "P" and not np.array_equal(np.asarray(im.convert("L")), parses["00001_00"])  # the trap is armed
+    assert torch.equal(load_parse(tmp_path / "train" / "image-parse-v3" / "00001_00.png"), torch.from_numpy(parses["00001_00"]))
+    ds = VitonHDDataset(tmp_path, "train", size=(64, 48), train=False, dilation=0.1)  # radius int(0.1 * 48) = 4
+    for (name, _), s in zip(ds.samples, ds):
+        assert torch.equal(s["mask"], _independent_mask(parses[name], 4))
+    # default radius int(5/256 * W) at another size; the parse resized by pixel centres (nearest)
+    small = VitonHDDataset(tmp_path, "train", size=(32, 100), train=False)
+    rows, cols = (np.arange(32) + 0.5) * 64 // 32, (np.arange(100) + 0.5) * 48 // 100
+    resized = parses["00002_00"][rows.astype(int)][:, cols.astype(int)]
+    assert torch.equal(small[1]["mask"], _independent_mask(resized, int(5 * 100 / 256)))
+    test = VitonHDDataset(tmp_path, "test", size=(40, 30), train=False, dilation=0.1)
+    assert torch.equal(test[1]["mask"], _independent_mask(parses["00008_00"], 3))
+
+
+def test_data_flip_parse():
+    """flip_parse mirrors and swaps the left/right ids; twice is the identity."""
+    p = torch.tensor([[14, 0, 5, 16, 18], [15, 17, 19, 13, 10]], dtype=torch.uint8)
+    assert flip_parse(p).tolist() == [[19, 17, 5, 0, 15], [10, 13, 18, 16, 14]]
+    r = torch.randint(0, 20, (3, 7, 9), dtype=torch.uint8)
+    assert torch.equal(flip_parse(flip_parse(r)), r) and flip_parse(r).dtype == torch.uint8
+
+
+def test_data_vitonhd_hflip_consistent(tmp_path):
+    """hflip=1 mirrors person, mask and cloth together; the other draws stay the same."""
+    _write_viton(tmp_path)
+    plain = VitonHDDataset(tmp_path, "train", size=(64, 48), ref_size=(64, 48), seed=1, dilation=0.1)
+    flipped = VitonHDDataset(tmp_path, "train", size=(64, 48), ref_size=(64, 48), seed=1, dilation=0.1, hflip=1.0)
+    for i in range(3):
+        a, b = plain[i], flipped[i]
+        assert torch.equal(b["source"], a["source"].flip(-1)) and torch.equal(b["mask"], a["mask"].flip(-1))
+        # the cloth's dark edge is on the other side (the reference augmentation draws are the same in both)
+        assert (a["reference"][:, 32, 14].mean() < -0.5) != (b["reference"][:, 32, 14].mean() < -0.5)
+    with pytest.raises(ValueError):
+        VitonHDDataset(tmp_path, "train", size=(64, 48), train=False, hflip=0.5)
+
+
+def test_data_vitonhd_bad_data(tmp_path):
+    """Missing cloth -> DataError naming the file and the pair line; skip_bad drops it; bad parse mode/size."""
+    _write_viton(tmp_path)
+    (tmp_path / "train" / "cloth" / "00002_00.jpg").unlink()
+    with pytest.raises(DataError, match=rf"{tmp_path / 'train' / 'cloth' / '00002_00.jpg'}: file not found \(needed by train_pairs.txt line 2\)"):
+        VitonHDDataset(tmp_path, "train", size=(64, 48))
+    with pytest.warns(UserWarning, match="skipped 1 of 3 samples"):
+        ds = VitonHDDataset(tmp_path, "train", size=(64, 48), skip_bad=True)
+    assert [n for n, _ in ds.samples] == ["00001_00", "00003_00"]
+    parse = tmp_path / "test" / "image-parse-v3" / "00006_00.png"
+    Image.open(parse).convert("RGB").save(parse)
+    with pytest.raises(DataError, match=rf"{parse}: parse map is mode RGB"):
+        VitonHDDataset(tmp_path, "test", size=(40, 30))
+    Image.new("P", (31, 40)).save(parse)
+    with pytest.raises(DataError, match=rf"{parse}: parse map is 31x40, the image is 30x40"):
+        VitonHDDataset(tmp_path, "test", size=(40, 30))
+    (tmp_path / "test_pairs.txt").write_text("00006_00.jpg\n")
+    with pytest.raises(DataError, match="test_pairs.txt line 1"):
+        VitonHDDataset(tmp_path, "test", size=(40, 30))
+    (tmp_path / "test_pairs.txt").unlink()
+    with pytest.raises(DataError, match="test_pairs.txt: file not found"):
+        VitonHDDataset(tmp_path, "test", size=(40, 30))
+
+
+# ---------------------------------------------------------------------------------------------- teaching world
+
+def test_data_teaching_world_deterministic_and_shapes():
+    """Same seed -> identical tensors; another seed -> other scenes; shapes and ranges; fast enough."""
+    a = TeachingWorld(64, "train", length=40, seed=0, ref_size=(56, 56))
+    b = TeachingWorld(64, "train", length=40, seed=0, ref_size=(56, 56))
+    c = TeachingWorld(64, "train", length=40, seed=1, ref_size=(56, 56))
+    a.set_epoch(2)
+    b.set_epoch(2)
+    t0 = time.perf_counter()
+    samples = [a[i] for i in range(32)]
+    per_sample = (time.perf_counter() - t0) / 32
+    assert per_sample < 0.1, f"{per_sample:.3f} s per sample"
+    for i in (0, 7, 31):
+        assert all(torch.equal(samples[i][k], b[i][k]) for k in ("source", "target", "mask", "reference"))
+        assert not torch.equal(samples[i]["source"], c[i]["source"])
+    for s in samples:
+        assert s["source"].shape == (3, 64, 64) and s["mask"].shape == (1, 64, 64) and s["reference"].shape == (3, 56, 56)
+        assert s["source"].min() >= -1 and s["source"].max() <= 1 and s["reference"].min() >= -1 and s["reference"].max() <= 1
+        assert set(s["mask"].unique().tolist()) == {0.0, 1.0} and torch.equal(s["source"], s["target"])
+    kinds = [torch.equal(s["mask"], bbox_mask(s["mask"])) for s in samples]  # the 50/50 box rule is applied
+    assert 4 < sum(kinds) < 30
+
+
+def test_data_teaching_world_products_disjoint():
+    """Train and held-out products come from disjoint ids and have different parameters; all patterns occur."""
+    train = TeachingWorld(32, "train", length=500, n_products=300)
+    held = TeachingWorld(32, "heldout", length=300)
+    train_ids = {train.product_id(i) for i in range(500)}
+    held_ids = {held.product_id(i) for i in range(300)}
+    assert train_ids == set(range(300)) and min(held_ids) == HELDOUT_FIRST and not train_ids & held_ids
+    train_params = {make_product(i) for i in train_ids}
+    held_params = {make_product(i) for i in held_ids}
+    assert len(train_params) == 300 and len(held_params) == 300 and not train_params & held_params
+    assert make_product(5) == make_product(5)
+    assert {p.pattern for p in train_params} == set(PATTERNS) == {p.pattern for p in held_params}
+    assert {p.category for p in held_params} == {"top", "cushion"}
+    assert {len(p.colours) for p in train_params} == {2, 3}
+
+
+def test_data_teaching_world_product_visible():
+    """Inside the region the scene differs from the scene without the product; outside it is identical;
+    the reference shows the product on white."""
+    world = TeachingWorld(64, "heldout", length=12, seed=4, train=False)
+    for i in range(12):
+        product = make_product(world.product_id(i))
+        with_product, fill = world.scene(i, product)
+        without, fill2 = world.scene(i, None)
+        assert torch.equal(fill, fill2) and 0.02 < fill.float().mean() < 0.5
+        assert torch.equal(with_product[:, ~fill], without[:, ~fill])
+        assert (with_product[:, fill] - without[:, fill]).abs().mean() > 0.1
+        s = world[i]
+        assert torch.equal(s["mask"][0], (~fill).float()) and torch.equal(s["source"], with_product)
+        ref = s["reference"]
+        assert (ref[:, 0, :] == 1).all() and (ref[:, :, 0] == 1).all() and (ref[:, 28:36, 28:36] < 0.99).any()
+
+
+def test_data_write_heldout(tmp_path):
+    """write_heldout writes a triplet folder with target/: the source holds another product, the target the held-out one."""
+    write_heldout(tmp_path, 6, 48, seed=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mask", "reference", "source", "target"]
+    ds = TripletDataset(tmp_path, size=(48, 48), ref_size=(48, 48), train=False)
+    assert len(ds) == 6
+    world = TeachingWorld(48, "heldout", length=6, seed=2, ref_size=(48, 48), train=False)
+    for i, s in enumerate(ds):
+        keep = s["mask"][0] > 0.5
+        assert torch.equal(s["source"][:, keep], s["target"][:, keep])
+        assert (s["source"][:, ~keep] - s["target"][:, ~keep]).abs().mean() > 0.05
+        assert torch.allclose(s["target"], world[i]["target"], atol=1 / 127.5)  # 8-bit PNG rounding
+        assert torch.allclose(s["reference"], world[i]["reference"], atol=1 / 127.5)
+
+
+# ====================================================================================================
+# dtc.py and sample.py
+# ====================================================================================================
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY_UNET = dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=4,
+                 context_dim=32)
+TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)  # 2x downsampling
+TINY_VIT = DINOv2Config(embed_dim=64, depth=1, num_heads=1,  # 64-wide heads, as the loader assumes
+                         ffn="mlp", patch_size=14, img_size=56)
+
+
+def tiny_dtc_config(**kw):
+    return dtc.DTCConfig(unet=UNetConfig(in_channels=9, **TINY_UNET), image_encoder_dim=64, image_size=28,
+                         vae_factor=2, **kw)
+
+
+def randomise(module, std=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return module
+
+
+def brute_largest_rectangle(fill):
+    H, W = fill.shape
+    best = 0
+    for t, b in itertools.combinations_with_replacement(range(H), 2):
+        for l, r in itertools.combinations_with_replacement(range(W), 2):
+            if fill[t:b + 1, l:r + 1].all():
+                best = max(best, (b + 1 - t) * (r + 1 - l))
+    return best
+
+
+def test_dtc_largest_rectangle_matches_brute_force():
+    """Random, box and free-form masks: the found rectangle is inside the region and as large as brute force."""
+    g = torch.Generator().manual_seed(0)
+    masks = [torch.rand(9, 11, generator=g) < p for p in (0.3, 0.6, 0.85) for _ in range(15)]
+    box = torch.zeros(12, 10, dtype=torch.bool)
+    box[2:9, 3:8] = True
+    masks.append(box)
+    yy, xx = torch.meshgrid(torch.arange(14), torch.arange(13), indexing="ij")
+    masks.append(((yy - 7) ** 2 / 30 + (xx - 6) ** 2 / 12) < 1)  # an ellipse
+    masks.append((xx > yy // 2) & (xx < 10))                       # a slanted band
+    for fill in masks:
+        keep = (~fill).float()
+        rect = dtc.largest_rectangle(keep)
+        area = brute_largest_rectangle(fill)
+        if area == 0:
+            assert rect is None
+            continue
+        t, l, b, r = rect
+        assert fill[t:b, l:r].all() and (b - t) * (r - l) == area
+    assert dtc.largest_rectangle((~box).float()) == (2, 3, 9, 8)
+
+
+def test_dtc_make_hint_places_reference_in_rectangle():
+    ref = torch.rand(2, 3, 20, 16) * 2 - 1
+    mask = torch.ones(2, 1, 32, 24)
+    mask[0, :, 4:14, 5:20] = 0
+    mask[1, :, 10:30, 2:9] = 0
+    hint = dtc.make_hint(ref, mask)
+    for i, (t, l, b, r) in enumerate([(4, 5, 14, 20), (10, 2, 30, 9)]):
+        inside = torch.nn.functional.interpolate(ref[i:i + 1], size=(b - t, r - l), mode="bilinear",
+                                                 antialias=True, align_corners=False)[0]
+        torch.testing.assert_close(hint[i, :, t:b, l:r], ((inside + 1) / 2).clamp(0, 1))
+        outside = hint[i].clone()
+        outside[:, t:b, l:r] = 0
+        assert outside.abs().max() == 0
+    with pytest.raises(ValueError):
+        dtc.make_hint(ref[:1], torch.ones(1, 1, 8, 8))
+
+
+SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
+                      prediction_type="epsilon")
+
+
+@pytest.mark.parametrize("steps", [50, 25, 20])
+def test_dtc_ddim_equals_diffusers(steps):
+    """Timesteps and every update (eta 0 and eta 1 with the same generator) equal DDIMScheduler's."""
+    from diffusers import DDIMScheduler
+    sched, ours = DDIMScheduler(**SD15_SCHEDULER), dtc.Schedule()
+    sched.set_timesteps(steps)
+    ts = ours.ddim_timesteps(steps)
+    assert torch.equal(sched.timesteps, ts)
+    x = torch.randn(2, 4, 8, 8)
+    for eta in (0.0, 1.0):
+        z = x.clone()
+        for i, t in enumerate(ts.tolist()):
+            eps = torch.sin(z * (i + 1))  # any deterministic function of z
+            t_prev = ts[i + 1].item() if i + 1 < len(ts) else -1
+            mine = ours.ddim_step(z, eps, t, t_prev, eta, torch.Generator().manual_seed(i))
+            ref = sched.step(eps, t, z, eta=eta, generator=torch.Generator().manual_seed(i)).prev_sample
+            torch.testing.assert_close(mine, ref, rtol=0, atol=1e-6)
+            z = ref
+
+
+def test_dtc_ddpm_noising_and_step_equal_diffusers():
+    from diffusers import DDPMScheduler
+    # the full 1000-step ancestral chain: no offset (timesteps 999 ... 0)
+    cfg = {k: v for k, v in SD15_SCHEDULER.items() if k not in ("set_alpha_to_one", "steps_offset")}
+    sched, ours = DDPMScheduler(**cfg), dtc.Schedule()
+    x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([0, 500, 999])
+    torch.testing.assert_close(ours.add_noise(x0, noise, t), sched.add_noise(x0, noise, t), rtol=0, atol=1e-6)
+    sched.set_timesteps(1000)
+    for t in (999, 500, 1, 0):
+        eps = torch.randn(3, 4, 8, 8)
+        mine = ours.ddpm_step(x0, eps, t, torch.Generator().manual_seed(t))
+        ref = sched.step(eps, t, x0, generator=torch.Generator().manual_seed(t)).prev_sample
+        torch.testing.assert_close(mine, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours.predict_x0(ours.add_noise(x0, noise, t), noise, torch.tensor([t] * 3)), x0,
+                               rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("fusion,hint_input", [("film", "full"), ("add", "full"), ("film", "latent_only")])
+def test_dtc_fresh_model_equals_base_unet(fusion, hint_input):
+    """Zero-initialised fusion: a fresh DTC computes exactly its main U-Net; perturbing the fusion convs changes it."""
+    torch.manual_seed(0)
+    model = dtc.DiffuseToChoose(tiny_dtc_config(fusion=fusion, hint_input=hint_input))
+    fusion_params = {id(p) for p in model.fusion.parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            if id(p) not in fusion_params:
+                p.normal_(0, 0.05)
+    z, zm = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    mask = torch.rand(2, 1, 8, 8)
+    ctx = model.context(torch.randn(2, 5, 64))
+    hint, t = torch.rand(2, 3, 16, 16), torch.tensor([10, 900])
+    base = model.unet(torch.cat([z, zm, mask], 1), t, ctx)
+    assert torch.equal(model(z, t, zm, mask, ctx, hint=hint), base)
+    with torch.no_grad():
+        for p in model.fusion.parameters():
+            p.normal_(0, 0.05)
+    assert (model(z, t, zm, mask, ctx, hint=hint) - base).abs().max() > 1e-3
+
+
+def test_dtc_film_formula_and_taps():
+    """FiLM is s * (1 + gamma) + beta at 13 taps (12 skips + middle for SD); the baseline has no hint branch."""
+    assert len(dtc.tap_channels(UNetConfig())) == 13
+    assert dtc.tap_channels(UNetConfig()) == [320] * 4 + [640] * 3 + [1280] * 6
+    model = randomise(dtc.DiffuseToChoose(tiny_dtc_config()))
+    skips = [torch.randn(1, c, 4, 4) for c in dtc.tap_channels(model.cfg.unet)]
+    feats = [torch.randn_like(s) for s in skips]
+    fused, h = model.fuse(skips[:-1], skips[-1], feats)
+    for s, f, conv, out in zip(skips, feats, model.fusion, fused + [h]):
+        gamma, beta = conv(f).chunk(2, 1)
+        torch.testing.assert_close(out, s * (1 + gamma) + beta)
+    base = dtc.DiffuseToChoose(dtc.baseline_config(tiny_dtc_config()))
+    assert not hasattr(base, "hint_encoder") and base.context(torch.randn(2, 5, 64)).shape == (2, 1, 32)
+
+
+def test_dtc_guidance_dropout_and_null_context():
+    model = randomise(dtc.DiffuseToChoose(tiny_dtc_config()))
+    feats = torch.randn(3, 5, 64)
+    ctx = model.context(feats, drop=torch.tensor([True, False, True]))
+    torch.testing.assert_close(ctx[1], model.token_proj(feats[1]))
+    assert torch.equal(ctx[0], model.null_context[0].expand(5, -1)) and torch.equal(ctx[2], ctx[0])
+
+
+def test_dtc_guided_sampling_step_equals_two_forwards():
+    """One batched forward for both guidance branches equals two separate forwards combined by the CFG rule."""
+    torch.manual_seed(0)
+    model = randomise(dtc.DiffuseToChoose(tiny_dtc_config())).eval()
+    sch = dtc.Schedule()
+    cond = dict(z_masked=torch.randn(1, 4, 8, 8), mask_lat=torch.rand(1, 1, 8, 8), tokens=torch.randn(1, 5, 64),
+                hint=torch.rand(1, 3, 16, 16))
+    z = dtc.sample_latents(model, sch, cond, steps=1, guidance=3.0, generator=torch.Generator().manual_seed(1),
+                           progress=False)
+    z_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([1])
+    with torch.no_grad():
+        ctx = model.context(cond["tokens"])
+        args = (cond["z_masked"], cond["mask_lat"])
+        e_c = model(z_T, t, *args, ctx, hint=cond["hint"])
+        e_u = model(z_T, t, *args, model.uncond_context(ctx), hint=cond["hint"])
+    ref = sch.ddim_step(z_T, e_u + 3.0 * (e_c - e_u), 1, -1)
+    torch.testing.assert_close(z, ref, rtol=0, atol=1e-5)
+
+
+def test_dtc_latent_only_hint_computed_once():
+    """With hint_input='latent_only' the hint encoder runs once per sampling call, not once per step."""
+    model = randomise(dtc.DiffuseToChoose(tiny_dtc_config(hint_input="latent_only"))).eval()
+    calls = []
+    encode = model.hint_encoder.encode
+    model.hint_encoder.encode = lambda *a: calls.append(1) or encode(*a)
+    cond = dict(z_masked=torch.randn(2, 4, 8, 8), mask_lat=torch.rand(2, 1, 8, 8), tokens=torch.randn(2, 5, 64),
+                hint=torch.rand(2, 3, 16, 16))
+    dtc.sample_latents(model, dtc.Schedule(), cond, steps=4, progress=False)
+    assert len(calls) == 1
+    calls.clear()
+    model.cfg.hint_input = "full"
+    model.hint_encoder = UNet(UNetConfig(in_channels=9, **TINY_UNET), encoder_only=True)
+    model.hint_encoder.encode = lambda *a: calls.append(1) or UNet.encode(model.hint_encoder, *a)
+    dtc.sample_latents(model, dtc.Schedule(), cond, steps=4, progress=False)
+    assert len(calls) == 4
+
+
+# --- building from the original files --------------------------------------------------------------------
+
+
+def write_original_files(tmp_path, kind):
+    """A tiny single-file SD checkpoint of `kind` ('sd15', 'inpaint', 'pbe') and a tiny DINOv2 hub file."""
+    torch.manual_seed({"sd15": 1, "inpaint": 2, "pbe": 3}[kind])
+    unet = randomise(UNet(UNetConfig(in_channels=4 if kind == "sd15" else 9, **TINY_UNET)), seed=5)
+    vae = randomise(AutoencoderKL(TINY_VAE), std=0.02, seed=6)
+    sd = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
+    sd.update({"first_stage_model." + k: v for k, v in vae.state_dict().items()})
+    sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    sd["alphas_cumprod"] = dtc.Schedule().alphas_cumprod
+    if kind == "pbe":
+        sd["learnable_vector"] = torch.randn(1, 1, 32)
+        sd["proj_out.weight"], sd["proj_out.bias"] = torch.randn(32, 48), torch.randn(32)
+        sd["cond_stage_model.mapper.resblocks.0.ln_1.weight"] = torch.ones(48)
+    sd_path = tmp_path / f"{kind}.ckpt"
+    torch.save({"state_dict": sd, "global_step": 1}, sd_path)
+    vit_path = tmp_path / "dinov2_tiny.pth"
+    torch.save(randomise(DINOv2(TINY_VIT), seed=7).state_dict(), vit_path)
+    return sd_path, vit_path, unet
+
+
+def test_dtc_from_sd15_file_pads_conv_in(tmp_path):
+    sd_path, vit_path, unet = write_original_files(tmp_path, "sd15")
+    model, frozen = dtc.from_original(sd_path, vit_path)
+    w = model.unet.input_blocks[0][0].weight
+    assert w.shape[1] == 9 and w[:, 4:].abs().max() == 0 and torch.equal(w[:, :4], unet.input_blocks[0][0].weight)
+    # the hint copy gets a path for z_masked + adapter(hint): channels 4..7 from the latent channels
+    hw = model.hint_encoder.input_blocks[0][0].weight
+    assert torch.equal(hw[:, 4:8], w[:, :4])
+    for k, v in model.hint_encoder.state_dict().items():
+        if k != "input_blocks.0.0.weight":
+            assert torch.equal(v, model.unet.state_dict()[k]), k
+    assert model.cfg.image_encoder_dim == 64 and model.cfg.vae_factor == 2 and model.cfg.mask_channel == "keep"
+    assert not any(p.requires_grad for p in frozen.vae.parameters())
+
+
+def test_dtc_from_inpainting_file_permutes_conv_in(tmp_path):
+    """The SD-inpainting U-Net on [z_t, mask_fill, z_masked] equals our main U-Net on [z_t, z_masked, mask_keep]."""
+    sd_path, vit_path, unet = write_original_files(tmp_path, "inpaint")
+    model, _ = dtc.from_original(sd_path, vit_path)
+    assert model.cfg.mask_channel == "fill"
+    z, zm, ctx, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(2, 3, 32), torch.tensor([5, 700])
+    keep = (torch.rand(2, 1, 8, 8) > 0.5).float()
+    with torch.no_grad():
+        ref = unet(torch.cat([z, 1 - keep, zm], 1), t, ctx)
+        ours = model(z, t, zm, keep, ctx, hint=torch.rand(2, 3, 16, 16))
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+def test_dtc_from_pbe_file_keeps_layout_and_null(tmp_path):
+    sd_path, vit_path, unet = write_original_files(tmp_path, "pbe")
+    model, _ = dtc.from_original(sd_path, vit_path)
+    full = torch.load(sd_path, weights_only=True)["state_dict"]
+    assert torch.equal(model.unet.input_blocks[0][0].weight, unet.input_blocks[0][0].weight)
+    assert torch.equal(model.null_context, full["learnable_vector"])
+    assert model.cfg.mask_channel == "keep"
+
+
+def test_dtc_from_original_bad_files(tmp_path):
+    sd_path, vit_path, _ = write_original_files(tmp_path, "sd15")
+    with pytest.raises(CheckpointError, match="sd15.ckpt"):  # an SD file where DINOv2 is expected
+        dtc.from_original(sd_path, sd_path)
+    torch.save({"a.weight": torch.zeros(1)}, tmp_path / "junk.pth")
+    with pytest.raises(CheckpointError, match="junk.pth"):
+        dtc.from_original(tmp_path / "junk.pth", vit_path)
+
+
+def test_dtc_checkpoint_round_trip(tmp_path):
+    cfg = tiny_dtc_config(fusion="add")
+    model = randomise(dtc.DiffuseToChoose(cfg))
+    frozen = dtc.Frozen(vae=randomise(AutoencoderKL(TINY_VAE)), image_encoder=randomise(DINOv2(TINY_VIT)))
+    path = tmp_path / "dtc.safetensors"
+    dtc.save_dtc(model, path)
+    loaded, fz = dtc.load_dtc(path)
+    assert fz is None and loaded.cfg == cfg
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    dtc.save_dtc(model, path, frozen)  # overwrites atomically; now with the frozen parts
+    loaded, fz = dtc.load_dtc(path)
+    assert torch.equal(fz.vae.decoder.conv_out.weight, frozen.vae.decoder.conv_out.weight)
+    assert torch.equal(fz.image_encoder.pos_embed, frozen.image_encoder.pos_embed)
+    assert not (tmp_path / "dtc.safetensors.tmp").exists()
+    with pytest.raises(CheckpointError, match="not a DTC checkpoint"):
+        from safetensors.torch import save_file
+        save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
+        dtc.load_dtc(tmp_path / "other.safetensors")
+    with pytest.raises(CheckpointError, match="missing"):  # a checkpoint of another variant's config
+        from safetensors.torch import save_file
+        sd = {k: v for k, v in model.state_dict().items() if not k.startswith("fusion.0")}
+        save_file(sd, tmp_path / "cut.safetensors", metadata={"format": "dtc", "dtc_config": json.dumps(
+            __import__("dataclasses").asdict(cfg))})
+        dtc.load_dtc(tmp_path / "cut.safetensors")
+
+
+def test_dtc_vgg_loss_taps(tmp_path):
+    """The perceptual loss taps VGG-19 relu1_2..relu5_2, weights 1/32..1, L1; it loads a torchvision-format file."""
+    import torchvision
+    vgg = torchvision.models.vgg19(weights=None)
+    torch.save(vgg.state_dict(), tmp_path / "vgg19.pth")
+    loss = dtc.VGGLoss(tmp_path / "vgg19.pth")
+    names = [type(loss.features[i]).__name__ for i in dtc.VGGLoss.TAPS]
+    assert names == ["ReLU"] * 5
+    x, y = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
+    assert loss(x, x).item() == 0 and loss(x, y).item() > 0
+    feats, h, ref = vgg.features.eval(), ((torch.cat([x, y]) + 1) / 2 - loss.mean) / loss.std, 0.0
+    for i, layer in enumerate(feats[:32]):
+        h = layer(h.clone())
+        if i in dtc.VGGLoss.TAPS:
+            a, b = h.chunk(2)
+            ref += dtc.VGGLoss.WEIGHTS[dtc.VGGLoss.TAPS.index(i)] * (a - b).abs().mean()
+    torch.testing.assert_close(loss(x, y), ref)
+
+
+# --- sample.py end to end, on tiny original-format files ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sample_inputs(tmp_path_factory):
+    from PIL import Image
+    d = tmp_path_factory.mktemp("sample")
+    sd_path, vit_path, _ = write_original_files(d, "sd15")
+    g = torch.Generator().manual_seed(0)
+    Image.fromarray((torch.rand(37, 50, 3, generator=g) * 255).to(torch.uint8).numpy()).save(d / "source.png")
+    mask = Image.new("L", (25, 19), 0)  # another size than the source: resized to it
+    mask.paste(255, (6, 4, 18, 15))
+    mask.save(d / "mask.png")
+    Image.new("RGBA", (30, 40), (200, 30, 30, 128)).save(d / "reference.png")  # alpha: composited on white
+    Image.new("L", (25, 19), 0).save(d / "empty_mask.png")
+    Image.new("L", (25, 19), 255).save(d / "full_mask.png")
+    (d / "broken.png").write_bytes(b"not an image")
+    model = randomise(dtc.DiffuseToChoose(tiny_dtc_config()), std=0.02)
+    frozen = dtc.Frozen(vae=randomise(AutoencoderKL(TINY_VAE), std=0.02).eval(),
+                        image_encoder=randomise(DINOv2(TINY_VIT), std=0.02).eval())
+    dtc.save_dtc(model, d / "dtc.safetensors", frozen)
+    return d, sd_path, vit_path
+
+
+def sample_args(d, out, **kw):
+    args = dict(source=d / "source.png", mask=d / "mask.png", reference=d / "reference.png", out=out, size=32,
+                steps=2, dtc=d / "dtc.safetensors")
+    args.update(kw)
+    return [f"--{k}={v}" for k, v in args.items() if v is not None]
+
+
+def test_sample_cli_end_to_end(sample_inputs, tmp_path):
+    """`python sample.py`: output at the source's size, pixels outside the mask equal the source, same bytes twice."""
+    from PIL import Image
+    d, _, _ = sample_inputs
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"result{i}.png"
+        run = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), *sample_args(d, out)],
+                             capture_output=True, text=True, cwd=tmp_path)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.strip().splitlines()[-1] == str(out)
+        outs.append(out.read_bytes())
+        assert (tmp_path / f"result{i}_grid.png").exists()
+    assert outs[0] == outs[1]
+    result, source = Image.open(tmp_path / "result0.png"), Image.open(d / "source.png").convert("RGB")
+    assert result.size == source.size == (50, 37)
+    pixels = lambda im: torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(37, 50, -1)
+    keep = pixels(Image.open(d / "mask.png").resize((50, 37), Image.NEAREST))[..., 0] < 128
+    r, s = pixels(result), pixels(source)
+    assert torch.equal(r[keep], s[keep]) and not torch.equal(r[~keep], s[~keep])
+
+
+def test_sample_from_sd_without_dtc_warns(sample_inputs, tmp_path, recwarn):
+    import sample
+    d, sd_path, vit_path = sample_inputs
+    assert sample.cli(sample_args(d, tmp_path / "r.png", dtc=None, sd=sd_path, dinov2=vit_path)) == 0
+    assert any("UNTRAINED" in str(w.message) for w in recwarn)
+    assert (tmp_path / "r.png").exists()
+
+
+@pytest.mark.parametrize("case,expect", [
+    (dict(source="missing.png"), "missing.png"),
+    (dict(reference="broken.png"), "broken.png"),
+    (dict(mask="empty_mask.png"), "empty"),
+    (dict(mask="full_mask.png"), "whole image"),
+    (dict(dtc="sd15.ckpt"), "not a DTC checkpoint"),
+    (dict(dtc="missing.safetensors"), "missing.safetensors"),
+])
+def test_sample_bad_input_exits_with_one_line(sample_inputs, tmp_path, capsys, case, expect):
+    """Each bad input: exit status 1, one line naming the problem, no traceback, the existing output untouched."""
+    import sample
+    d, _, _ = sample_inputs
+    out = tmp_path / "result.png"
+    out.write_bytes(b"earlier result")
+    kw = {k: d / v for k, v in case.items()}
+    assert sample.cli(sample_args(d, out, **kw)) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expect in err and "Traceback" not in err
+    assert out.read_bytes() == b"earlier result"
+
+
+# ====================================================================================================
+# evaluate.py
+# ====================================================================================================
+
+def test_eval_psnr_ssim_identity_and_perturbed():
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 3, 32, 32, generator=g)
+    fill = torch.zeros(2, 1, 32, 32)
+    fill[:, :, 8:24, 4:20] = 1
+    assert torch.isinf(evaluate.psnr_masked(target, target, fill)).all()
+    assert torch.allclose(evaluate.ssim_masked(target, target, fill), torch.ones(2, dtype=torch.float64))
+    noisy = (target + 0.05 * torch.randn(target.shape, generator=g)).clamp(0, 1)
+    worse = (target + 0.2 * torch.randn(target.shape, generator=g)).clamp(0, 1)
+    p1, p2 = evaluate.psnr_masked(noisy, target, fill), evaluate.psnr_masked(worse, target, fill)
+    s1, s2 = evaluate.ssim_masked(noisy, target, fill), evaluate.ssim_masked(worse, target, fill)
+    assert torch.isfinite(p1).all() and (p1 > p2).all() and (s1 < 1).all() and (s2 < s1).all()
+    # only the region counts: damage outside it changes nothing
+    outside = target.clone()
+    outside[:, :, :4] = 0
+    assert torch.isinf(evaluate.psnr_masked(outside, target, fill)).all()
+    # PSNR by hand: a constant error of 0.1 in [0,1] is 20 dB
+    torch.testing.assert_close(evaluate.psnr_masked((target * 0.5) + 0.1, target * 0.5, fill), torch.full((2,), 20.0))
+
+
+def test_eval_ssim_formula_on_constant_images():
+    """For constant images a, b the SSIM is (2ab + C1) / (a^2 + b^2 + C1) everywhere (variances are 0)."""
+    a, b = torch.full((1, 3, 16, 16), 0.3, dtype=torch.float64), torch.full((1, 3, 16, 16), 0.6, dtype=torch.float64)
+    c1 = 0.01 ** 2
+    torch.testing.assert_close(evaluate.ssim_map(a, b), torch.full_like(a, (2 * 0.18 + c1) / (0.09 + 0.36 + c1)))
+
+
+def test_eval_frechet_distance_closed_form():
+    """Diagonal covariances: FD = |mu_a - mu_b|^2 + sum (s_a + s_b - 2 sqrt(s_a s_b))."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4000, 3, generator=g, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.5])
+    b = torch.randn(4000, 3, generator=g, dtype=torch.float64) * torch.tensor([3.0, 1.0, 0.5]) + 1.0
+    va, vb = torch.cov(a.T).diagonal(), torch.cov(b.T).diagonal()
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + (va + vb - 2 * (va * vb).sqrt()).sum()
+    assert abs(evaluate.frechet_distance(a, b) - expected) < 0.05  # off-diagonal sampling noise only
+    assert abs(evaluate.frechet_distance(a, a)) < 1e-6
+
+
+def test_eval_cli_against_itself_and_perturbed(tmp_path):
+    """--pred_dir=target/ scores psnr inf and ssim 1; perturbed predictions score finite, lower values."""
+    from PIL import Image
+    import data, dtc
+    from _test_dtcmodel import TINY_VAE, TINY_VIT, randomise, tiny_dtc_config
+    from dinov2 import DINOv2
+    from vae import AutoencoderKL
+    world = data.TeachingWorld(size=32, split="heldout", length=4, seed=0, ref_size=(32, 32))
+    data.write_triplets(tmp_path / "set", [dict(world[i], name=f"s{i}") for i in range(4)])
+    model = randomise(dtc.DiffuseToChoose(tiny_dtc_config()), std=0.02)
+    frozen = dtc.Frozen(vae=AutoencoderKL(TINY_VAE), image_encoder=randomise(DINOv2(TINY_VIT), std=0.02))
+    dtc.save_dtc(model, tmp_path / "m.safetensors", frozen)
+    args = [f"--data={tmp_path / 'set'}", f"--dtc={tmp_path / 'm.safetensors'}", "--size=32"]
+    same = evaluate.main(args + [f"--pred_dir={tmp_path / 'set' / 'target'}"])
+    assert same["psnr_masked"] == float("inf") and abs(same["ssim_masked"] - 1) < 1e-9
+    assert abs(same["dino_i"]) <= 1 and "fd_dino" not in same
+    (tmp_path / "noisy").mkdir()
+    for p in (tmp_path / "set" / "target").iterdir():
+        x = torch.frombuffer(bytearray(Image.open(p).tobytes()), dtype=torch.uint8).float()
+        x = (x + 40 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 255)
+        Image.frombytes("RGB", (32, 32), x.to(torch.uint8).numpy().tobytes()).save(tmp_path / "noisy" / p.name)
+    noisy = evaluate.main(args + [f"--pred_dir={tmp_path / 'noisy'}", "--fd_min=4"])
+    assert 5 < noisy["psnr_masked"] < 40 and noisy["ssim_masked"] < 0.99 and "fd_dino" in noisy
+    sampled = evaluate.main(args + ["--steps=2", "--batch_size=2"])  # the sampling path runs end to end
+    assert sampled["psnr_masked"] < float("inf")
+
+
+# ====================================================================================================
+# train.py
+# ====================================================================================================
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# the smallest useful run: 32x32 images (8x8 latents), batch 2, a 2-step VAE phase, no sample grids
+SMALL = ["--size=32", "--batch_size=2", "--vae_steps=2", "--sample_every=0", "--log_every=1000"]
+
+
+def losses(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+def run_script(args, **kw):
+    """A script in a fresh process, on one thread (on a busy 2-core machine, threads that wait for each other make
+    a small run many times slower)."""
+    return subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
+
+
+@pytest.fixture
+def one_thread():
+    """In-process runs on one thread too (same reason); also what torchrun gives each process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One uninterrupted 6-step tiny run, shared by the resume and sample.py tests."""
+    out = str(tmp_path_factory.mktemp("train") / "full")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    train.main([*SMALL, f"--out_dir={out}", "--max_steps=6"])
+    torch.set_num_threads(threads)
+    return out
+
+
+def test_train_overfit_batch_lowers_loss(tmp_path, one_thread):
+    """--overfit_batch (one fixed batch, fixed t and noise): the loss must fall fast."""
+    train.main([*SMALL, f"--out_dir={tmp_path}", "--max_steps=12", "--overfit_batch"])
+    l = losses(tmp_path)
+    assert len(l) == 12 and l[-1] < 0.5 * l[0], l
+
+
+def test_train_resume_reproduces_losses_exactly(tiny_run, tmp_path, one_thread):
+    """Stop after 3 steps, --resume to 6: steps 4..6 have the uninterrupted run's losses, bit for bit."""
+    train.main([*SMALL, f"--out_dir={tmp_path}", "--max_steps=3"])
+    train.main([*SMALL, f"--out_dir={tmp_path}", "--max_steps=6", "--resume"])
+    assert losses(tmp_path) == losses(tiny_run)
+    full = torch.load(os.path.join(tiny_run, "ckpt.pt"), weights_only=True)
+    resumed = torch.load(os.path.join(tmp_path, "ckpt.pt"), weights_only=True)
+    for k, v in full["trainee"].items():
+        assert torch.equal(v, resumed["trainee"][k]), k
+
+
+def test_train_refuses_to_overwrite_a_run(tiny_run):
+    """Without --resume an existing OUT_DIR/ckpt.pt is never overwritten."""
+    with pytest.raises(SystemExit, match="--resume"):
+        train.main([*SMALL, f"--out_dir={tiny_run}", "--max_steps=6"])
+
+
+def test_train_two_processes_match_one(tmp_path, one_thread):
+    """torchrun with 2 processes (gloo) x batch 2 == 1 process x batch 2 x grad_accum 2, parameters and losses.
+    One thread per process on both sides, so the float sums are the same sums (with different thread counts
+    they differ in the last bits, and Adam turns near-zero gradients of either sign into +-lr steps)."""
+    common = [*SMALL, "--max_steps=3"]
+    two = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *common,
+                      f"--out_dir={tmp_path / 'two'}"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    train.main([*common, "--grad_accum=2", f"--out_dir={tmp_path / 'one'}"])
+    a = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)
+    for part in ("trainee", "vae"):
+        for k, v in a[part].items():
+            torch.testing.assert_close(v, b[part][k], rtol=1e-6, atol=1e-7, msg=k)
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-6)
+
+
+def write_vitonhd(root, names):
+    """A fake VITON-HD release: train_pairs.txt (unpaired, as the real one) and train/{image,cloth,image-parse-v3}."""
+    for folder in ("image", "cloth", "image-parse-v3"):
+        (root / "train" / folder).mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for name in names:
+        for folder in ("image", "cloth"):  # 48x64 (W x H), 3:4 as the real 768x1024
+            to_pil(torch.rand(3, 64, 48, generator=g) * 2 - 1).save(root / "train" / folder / f"{name}.jpg")
+        parse = torch.zeros(64, 48, dtype=torch.uint8)
+        parse[20:45, 10:38] = 5  # upper clothes
+        parse[5:18, 16:32] = 13  # face
+        im = Image.frombytes("P", (48, 64), bytes(parse.flatten().tolist()))  # label ids, as the palette PNGs
+        im.putpalette([0, 0, 0, 255, 0, 0] * 128)
+        im.save(root / "train" / "image-parse-v3" / f"{name}.png")
+    (root / "train_pairs.txt").write_text("".join(f"{a}.jpg {b}.jpg\n" for a, b in zip(names, names[::-1])))
+
+
+def write_triplet_folder(root, n):
+    world = TeachingWorld(32, "train", length=n, seed=1, ref_size=(32, 32), train=False)
+    write_triplets(root, [world[i] for i in range(n)])
+
+
+def test_train_both_dataset_layouts_run(tmp_path, one_thread):
+    """A VITON-HD release and a triplet folder each train a step and draw a sample grid."""
+    write_vitonhd(tmp_path / "viton", ["00001_00", "00002_00"])
+    write_triplet_folder(tmp_path / "triplets", 2)
+    for layout in ("viton", "triplets"):
+        out = tmp_path / f"out_{layout}"
+        train.main([*SMALL, f"--data={tmp_path / layout}", f"--out_dir={out}", "--max_steps=1", "--sample_every=1"])
+        assert len(losses(out)) == 1
+        grid = Image.open(out / "samples" / "step_000001.png")
+        assert grid.size == (5 * 128, 2 * 128)  # 2 samples x (source | mask | reference | hint | sample)
+
+
+def test_train_checkpoint_samples_in_sample_py(tiny_run, tmp_path):
+    """dtc.safetensors from train.py carries the tiny VAE and encoder: sample.py --dtc loads it and samples."""
+    model, frozen = load_dtc(os.path.join(tiny_run, "dtc.safetensors"))
+    assert frozen is not None and model.cfg.image_size == 32
+    write_triplet_folder(tmp_path / "t", 1)
+    files = {k: next((tmp_path / "t" / k).iterdir()) for k in ("source", "mask", "reference")}
+    r = run_script(["sample.py", f"--dtc={tiny_run}/dtc.safetensors", f"--source={files['source']}",
+                    f"--mask={files['mask']}", f"--reference={files['reference']}", f"--out={tmp_path / 'r.png'}",
+                    "--steps=2", "--size=32"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert Image.open(tmp_path / "r.png").size == (32, 32)
+
+
+def test_train_bad_data_one_line_or_skipped(tmp_path, one_thread):
+    """A triplet without its reference: exit 1 with one line naming the file; --skip_bad trains on the rest."""
+    write_triplet_folder(tmp_path / "t", 3)
+    bad = next((tmp_path / "t" / "reference").iterdir())
+    bad.unlink()
+    r = run_script(["train.py", *SMALL, f"--data={tmp_path / 't'}", f"--out_dir={tmp_path / 'out'}", "--max_steps=1"])
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and bad.stem in lines[0], r.stderr
+    with pytest.warns(UserWarning, match="skipped 1 of 3"):
+        train.main([*SMALL, f"--data={tmp_path / 't'}", f"--out_dir={tmp_path / 'out'}", "--max_steps=1", "--skip_bad"])
+    assert len(losses(tmp_path / "out")) == 1
+
+
+def test_train_sigterm_saves_then_resumes(tmp_path, one_thread, capsys):
+    """SIGTERM mid-run: the step finishes, ckpt.pt is saved, exit 0; --resume continues from there with the
+    run's own options."""
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "train.py", *SMALL, f"--out_dir={out}", "--max_steps=100000"], cwd=HERE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (out / "log.jsonl").exists() or not (out / "log.jsonl").read_text().strip():
+        assert p.poll() is None and time.time() < deadline, p.communicate()[1][-3000:]
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-3000:]
+    assert "continue with --resume" in err
+    step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    assert step >= 1 and len(losses(out)) == step
+    # the run's options come from the checkpoint: only max_steps (changeable) is taken, --lr is refused
+    train.main([f"--out_dir={out}", "--resume", f"--max_steps={step + 2}", "--lr=0.5"])
+    assert "--lr=0.5 ignored" in capsys.readouterr().err
+    assert len(losses(out)) == step + 2 and (out / "dtc.safetensors").exists()
+    assert torch.load(out / "ckpt.pt", weights_only=True)["args"]["lr"] == 1e-3
+
+
+def test_train_ema_is_exported(tmp_path, one_thread):
+    """With --ema the exported weights are the EMA ones saved in the checkpoint, not the raw ones."""
+    train.main([*SMALL, f"--out_dir={tmp_path}", "--max_steps=3", "--ema=0.5"])
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    model, _ = load_dtc(tmp_path / "dtc.safetensors")
+    w = "unet.out.2.weight"
+    torch.testing.assert_close(model.state_dict()[w], ckpt["ema"]["model." + w], rtol=0, atol=0)
+    assert not torch.equal(ckpt["ema"]["model." + w], ckpt["trainee"]["model." + w])
+
+
+def test_train_grad_checkpointing_same_losses(tiny_run, tmp_path, one_thread):
+    """--grad_checkpointing recomputes activations in backward: the run's losses are unchanged."""
+    train.main([*SMALL, f"--out_dir={tmp_path}", "--max_steps=6", "--grad_checkpointing"])
+    assert losses(tmp_path) == pytest.approx(losses(tiny_run), rel=1e-5)
+
+
+def test_train_vae_rescale_is_exact():
+    """Folding the latent scale into the tiny VAE: decode(s z) is the old decode(z), and the posterior is s times."""
+    args = train.parse_args(SMALL)
+    torch.manual_seed(0)
+    _, frozen = train.build_model(args)
+    vae = frozen.vae.requires_grad_(False)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    before = vae.encode(x)
+    z = before.mean
+    decoded = vae.decode(z)
+    train.fold_latent_scale(vae, 3.0)
+    after = vae.encode(x)
+    torch.testing.assert_close(after.mean, 3.0 * before.mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(after.std, 3.0 * before.std, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(vae.decode(3.0 * z), decoded, rtol=1e-5, atol=1e-5)
+    assert LATENT_SCALE == 0.18215
+
+
+def test_train_vgg_loss_backpropagates_through_the_decoder(one_thread):
+    """The VGG term (random VGG weights here) is positive and changes the U-Net's gradients."""
+    args = train.parse_args([*SMALL, "--p_uncond=0"])
+    torch.manual_seed(0)
+    trainee, frozen = train.build_model(args)
+    frozen.vae.requires_grad_(False)
+    batch = next(iter(torch.utils.data.DataLoader(train.build_dataset(args, (32, 32)), batch_size=2)))
+    grads = []
+    for vgg in (None, VGGLoss()):
+        trainee.zero_grad()
+        totals = train.dtc_step(trainee, trainee, frozen, vgg, [batch], 0, args, 0, torch.device("cpu"),
+                                torch.autocast("cpu", enabled=False)).tolist()
+        grads.append(trainee.model.unet.out[2].weight.grad.clone())
+    assert totals[2] > 0 and totals[0] == pytest.approx(totals[1] + 1e-3 * totals[2], rel=1e-5)
+    assert not torch.allclose(grads[0], grads[1])
+
+
+def test_train_sd15_preset_on_tiny_original_files(tmp_path, one_thread):
+    """The sd15 preset path (dtc.from_original, frozen VAE and DINOv2, only the DTC parts trained and exported),
+    on a tiny SD-1.5-layout file and a tiny DINOv2 hub file."""
+    from dinov2 import DINOv2, DINOv2Config
+    from unet import UNet, UNetConfig
+    from vae import AutoencoderKL, VAEConfig
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig(in_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                           attention_levels=(1,), context_dim=32))
+    vae = AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1))
+    sd = {**{"model.diffusion_model." + k: v for k, v in unet.state_dict().items()},
+          **{"first_stage_model." + k: v for k, v in vae.state_dict().items()}}
+    torch.save({"state_dict": sd}, tmp_path / "sd.ckpt")
+    vit = DINOv2(DINOv2Config(embed_dim=32, depth=1, num_heads=1, ffn="mlp", patch_size=14, img_size=56))
+    torch.save(vit.state_dict(), tmp_path / "dino.pth")
+    write_triplet_folder(tmp_path / "t", 2)
+    out = tmp_path / "out"
+    train.main(["--preset=sd15", f"--sd={tmp_path / 'sd.ckpt'}", f"--dinov2={tmp_path / 'dino.pth'}",
+                f"--data={tmp_path / 't'}", f"--out_dir={out}", "--size=32", "--batch_size=2", "--max_steps=2",
+                "--sample_every=2", "--vgg_weight=0", "--num_workers=0"])
+    assert len(losses(out)) == 2 and (out / "samples" / "step_000002.png").exists()
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["vae"] is None and not any(k.startswith("image_encoder") for k in ckpt["trainee"])
+    model, frozen = load_dtc(out / "dtc.safetensors")
+    assert frozen is None and model.cfg.image_size == 224
+    assert not torch.equal(model.state_dict()["unet.out.2.weight"], unet.state_dict()["out.2.weight"])
+
+
+def test_train_init_vae_reuses_a_trained_tiny_vae(tiny_run, tmp_path, one_thread):
+    """--init_vae takes the tiny VAE of an exported run (no VAE phase); a file without one is refused by name."""
+    exported = os.path.join(tiny_run, "dtc.safetensors")
+    train.main([*SMALL, f"--out_dir={tmp_path / 'b'}", "--max_steps=1", f"--init_vae={exported}"])
+    _, a = load_dtc(exported)
+    _, b = load_dtc(tmp_path / "b" / "dtc.safetensors")
+    for (k, v), w in zip(a.vae.state_dict().items(), b.vae.state_dict().values()):
+        assert torch.equal(v, w), k
+    from dtc import save_dtc
+    model, _ = load_dtc(exported)
+    save_dtc(model, tmp_path / "no_vae.safetensors")
+    with pytest.raises(train.CheckpointError, match="no_vae.safetensors"):
+        train.main([*SMALL, f"--out_dir={tmp_path / 'c'}", "--max_steps=1", f"--init_vae={tmp_path / 'no_vae.safetensors'}"])
+
+
+# ====================================================================================================
+# bench.py
+# ====================================================================================================
+
+BENCH_VAE = VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)  # 4x: 16x12 latents <-> 64x48 images
+
+
+@pytest.fixture
+def one_thread_bench():
+    """Tiny models gain nothing from a second thread, and on a machine shared with other jobs OpenMP threads
+    wait on each other (measured: up to 60x slower); one thread keeps this file fast."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def random_vae(seed=0):
+    """Every parameter random (conv weights ~ N(0, 1/fan_in), norm weights around 1, biases non-zero)."""
+    vae = AutoencoderKL(BENCH_VAE).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in vae.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            p.copy_(r / math.sqrt(p[0].numel()) if p.ndim > 1 else 1 + 0.2 * r if "norm" in name and "weight" in name
+                    else 0.2 * r)
+    return vae
+
+
+def latents(seed=1):
+    return torch.randn(2, 4, 16, 12, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def test_bench_decode_tiled_one_tile_is_decode(one_thread_bench):
+    """A latent no larger than one tile is decoded in one piece: bit-identical to decode()."""
+    vae, z = random_vae(), latents()
+    assert torch.equal(vae.decode_tiled(z, tile=16, overlap=4), vae.decode(z))
+    assert torch.equal(vae.decode_tiled(z, tile=64), vae.decode(z))
+
+
+@pytest.mark.parametrize("tile,overlap", [(8, 4), (8, 2), (5, 3), (6, 0), (7, 6)])
+@torch.no_grad()
+def test_bench_decode_tiled_blending_is_a_partition_of_unity(one_thread_bench, tile, overlap):
+    """With a decoder that has no global parts (nearest upsampling of a pointwise map), tiling must change
+    nothing: tiles land where they belong and the ramp weights of the tiles covering each pixel sum to 1,
+    including uneven last tiles (flush with the end) and zero overlap."""
+    vae, z = random_vae(), latents()
+    f = vae.cfg.downsample_factor
+    vae.decode = lambda z: F.interpolate(torch.tanh(z[:, :3] * 2 + z[:, 3:]), scale_factor=f, mode="nearest")
+    out = vae.decode_tiled(z, tile=tile, overlap=overlap)
+    assert out.shape == (2, 3, 16 * f, 12 * f)
+    assert (out - vae.decode(z)).abs().max() < 1e-6
+
+
+@torch.no_grad()
+def test_bench_decode_tiled_cross_fades_seams(one_thread_bench):
+    """Where tiles disagree, the overlap is a linear cross-fade, not a seam. A decoder whose output is one value
+    per tile (the mean of the tile's latents) shows it: three tiles along the width overlapping by 4 latents
+    (16 pixels) step by at most |a - b| / 16 between neighbouring pixels, and hold their own value outside the
+    overlaps; with no overlap the step is the whole |a - b|."""
+    vae = random_vae()
+    f = vae.cfg.downsample_factor
+    z = torch.linspace(0, 3, 16).expand(1, 4, 4, 16) ** 2  # tiles [0,8), [4,12), [8,16): different means
+    vae.decode = lambda z: z.mean().expand(1, 3, z.shape[2] * f, z.shape[3] * f)
+    row = vae.decode_tiled(z, tile=8, overlap=4)[0, 0, 0]  # (64,) pixels along the width
+    a, b, c = (z[..., s:s + 8].mean() for s in (0, 4, 8))
+    assert torch.allclose(row[:16], a) and torch.allclose(row[-16:], c)  # outside the overlaps
+    steps = row.diff().abs()
+    assert steps.max() <= max(abs(a - b), abs(b - c)) / 16 * 1.001
+    assert torch.allclose(row[16:32].mean(), (a + b) / 2)  # the middle of a linear fade
+    hard = vae.decode_tiled(z, tile=8, overlap=0)[0, 0, 0]
+    assert torch.isclose(hard.diff().abs().max(), abs(z[..., :8].mean() - z[..., 8:].mean()))
+
+
+@torch.no_grad()
+def test_bench_decode_tiled_close_to_decode(one_thread_bench):
+    """Small tiles of the real decoder: right shape, close to decode() but not equal (the mid-block attention and
+    every GroupNorm see one tile). Measured on this random VAE, 16x12 latents, relative RMS error (max |d|):
+    tile 10 / overlap 4: 0.216 (0.67); tile 8 / overlap 4: 0.321 (1.07); tile 8, no overlap: 0.461 (2.57).
+    The bounds are loose, and the overlap's cross-fade must beat hard seams."""
+    vae, z = random_vae(), latents()
+    full = vae.decode(z)
+
+    def rel_rms(tile, overlap):
+        out = vae.decode_tiled(z, tile=tile, overlap=overlap)
+        assert out.shape == full.shape == (2, 3, 64, 48) and out.dtype == full.dtype
+        return ((out - full).pow(2).mean().sqrt() / full.std()).item(), (out - full).abs().max().item()
+
+    err, worst = rel_rms(10, 4)
+    print(f"decode_tiled tile 10 overlap 4: relative RMS {err:.3f}, max |d| {worst:.3f}")
+    assert err < 0.3 and worst < 1.0
+    assert rel_rms(8, 4)[0] < rel_rms(8, 0)[0]
+
+
+def tiny_dtc(**kw):
+    torch.manual_seed(0)
+    model = DiffuseToChoose(replace(bench.arch("tiny")[0], **kw)).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # the fusion convs are zero-initialised: randomise, or the hint is invisible
+            p.normal_(0, 0.05)
+    return model
+
+
+@torch.no_grad()
+def test_bench_two_forward_cfg_equals_batched(one_thread_bench):
+    """The 'CFG as two forwards' row computes what the batched forward computes, with and without hint features."""
+    model = tiny_dtc()
+    g = torch.Generator().manual_seed(3)
+    z, zm = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    mask, ctx = torch.rand(4, 1, 8, 8, generator=g), torch.randn(4, 5, 32, generator=g)
+    t, hint = torch.tensor([10, 10, 700, 700]), torch.rand(4, 3, 16, 16, generator=g)
+    two = bench.TwoForwardCFG(model)
+    assert two.cfg is model.cfg
+    torch.testing.assert_close(two(z, t, zm, mask, ctx, hint=hint), model(z, t, zm, mask, ctx, hint=hint),
+                               atol=1e-6, rtol=1e-5)
+    feats = model.hint_features(zm + model.adapter(hint), z, t, mask, ctx)
+    torch.testing.assert_close(two(z, t, zm, mask, ctx, hint_feats=feats), model(z, t, zm, mask, ctx, hint_feats=feats),
+                               atol=1e-6, rtol=1e-5)
+
+
+def test_bench_derived_model_shares_tensors(one_thread_bench):
+    """Variant rows reuse the base's weights without copying; only what cannot be shared is new."""
+    model = tiny_dtc()
+    nohint = bench.derived(model, hint=False)
+    assert not hasattr(nohint, "hint_encoder")
+    assert nohint.unet.out[2].weight.data_ptr() == model.unet.out[2].weight.data_ptr()
+    lo = bench.derived(model, hint_input="latent_only")
+    assert lo.hint_encoder.input_blocks[0][0].weight.shape[1] == 4  # a 4-channel conv_in: fresh
+    assert lo.hint_encoder.input_blocks[1][0].in_layers[2].weight.data_ptr() == \
+        model.hint_encoder.input_blocks[1][0].in_layers[2].weight.data_ptr()
+
+
+def test_bench_flops_count_attention(one_thread_bench):
+    """FLOPs are counted on meta replicas, attention included: the SD 1.5 U-Net at 64x64 latents with 257
+    context tokens is 818.6 GFLOP (anchors.md B.2: 818.5), and our counting equals it."""
+    with torch.device("meta"):
+        unet = UNet(UNetConfig(in_channels=9))
+        x, ctx = torch.empty(1, 9, 64, 64), torch.empty(1, 257, 768)
+    n = bench.flops(lambda: unet(x, torch.zeros(1, dtype=torch.long, device="meta"), ctx))
+    assert abs(n / 1e9 - 818.6) < 0.1
+
+
+SAMPLE_ROWS = ["DTC (base)", "CFG as two forwards", "latent_only hint features", "no hint branch (PBE-like)",
+               "math SDPA backend", "bfloat16 weights + autocast", "channels_last on", "DINOv2 offload on",
+               "tiled VAE decode on"]
+REFERENCE_ROW = "diffusers PBE-like loop (reference)"
+COMPARE_ROWS = ["U-Net forward", "DINOv2 forward", "VAE encode", "VAE decode", "sampling, s/image"]
+TRAIN_HEADER = ["batch", "variant", "s/step", "images/s", "canvas ms/step", "peak MiB", "TFLOP/s", "MFU"]
+
+
+def tables(text):
+    """Markdown tables of the output: a list of (header, rows), each row a list of cells."""
+    found, current = [], None
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            current = None
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if current is None:
+            current = (cells, [])
+            found.append(current)
+        elif set(line) - set("|-"):
+            current[1].append(cells)
+    return found
+
+
+def assert_numbers(cells):
+    for c in cells:
+        if c not in ("—", "n/a"):
+            assert float(c.rstrip("%")) >= 0, c
+
+
+def test_bench_smoke_all_tables(one_thread_bench, tmp_path, capsys):
+    """`bench.py all --arch=tiny` on the CPU prints complete tables (every row and column label, every number
+    parses) and writes them to --out. Never asserts a time."""
+    out = tmp_path / "bench.md"
+    bench.main(["all", "--arch=tiny", "--steps=1", "--repeats=1", "--batch_sizes=1,2", "--device=cpu",
+                f"--out={out}"])
+    text = capsys.readouterr().out
+    assert tables(out.read_text()) == tables(text)
+    (sh, srows), (ch, crows), (th, trows) = tables(text)
+    assert sh == bench.SAMPLE_HEADER
+    assert [r[0] for r in srows] == SAMPLE_ROWS + [REFERENCE_ROW]
+    for r in srows:
+        assert len(r) == len(sh)
+        assert_numbers(r[1:])
+    base = dict(zip(sh, srows[0]))
+    assert all(base[c] != "—" for c in sh)  # the base row measures every component
+    assert ch == ["module", "input", "ours ms", "reference ms", "ours / reference", "reference"]
+    assert [r[0] for r in crows] == COMPARE_ROWS
+    for r in crows:
+        assert_numbers(r[2:5])
+    assert th == TRAIN_HEADER
+    assert [(r[0], r[1]) for r in trows] == [(b, v) for b in "12" for v in ("base", "grad checkpointing")]
+    for r in trows:
+        assert_numbers(r[2:])
+        assert r[-1] == "n/a"  # no MFU on a CPU without --peak_tflops
+    assert "getrusage" in text and "FlopCounterMode" in text
+
+
+def test_bench_without_diffusers(one_thread_bench, monkeypatch, capsys):
+    """Without diffusers the benchmark says so in one line and goes on without the reference rows. (Also: on a
+    CPU the --compile row is skipped with a note, as inductor's OpenMP kernels would slow the rows after it.)"""
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` now raises ImportError
+    bench.main(["sample", "--arch=tiny", "--steps=1", "--repeats=1", "--device=cpu", "--compile"])
+    text = capsys.readouterr().out
+    assert "diffusers not installed: skipping the reference rows\n" in text
+    (sh, srows), = tables(text)
+    assert [r[0] for r in srows] == SAMPLE_ROWS + ["torch.compile"]
+    assert srows[-1][1:] == ["skipped"] * (len(sh) - 1) and "torch.compile row skipped on the CPU" in text
