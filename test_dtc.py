@@ -1745,7 +1745,6 @@ def test_eval_cli_against_itself_and_perturbed(tmp_path):
     """--pred_dir=target/ scores psnr inf and ssim 1; perturbed predictions score finite, lower values."""
     from PIL import Image
     import data, dtc
-    from _test_dtcmodel import TINY_VAE, TINY_VIT, randomise, tiny_dtc_config
     from dinov2 import DINOv2
     from vae import AutoencoderKL
     world = data.TeachingWorld(size=32, split="heldout", length=4, seed=0, ref_size=(32, 32))
