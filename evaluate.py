@@ -9,7 +9,7 @@ Metrics, all on the region to fill (the mask), after pasting the source back out
   ssim_masked  SSIM (Gaussian window 11, sigma 1.5, Wang et al. 2004 constants) averaged over the masked pixels
   dino_i       cosine similarity of image-encoder CLS features of the generated region (its bounding box,
                resized to the encoder's input) and of the reference (DreamBooth's DINO score, with the model's
-               own frozen encoder, or --dinov2)
+               own frozen encoder, --dinov2, or the encoder of --features_from)
   fd_dino      Frechet distance of the same features between generated and target regions; only for
                >= --fd_min images, because a covariance from a few samples is meaningless
 The last line printed is key=value pairs.
@@ -88,6 +88,8 @@ def parse_args(argv=None):
     p.add_argument("--pred_dir", help="score these images (named like the sources) instead of sampling")
     p.add_argument("--sd", help="VAE source when the checkpoint holds only the trainable parts")
     p.add_argument("--dinov2", help="DINOv2 hub file for the feature metrics (default: the model's own encoder)")
+    p.add_argument("--features_from", help="a DTC checkpoint whose image encoder scores dino_i and fd_dino, so that "
+                   "models with encoders of their own (the teaching models) are judged by one")
     p.add_argument("--out_dir", help="also write the generated images here")
     p.add_argument("--size", type=int, default=None, help="working size (default: the model's training size)")
     p.add_argument("--steps", type=int, default=40)
@@ -110,6 +112,11 @@ def main(argv=None):
         _, frozen = from_original(args.sd, args.dinov2)
     encoder = load_dinov2(args.dinov2) if args.dinov2 else frozen.image_encoder
     image_size = model.cfg.image_size if (model is not None and not args.dinov2) else 224
+    if args.features_from:
+        judge, judge_frozen = load_dtc(args.features_from)
+        if judge_frozen is None:
+            raise CheckpointError(f"{args.features_from}: holds no image encoder")
+        encoder, image_size = judge_frozen.image_encoder, judge.cfg.image_size
     size = args.size or (512 if model is None or model.cfg.unet.model_channels >= 320 else 64)
     if not os.path.isdir(os.path.join(args.data, "target")):
         raise DataError(f"{args.data}: no target/ folder: evaluation needs the ground truth")

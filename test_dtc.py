@@ -1756,6 +1756,9 @@ def test_eval_cli_against_itself_and_perturbed(tmp_path):
     same = evaluate.main(args + [f"--pred_dir={tmp_path / 'set' / 'target'}"])
     assert same["psnr_masked"] == float("inf") and abs(same["ssim_masked"] - 1) < 1e-9
     assert abs(same["dino_i"]) <= 1 and "fd_dino" not in same
+    # the feature metrics with another checkpoint's encoder: here the same one, so the same numbers
+    judged = evaluate.main(args + [f"--pred_dir={tmp_path / 'set' / 'target'}", f"--features_from={tmp_path / 'm.safetensors'}"])
+    assert judged == same
     (tmp_path / "noisy").mkdir()
     for p in (tmp_path / "set" / "target").iterdir():
         x = torch.frombuffer(bytearray(Image.open(p).tobytes()), dtype=torch.uint8).float()
