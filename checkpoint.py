@@ -18,10 +18,11 @@ class CheckpointError(ValueError):
     """A weight file that cannot be used; the message names the file and what is wrong."""
 
 
-def read_state_dict(path_or_state_dict):
-    """Returns (state_dict, source) where source names the file (or '<state dict>') for messages."""
+def read_state_dict(path_or_state_dict, source="<state dict>"):
+    """Returns (state_dict, source) where source names the file for messages (for an in-memory state dict,
+    the `source` given: the file it was read from, or '<state dict>')."""
     if isinstance(path_or_state_dict, dict):
-        sd, source = path_or_state_dict, "<state dict>"
+        sd = path_or_state_dict
     else:
         source = str(path_or_state_dict)
         if not os.path.isfile(source):

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from checkpoint import CheckpointError, cast_floats, likely_cause, load_strict, read_state_dict, strip_prefix
 from dinov2 import IMAGENET_MEAN, IMAGENET_STD, DINOv2, DINOv2Config, load_dinov2
 from unet import UNet, UNetConfig, infer_unet_config
-from vae import LATENT_SCALE, AutoencoderKL, VAEConfig
+from vae import LATENT_SCALE, AutoencoderKL, VAEConfig, load_vae
 
 # -----------------------------------------------------------------------------
 # 1. Masks and the hint image (paper §3.2 and supplement §5.1)
@@ -409,7 +409,7 @@ def from_original(sd_file, dinov2_file, dtype=None, **overrides):
     main encoder (ControlNet's recipe, paper §3.2 "trainable replica")."""
     sd, source = read_state_dict(sd_file)
     image_encoder = load_dinov2(dinov2_file, dtype=dtype)
-    vae = load_vae_from(sd, source, dtype)
+    vae = load_vae(sd, dtype, source)  # the keys under first_stage_model.; errors name the SD file
     unet_sd = cast_floats(strip_prefix(sd, "model.diffusion_model."), dtype)
     if not unet_sd:
         raise CheckpointError(f"{source}: no model.diffusion_model. keys: not an SD 1.x single-file checkpoint. "
@@ -424,14 +424,6 @@ def from_original(sd_file, dinov2_file, dtype=None, **overrides):
     new = init_new_parts(cfg, unet_sd, sd)
     load_strict(model, {**{"unet." + k: v for k, v in unet_sd.items()}, **new}, source)
     return model.train(), Frozen(vae=vae.requires_grad_(False), image_encoder=image_encoder.requires_grad_(False))
-
-
-def load_vae_from(sd, source, dtype):
-    from vae import load_vae
-    vae_sd = strip_prefix(sd, "first_stage_model.")
-    if not vae_sd:
-        raise CheckpointError(f"{source}: no first_stage_model. keys: the SD file must carry its VAE")
-    return load_vae(vae_sd, dtype=dtype)
 
 
 def to_pbe_layout(unet_sd, full_sd, source):

@@ -1569,6 +1569,11 @@ def test_dtc_from_original_bad_files(tmp_path):
     torch.save({"a.weight": torch.zeros(1)}, tmp_path / "junk.pth")
     with pytest.raises(CheckpointError, match="junk.pth"):
         dtc.from_original(tmp_path / "junk.pth", vit_path)
+    full = torch.load(sd_path, weights_only=True)["state_dict"]
+    del full["first_stage_model.decoder.conv_out.bias"]  # a damaged VAE inside the SD file: the file is named
+    torch.save({"state_dict": full}, tmp_path / "bad_vae.ckpt")
+    with pytest.raises(CheckpointError, match=r"bad_vae.ckpt: does not match AutoencoderKL(.|\n)*decoder.conv_out.bias"):
+        dtc.from_original(tmp_path / "bad_vae.ckpt", vit_path)
 
 
 def test_dtc_checkpoint_round_trip(tmp_path):

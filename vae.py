@@ -269,11 +269,11 @@ def infer_vae_config(sd):
                      embed_dim=sd["post_quant_conv.weight"].shape[1])
 
 
-def load_vae(path_or_state_dict, dtype=None):
+def load_vae(path_or_state_dict, dtype=None, source="<state dict>"):
     """An AutoencoderKL in eval mode from a full SD / Paint-by-Example checkpoint (the keys under
     `first_stage_model.`; the rest of the file is ignored) or a bare VAE file such as
     vae-ft-mse-840000-ema-pruned.{ckpt,safetensors}. Keeps the file's dtype unless `dtype` is given."""
-    sd, source = read_state_dict(path_or_state_dict)
+    sd, source = read_state_dict(path_or_state_dict, source)
     if any(k.startswith("first_stage_model.") for k in sd):
         sd = strip_prefix(sd, "first_stage_model.")
     # the original VAE .ckpt also carries its training loss (LPIPS and discriminator) and EMA copies: not the model
