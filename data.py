@@ -491,7 +491,7 @@ def make_product(pid):
                _hsv(h + _uniform(g, 0.3, 0.7), _uniform(g, 0.5, 1.0), _uniform(g, 0.2, 0.6)),  # dark
                _hsv(h + _uniform(g, 0.1, 0.9), _uniform(g, 0.6, 1.0), _uniform(g, 0.55, 1.0)))  # accent
     colours = colours[:2] if _uniform(g) < 0.5 else colours
-    freq, angle, duty, phase = _uniform(g, 2.0, 6.0), _uniform(g, 0.0, math.pi), _uniform(g, 0.3, 0.7), _uniform(g)
+    freq, angle, duty, phase = _uniform(g, 1.5, 3.5), _uniform(g, 0.0, math.pi), _uniform(g, 0.3, 0.7), _uniform(g)
     strokes = ()
     if pattern == "glyphs":  # 2-3 letter-like glyphs in a row, each 2-4 strokes between points of a 3x3 lattice
         n, gw, gh = 2 + int(_uniform(g) < 0.5), 0.16, 0.24
@@ -684,7 +684,7 @@ class TeachingWorld(SampleDataset):
 
     def _person(self, g, image, x, y):
         """Draws a person without the top into `image`; returns the top's region, its texture coords and shading."""
-        s, cx, shoulder = _uniform(g, 0.85, 1.05), _uniform(g, 0.38, 0.62), _uniform(g, 0.3, 0.36)
+        s, cx, shoulder = _uniform(g, 0.95, 1.15), _uniform(g, 0.38, 0.62), _uniform(g, 0.33, 0.38)
         skin = _hsv(_uniform(g, 0.03, 0.1), _uniform(g, 0.3, 0.6), _uniform(g, 0.35, 0.95))
         hair = _hsv(_uniform(g, 0.0, 0.12), _uniform(g, 0.3, 0.8), _uniform(g, 0.1, 0.5))
         trousers = _hsv(_uniform(g), _uniform(g, 0.2, 0.7), _uniform(g, 0.15, 0.5))
@@ -723,7 +723,7 @@ class TeachingWorld(SampleDataset):
         for ax in (x0 + arm / 2, x1 - arm / 2):  # armrests with rounded tops
             _paint(image, _box(x, y, ax, (back + 0.14 + seat + 0.16) / 2, arm / 2, (seat + 0.16 - back - 0.14) / 2)
                    | _ellipse(x, y, ax, back + 0.14, arm / 2, 0.03), tuple(0.9 * c for c in colour))
-        r, tilt = _uniform(g, 0.14, 0.19), _uniform(g, -0.2, 0.2)
+        r, tilt = _uniform(g, 0.17, 0.23), _uniform(g, -0.2, 0.2)
         cx = _uniform(g, x0 + arm + r + 0.02, x1 - arm - r - 0.02)
         cy = seat - r * _uniform(g, 0.6, 0.9)
         if _uniform(g) < 0.5:  # a plain cushion beside it, on the side with more room

@@ -111,6 +111,10 @@ class DTCConfig:
     mask_channel: str = "keep"     # the U-Net's mask input: "keep" (PBE, 1 = keep) or "fill" (SD-inpainting weights)
     latent_channels: int = 4
     vae_factor: int = 8
+    # what the U-Net predicts: "eps" (SD 1.5 and the paper) or "v" = sqrt(a_t) eps - sqrt(1 - a_t) z0 (Salimans &
+    # Ho 2022). The tiny preset uses v: at high noise v is about -z0, so a network trained for minutes can carry
+    # z_masked into its prediction; an eps network must instead reproduce z_t to ~1% before its x0 means anything
+    prediction: str = "eps"
 
     @staticmethod
     def from_dict(d):
@@ -284,6 +288,18 @@ class Schedule:
         a = self._a(t, z_t)
         return ((z_t.float() - (1 - a).sqrt() * eps.float()) / a.sqrt()).to(z_t.dtype)
 
+    def eps_from(self, out, z_t, t, prediction):
+        """The U-Net's output as eps: itself, or from v (eps = sqrt(a_t) v + sqrt(1 - a_t) z_t)."""
+        if prediction == "eps":
+            return out
+        a = self._a(t, z_t)
+        return (a.sqrt() * out.float() + (1 - a).sqrt() * z_t.float()).to(out.dtype)
+
+    def v_target(self, z0, eps, t):
+        """v = sqrt(a_t) eps - sqrt(1 - a_t) z0, the target of a v-prediction network."""
+        a = self._a(t, z0)
+        return (a.sqrt() * eps.float() - (1 - a).sqrt() * z0.float()).to(z0.dtype)
+
     def ddim_timesteps(self, steps):
         """SD's "leading" spacing with offset 1: 50 steps -> 981, 961, ..., 1."""
         return (torch.arange(steps) * (self.num_steps // steps)).flip(0) + 1
@@ -313,16 +329,18 @@ class Schedule:
 
 
 def diffusion_loss(model, schedule, cond, generator=None, drop=None):
-    """Eq. 1 of the paper: ||eps - eps_theta(z_t, t, z_masked, c, hint)||^2, t uniform, plain mean over latents.
-    Returns (loss, eps_pred, z_t, t) so the caller can add the perceptual loss on x0."""
+    """Eq. 1 of the paper: ||eps - eps_theta(z_t, t, z_masked, c, hint)||^2, t uniform, plain mean over latents
+    (with prediction "v": the same against v). Returns (loss, eps_pred, z_t, t), eps_pred as eps either way, so the
+    caller can add the perceptual loss on x0."""
     z0 = cond["z0"]
     B = z0.shape[0]
     t = torch.randint(0, schedule.num_steps, (B,), generator=generator).to(z0.device)
     noise = torch.randn(z0.shape, generator=generator).to(z0.device, z0.dtype)
     z_t = schedule.add_noise(z0, noise, t)
     context = model.context(cond["tokens"].to(z0.dtype), drop)
-    eps = model(z_t, t, cond["z_masked"], cond["mask_lat"], context, hint=cond["hint"])
-    return F.mse_loss(eps.float(), noise.float()), eps, z_t, t
+    out = model(z_t, t, cond["z_masked"], cond["mask_lat"], context, hint=cond["hint"])
+    target = noise if model.cfg.prediction == "eps" else schedule.v_target(z0, noise, t)
+    return F.mse_loss(out.float(), target.float()), schedule.eps_from(out, z_t, t, model.cfg.prediction), z_t, t
 
 
 @torch.no_grad()
@@ -348,7 +366,8 @@ def sample_latents(model, schedule, cond, steps=40, guidance=5.0, eta=0.0, sampl
     for i, t in enumerate(tqdm(ts, desc=f"{sampler} sampling", disable=not progress, leave=False)):
         zz = torch.cat([z] * 2) if guidance != 1.0 else z
         tt = torch.full((zz.shape[0],), t, device=z.device, dtype=torch.long)
-        eps = model(zz, tt, z_masked, mask_lat, context, hint=hint, hint_feats=hint_feats)
+        out = model(zz, tt, z_masked, mask_lat, context, hint=hint, hint_feats=hint_feats)
+        eps = schedule.eps_from(out, zz, tt, model.cfg.prediction)
         if guidance != 1.0:
             eps_null, eps_cond = eps.chunk(2)
             eps = eps_null + guidance * (eps_cond - eps_null)

@@ -13,7 +13,9 @@ Presets (the PRESETS table below):
         Trained: main U-Net, hint encoder, adapter, fusion convs, token_proj, null_context. Frozen: VAE, DINOv2.
   tiny  the same architecture, narrow, from scratch on 64x64 images (16x16 latents). A random frozen VAE would be
         useless, so phase 1 trains the tiny VAE as an autoencoder (--vae_steps), then freezes it. The tiny image
-        encoder has no pretrained weights, so it is trained jointly with DTC (sd15 keeps DINOv2 frozen).
+        encoder has no pretrained weights, so it is trained jointly with DTC (sd15 keeps DINOv2 frozen). Two
+        changes make minutes of training enough: an init that passes signals through (init_from_scratch) and
+        v-prediction (DTCConfig.prediction). About 20 minutes on 2 CPU cores.
 --data: a VITON-HD release (train_pairs.txt + train/) or a triplet folder (data.py); tiny without --data trains on
 the generated teaching world.
 
@@ -80,13 +82,14 @@ class Preset:
 PRESETS = {
     # 15k steps at a global batch of 32 (4 x 8 GPUs) is ~40 epochs of VITON-HD's 11,647 pairs (paper §4.1: 40 epochs)
     "sd15": Preset(size=512, batch_size=4, lr=1e-5, max_steps=15_000, save_every=1000, sample_every=1000, num_workers=4),
-    "tiny": Preset(size=64, batch_size=32, lr=1e-3, max_steps=500, save_every=100, sample_every=100, num_workers=0,
-                   vae_steps=300, vae_batch_size=8, vae_lr=2e-3, vae_kl=1e-4),
+    "tiny": Preset(size=64, batch_size=32, lr=1e-3, max_steps=1500, save_every=250, sample_every=250, num_workers=0,
+                   vae_steps=1000, vae_batch_size=8, vae_lr=1e-3, vae_kl=1e-4),
 }
 # The tiny architecture: DTC's, narrow. The encoder's img_size and DTC's image_size follow --size.
 TINY_UNET = UNetConfig(in_channels=9, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
                        attention_levels=(1, 2), num_heads=4, context_dim=64)
-TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)  # 4x downsampling: 64x64 -> 16x16
+# 4x downsampling: 64x64 -> 16x16. One norm group: a narrow VAE with SD's 32 groups normalises colour away
+TINY_VAE = VAEConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=1)
 TINY_ENCODER = DINOv2Config(embed_dim=64, depth=3, num_heads=4, ffn="mlp", patch_size=8, img_size=64,
                             interpolate_offset=0.0)
 # what a resumed run may change (files may have moved); every other option comes from the checkpoint
@@ -173,9 +176,12 @@ def build_model(args):
         return Trainee(model), frozen
     encoder = DINOv2(replace(TINY_ENCODER, img_size=args.size))
     encoder.mask_token.requires_grad_(False)  # for DINOv2's own masked-patch training: unused here
-    cfg = DTCConfig(unet=TINY_UNET, image_encoder_dim=TINY_ENCODER.embed_dim, image_size=args.size,
+    cfg = DTCConfig(unet=TINY_UNET, image_encoder_dim=TINY_ENCODER.embed_dim, image_size=args.size, prediction="v",
                     latent_channels=TINY_VAE.embed_dim, vae_factor=TINY_VAE.downsample_factor, **variant)
-    return Trainee(DiffuseToChoose(cfg), encoder), Frozen(vae=AutoencoderKL(TINY_VAE), image_encoder=encoder)
+    model = DiffuseToChoose(cfg)
+    for part in (model.unet, model.hint_encoder) if cfg.hint else (model.unet,):  # (the VAE's: in train_vae)
+        init_from_scratch(part, _generator(0x1418, args.seed))
+    return Trainee(model, encoder), Frozen(vae=AutoencoderKL(TINY_VAE), image_encoder=encoder)
 
 
 def build_dataset(args, ref_size, train=True):
@@ -220,10 +226,13 @@ def train_vae(vae, dataset, args, device, show):
     LPIPS and GAN terms). Then rescaled so that latents x LATENT_SCALE have unit variance, as SD's scale factor
     makes them for SD's VAE. Every process trains the same copy on the same batches: no communication."""
     preset = PRESETS[args.preset]
+    init_from_scratch(vae, _generator(0x1417, args.seed))
     opt = torch.optim.AdamW(vae.parameters(), lr=preset.vae_lr, weight_decay=0.0)
     stream = micro_batches(dataset, args, min(preset.vae_batch_size, args.batch_size), 1)
     bar = tqdm(range(args.vae_steps), desc="vae", disable=not show, dynamic_ncols=True)
     for step in bar:
+        for group in opt.param_groups:  # 50 warm-up steps
+            group["lr"] = preset.vae_lr * min(1.0, (step + 1) / 50)
         x = next(stream)[2][0]["target"].to(device)
         posterior = vae.encode(x)
         recon = vae.decode(posterior.sample(_generator(0x7AE, args.seed, step)))
@@ -239,6 +248,23 @@ def train_vae(vae, dataset, args, device, show):
         std = vae.encode(next(stream)[2][0]["target"].to(device)).mean.std().item()
         fold_latent_scale(vae, 1 / (LATENT_SCALE * std))
     return vae.requires_grad_(False).eval()
+
+
+@torch.no_grad()
+def init_from_scratch(module, generator):
+    """The tiny preset's init for the SD-shaped networks it trains from scratch (the VAE, the U-Net and the hint
+    encoder). With PyTorch's default init (each conv shrinks a signal by about sqrt(3)) and random residual
+    branches, a fresh tiny VAE passes a flat colour to its output at 2-19% of its size (seed-dependent), and
+    training spends its first thousand steps finding the colours: reconstructions stay grey. Here every conv is
+    variance-preserving, N(0, 1/fan_in), and the last conv of every residual branch starts at zero, as ldm's
+    zero_module does in its U-Net (ResBlock out_layers, SpatialTransformer proj_out, the output conv): a fresh
+    network is a short chain of convs that passes its input through. On the teaching world the VAE reaches
+    25.0 dB PSNR after 750 steps instead of 21.6 dB."""
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Conv2d):
+            zero = name.endswith(("conv2", "proj_out", "out_layers.3")) or name == "out.2"
+            nn.init.normal_(m.weight, std=0.0 if zero else m.weight[0].numel() ** -0.5, generator=generator)
+            nn.init.zeros_(m.bias)
 
 
 @torch.no_grad()
