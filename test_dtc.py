@@ -1863,10 +1863,11 @@ def tiny_run(tmp_path_factory):
 
 
 def test_train_overfit_batch_lowers_loss(tmp_path, one_thread):
-    """--overfit_batch (one fixed batch, fixed t and noise): the loss must fall fast."""
-    train.main([*SMALL, f"--out_dir={tmp_path}", "--max_steps=12", "--overfit_batch"])
+    """--overfit_batch (one fixed batch, fixed t and noise): the loss must fall fast. (The 2-step VAE's latents
+    are mostly posterior noise of std >> 1, so the v target is large: a higher rate than the preset's.)"""
+    train.main([*SMALL, f"--out_dir={tmp_path}", "--max_steps=16", "--overfit_batch", "--lr=3e-3"])
     l = losses(tmp_path)
-    assert len(l) == 12 and l[-1] < 0.5 * l[0], l
+    assert len(l) == 16 and l[-1] < 0.5 * l[0], l
 
 
 def test_train_resume_reproduces_losses_exactly(tiny_run, tmp_path, one_thread):
