@@ -13,9 +13,9 @@ Presets (the PRESETS table below):
         Trained: main U-Net, hint encoder, adapter, fusion convs, token_proj, null_context. Frozen: VAE, DINOv2.
   tiny  the same architecture, narrow, from scratch on 64x64 images (16x16 latents). A random frozen VAE would be
         useless, so phase 1 trains the tiny VAE as an autoencoder (--vae_steps), then freezes it. The tiny image
-        encoder has no pretrained weights, so it is trained jointly with DTC (sd15 keeps DINOv2 frozen). Two
-        changes make minutes of training enough: an init that passes signals through (init_from_scratch) and
-        v-prediction (DTCConfig.prediction). About 20 minutes on 2 CPU cores.
+        encoder has no pretrained weights, so it is trained jointly with DTC (sd15 keeps DINOv2 frozen). Three
+        choices make minutes of training enough: one GroupNorm group in the narrow VAE, an init that passes
+        signals through (init_from_scratch) and v-prediction (DTCConfig.prediction). About 20 min on 2 CPU cores.
 --data: a VITON-HD release (train_pairs.txt + train/) or a triplet folder (data.py); tiny without --data trains on
 the generated teaching world.
 
@@ -179,7 +179,10 @@ def build_model(args):
     cfg = DTCConfig(unet=TINY_UNET, image_encoder_dim=TINY_ENCODER.embed_dim, image_size=args.size, prediction="v",
                     latent_channels=TINY_VAE.embed_dim, vae_factor=TINY_VAE.downsample_factor, **variant)
     model = DiffuseToChoose(cfg)
-    for part in (model.unet, model.hint_encoder) if cfg.hint else (model.unet,):  # (the VAE's: in train_vae)
+    # one fresh generator per part, on the same key: with the full hint input the hint encoder's convs start equal
+    # to the main encoder's (ControlNet's copy; with latent_only its 4-channel conv_in shifts the draws after it).
+    # The VAE's init is in train_vae
+    for part in (model.unet, model.hint_encoder) if cfg.hint else (model.unet,):
         init_from_scratch(part, _generator(0x1418, args.seed))
     return Trainee(model, encoder), Frozen(vae=AutoencoderKL(TINY_VAE), image_encoder=encoder)
 
