@@ -40,6 +40,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageFile, ImageOps
 from torch.utils.data import Dataset
 
+from dtc import largest_rectangle
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
@@ -196,30 +198,42 @@ def bbox_mask(mask):
     return box
 
 
-def augment_reference(reference, g):
-    """Horizontal flip p=0.5 and rotation uniform in +-20 degrees, corners filled white (the
-    reference's own background). Both draws are made every time, so later draws never shift."""
+def augment(source, target, mask, reference, g):
+    """The paper's flip and rotation (4.1), applied so that the hint still corresponds to the target: the
+    horizontal flip (p=0.5) mirrors the whole sample (source, target, mask and reference together: the
+    mirrored reference stretched into the mirrored rectangle is again the target's texture), and the
+    rotation (uniform in +-20 degrees, corners filled white, the reference's own background) turns only
+    the image encoder's copy of the reference; the hint is built from the unrotated one. Both draws are
+    made every time, so later draws never shift. Returns (source, target, mask, reference, encoder_reference)."""
     flip = torch.rand((), generator=g).item() < 0.5
     angle = _uniform(g, -20.0, 20.0)
     if flip:
-        reference = reference.flip(-1)
-    return TF.rotate(reference, angle, interpolation=TF.InterpolationMode.BILINEAR, fill=[1.0] * reference.shape[0])
+        source, target, mask, reference = (x.flip(-1) for x in (source, target, mask, reference))
+    encoder_reference = TF.rotate(reference, angle, interpolation=TF.InterpolationMode.BILINEAR,
+                                  fill=[1.0] * reference.shape[0])
+    return source, target, mask, reference, encoder_reference
 
 
-def finish_sample(source, target, mask, reference, name, size, ref_size, g, mask_file):
+def finish_sample(source, target, mask, reference, name, size, ref_size, g, mask_file, box=None):
     """Resize to the batch sizes, check there is something to fill, then apply the training randomness
-    (g is None in evaluation). mask_file names the mask's origin for the error message."""
+    (g is None in evaluation): the fine mask or its bounding box, 50/50 (supplement 5.1; `box` given when
+    the dataset has drawn that choice itself), then `augment`. mask_file names the mask's origin for the
+    error message. The sample's "encoder_reference" is what the image encoder sees (= "reference" in
+    evaluation)."""
     resized = resize_image(source, size)
     target = resized if target is source else resize_image(target, size)
     mask = resize_nearest(mask, size)
     if mask.min() > 0.5:
         raise DataError(f"{mask_file}: no region to fill at {size[1]}x{size[0]} (all keep, or too small to survive the resize)")
-    reference = resize_image(reference, ref_size)
+    reference = encoder_reference = resize_image(reference, ref_size)
     if g is not None:
-        if torch.rand((), generator=g).item() < 0.5:  # the paper's 50/50: fine mask or its bounding box
+        if box is None:
+            box = torch.rand((), generator=g).item() < 0.5
+        if box:
             mask = bbox_mask(mask)
-        reference = augment_reference(reference, g)
-    return {"source": resized, "target": target, "mask": mask, "reference": reference, "name": name}
+        resized, target, mask, reference, encoder_reference = augment(resized, target, mask, reference, g)
+    return {"source": resized, "target": target, "mask": mask, "reference": reference,
+            "encoder_reference": encoder_reference, "name": name}
 
 
 def _warn_dropped(bad, total):
@@ -450,17 +464,26 @@ class VitonHDDataset(SampleDataset):
 # ----------------------------------------------------------------------------------------------
 # 5. The teaching world: toy "virtual try-all" scenes that train on a CPU
 #
-# A product is a flat texture (stripes, checks, dots, glyph strokes, colour blocks; 2-3 colours) that
-# is either a top (worn by a person) or a cushion (on a sofa). A sample draws a scene, places the
-# product's texture into the scene's region with a warp and shading, and shows the same product flat on
-# white as the reference. The detail (stripe angle and frequency, glyph shapes) is what a single global
+# A product is a flat texture (stripes, checks, dots, glyph strokes, colour blocks; 2-3 colours) with a
+# shape of its own: a top (worn by a person) or a cushion (on a sofa). A sample draws a scene, places the
+# product's texture into the scene's region with a mild warp and shading, and shows the same product flat
+# on white as the reference. The detail (stripe angle and phase, glyph shapes) is what a single global
 # embedding loses, so only a model that uses the reference's spatial detail can redraw it.
+#
+# The world is built so that DTC's hint rule is right in it. The hint stretches the whole reference into
+# the largest rectangle inside the mask (dtc.make_hint); so the scene maps the texture relative to that
+# same rectangle: the point at relative position (a, b) of the rectangle shows the texture that the
+# reference shows at relative position (a, b) of its canvas. Outside the rectangle (a top's sleeves, a
+# cushion's rim) the same linear map goes on, past the reference's edge. And the worn product has the flat
+# one's silhouette (a top's proportions and sleeves, a cushion's aspect), only scaled: with a box mask the
+# rectangle is the region's bounding box and the hint shows the product's outline in place.
 # Everything is drawn at SS x the output size and box-filtered down (anti-aliasing).
 
 SS = 2
 PATTERNS = ("stripes", "checks", "dots", "glyphs", "blocks")
 HELDOUT_FIRST = 1_000_000  # held-out product ids start here; train ids are 0 .. n_products-1
-WINDOW = (0.12, 0.88)  # the part of the texture square that the flat reference shows (and the scene maps)
+WINDOW = (0.12, 0.88)  # the part of the texture square that the reference's canvas shows
+MARGIN = 0.03  # white around the flat product's silhouette, a fraction of the reference canvas
 
 
 @dataclass(frozen=True)
@@ -473,6 +496,7 @@ class Product:
     duty: float  # stripe share, dot size or stroke width, per pattern
     phase: float
     strokes: tuple  # glyph strokes ((x0, y0, x1, y1), ...) in texture coordinates
+    shape: tuple  # top: (half width / height, sleeve angle below horizontal, sleeve length / height); cushion: (width / height,)
 
 
 def _hsv(h, s, v):
@@ -491,7 +515,7 @@ def make_product(pid):
                _hsv(h + _uniform(g, 0.3, 0.7), _uniform(g, 0.5, 1.0), _uniform(g, 0.2, 0.6)),  # dark
                _hsv(h + _uniform(g, 0.1, 0.9), _uniform(g, 0.6, 1.0), _uniform(g, 0.55, 1.0)))  # accent
     colours = colours[:2] if _uniform(g) < 0.5 else colours
-    freq, angle, duty, phase = _uniform(g, 1.5, 3.5), _uniform(g, 0.0, math.pi), _uniform(g, 0.3, 0.7), _uniform(g)
+    freq, angle, duty, phase = _uniform(g, 1.25, 3.0), _uniform(g, 0.0, math.pi), _uniform(g, 0.3, 0.7), _uniform(g)
     strokes = ()
     if pattern == "glyphs":  # 2-3 letter-like glyphs in a row, each 2-4 strokes between points of a 3x3 lattice
         n, gw, gh = 2 + int(_uniform(g) < 0.5), 0.16, 0.24
@@ -502,7 +526,12 @@ def make_product(pid):
                 b = (a + 1 + b % 8) % 9  # a stroke joins two different lattice points
                 strokes += ((round(x0 + j * gw * 1.5 + a % 3 * gw / 2, 4), round(y0 + a // 3 * gh / 2, 4),
                              round(x0 + j * gw * 1.5 + b % 3 * gw / 2, 4), round(y0 + b // 3 * gh / 2, 4)),)
-    return Product(category, pattern, colours, round(freq, 4), round(angle, 4), round(duty, 4), round(phase, 4), strokes)
+    if category == "top":
+        shape = (_uniform(g, 0.32, 0.42), _uniform(g, 0.75, 1.1), _uniform(g, 0.22, 0.3))
+    else:
+        shape = (_uniform(g, 0.8, 1.25),)
+    return Product(category, pattern, colours, round(freq, 4), round(angle, 4), round(duty, 4), round(phase, 4),
+                   strokes, tuple(round(s, 4) for s in shape))
 
 
 def _segment_distance(u, v, strokes):
@@ -556,21 +585,35 @@ def _ellipse(x, y, cx, cy, rx, ry):
     return ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1
 
 
+def _sleeves(cx, top, w, h, sleeve_angle, sleeve_len):
+    """The two sleeve boxes of `_shirt`: (centre x, centre y, half length, half width, angle) per side."""
+    return [(cx + side * (0.9 * w + 0.5 * sleeve_len * math.cos(sleeve_angle)),
+             top + 0.12 * h + 0.5 * sleeve_len * math.sin(sleeve_angle), 0.5 * sleeve_len, 0.11 * h, side * sleeve_angle)
+            for side in (-1, 1)]
+
+
 def _shirt(x, y, cx, top, w, h, sleeve_angle, sleeve_len):
     """A T-shirt: body of half width w from the shoulder line `top` down h, two sleeves going out and down
     at `sleeve_angle` (radians below horizontal), a round neckline."""
     body = ((x - cx).abs() <= w * (1 - 0.08 * (y - top) / h)) & (y >= top) & (y <= top + h)
-    for side in (-1, 1):
-        ax = cx + side * (0.9 * w + 0.5 * sleeve_len * math.cos(sleeve_angle))
-        ay = top + 0.12 * h + 0.5 * sleeve_len * math.sin(sleeve_angle)
-        body |= _box(x, y, ax, ay, 0.5 * sleeve_len, 0.11 * h, side * sleeve_angle)
+    for sx, sy, hw, hh, a in _sleeves(cx, top, w, h, sleeve_angle, sleeve_len):
+        body |= _box(x, y, sx, sy, hw, hh, a)
     return body & ~_ellipse(x, y, cx, top, 0.38 * w, 0.12 * h)
 
 
-def _superellipse(x, y, cx, cy, r, angle, power=4.0):
-    """Radius-like value of a rounded square (< 1 inside) and local coordinates in [-1,1]."""
+def _shirt_bbox(cx, top, w, h, sleeve_angle, sleeve_len):
+    """(x0, y0, x1, y1) of `_shirt`, exactly: the body's and the two turned sleeve boxes' extents."""
+    x0, y0, x1, y1 = cx - w, top, cx + w, top + h
+    for sx, sy, hw, hh, a in _sleeves(cx, top, w, h, sleeve_angle, sleeve_len):
+        ex, ey = hw * abs(math.cos(a)) + hh * abs(math.sin(a)), hw * abs(math.sin(a)) + hh * abs(math.cos(a))
+        x0, y0, x1, y1 = min(x0, sx - ex), min(y0, sy - ey), max(x1, sx + ex), max(y1, sy + ey)
+    return x0, y0, x1, y1
+
+
+def _superellipse(x, y, cx, cy, rx, ry, angle, power=3.0):
+    """Radius-like value of a rounded rectangle with half sizes (rx, ry) (< 1 inside), and local coordinates in [-1,1]."""
     c, s = math.cos(angle), math.sin(angle)
-    du, dv = ((x - cx) * c + (y - cy) * s) / r, ((y - cy) * c - (x - cx) * s) / r
+    du, dv = ((x - cx) * c + (y - cy) * s) / rx, ((y - cy) * c - (x - cx) * s) / ry
     return (du.abs() ** power + dv.abs() ** power) ** (1 / power), du, dv
 
 
@@ -581,11 +624,9 @@ def _grid(h, w):
     return x[None].expand(h, w), y[:, None].expand(h, w)
 
 
-def _window(x, y, region):
-    """Texture coordinates that map the bounding box of `region` onto the texture WINDOW."""
-    cols, rows = region.any(0).nonzero()[:, 0], region.any(1).nonzero()[:, 0]
-    x0, x1, y0, y1 = x[0, cols[0]], x[0, cols[-1]], y[rows[0], 0], y[rows[-1], 0]
-    lo, hi = WINDOW
+def _texture_coords(x, y, box):
+    """Texture coordinates that map the box (x0, y0, x1, y1) onto the WINDOW, and go on linearly outside it."""
+    (lo, hi), (x0, y0, x1, y1) = WINDOW, box
     return lo + (x - x0) / (x1 - x0) * (hi - lo), lo + (y - y0) / (y1 - y0) * (hi - lo)
 
 
@@ -617,20 +658,18 @@ class TeachingWorld(SampleDataset):
     split "train" uses products 0 .. n_products-1 (sample i: product i % n_products); split "heldout"
     uses products HELDOUT_FIRST + i, never seen in training. The scene of sample i depends on (seed,
     split, i) only; train=None means train = (split == "train"), which adds the 50/50 box rule and
-    the reference augmentation (finish_sample, as the other datasets).
+    the flip and rotation (finish_sample, as the other datasets). The box rule is drawn before the scene,
+    because the scene maps its texture onto the largest rectangle of the mask the model will be given.
     """
 
     def __init__(self, size=64, split="train", length=10_000, seed=0, ref_size=(64, 64), train=None,
-                 n_products=1000):
+                 n_products=1000, distort=True):
         if split not in ("train", "heldout"):
             raise ValueError(f"split must be 'train' or 'heldout', not {split!r}")
         super().__init__(seed, split == "train" if train is None else train, skip_bad=False)
         self.size, self.split, self.length = size, split, length
         self.ref_size, self.n_products = _pair(ref_size), n_products
-        # the flat silhouettes of the references (fixed per ref_size), drawn at SS x
-        x, y = _grid(SS * self.ref_size[0], SS * self.ref_size[1])
-        self.flat = {"top": _shirt(x, y, 0.5, 0.2, 0.2, 0.68, 0.5, 0.2),
-                     "cushion": _superellipse(x, y, 0.5, 0.5, 0.38, 0.0, 6.0)[0] <= 1}
+        self.distort = distort  # False: no warp and no shading (the tests check the geometry so)
 
     def __len__(self):
         return self.length
@@ -639,25 +678,33 @@ class TeachingWorld(SampleDataset):
         return i % self.n_products if self.split == "train" else HELDOUT_FIRST + i
 
     def reference(self, product):
-        """(3, *ref_size) in [-1,1]: the product flat on white."""
+        """(3, *ref_size) in [-1,1]: the product flat on white, its silhouette's bounding box the canvas less
+        MARGIN on each side, the texture's WINDOW spread over the whole canvas (as the scene spreads it over
+        the rectangle the hint fills)."""
         with _one_thread():
             x, y = _grid(SS * self.ref_size[0], SS * self.ref_size[1])
-            flat = self.flat[product.category]
-            # map the silhouette's bounding box onto the texture WINDOW, as the scene does with its region
-            u, v = _window(x, y, flat)
+            if product.category == "top":
+                aspect, sleeve, sleeve_len = product.shape
+                x0, y0, x1, y1 = _shirt_bbox(0.0, 0.0, aspect, 1.0, sleeve, sleeve_len)  # the shirt at height 1
+                sx, sy = (x - MARGIN) / (1 - 2 * MARGIN), (y - MARGIN) / (1 - 2 * MARGIN)  # canvas -> [0,1] of the bbox
+                flat = _shirt(x0 + sx * (x1 - x0), y0 + sy * (y1 - y0), 0.0, 0.0, aspect, 1.0, sleeve, sleeve_len)
+            else:
+                flat = _superellipse(x, y, 0.5, 0.5, 0.5 - MARGIN, 0.5 - MARGIN, 0.0)[0] <= 1
+            u, v = _texture_coords(x, y, (0.0, 0.0, 1.0, 1.0))
             image = torch.where(flat, texture(product, u, v), torch.ones(()))
             return F.avg_pool2d(image[None], SS)[0] * 2 - 1
 
-    def scene(self, i, product):
-        """Scene i with `product` in its region (None: the scene without it).
+    def scene(self, i, product, box=False):
+        """Scene i with `product` in its region (None: the scene without it); box: the texture follows the
+        region's bounding box (the mask of the 50/50 box rule) instead of its fine shape.
         Returns image (3,size,size) in [-1,1] and the fine fill map (size,size) bool (True = the region:
         every pixel the product touches)."""
         with _one_thread():
-            return self._scene(i, product)
+            return self._scene(i, product, box)
 
-    def _scene(self, i, product):
+    def _scene(self, i, product, box):
         g = _generator(self.seed, ("train", "heldout").index(self.split), i, 0x5CE9E)  # the content stream
-        category = make_product(self.product_id(i)).category
+        shape_of = make_product(self.product_id(i))  # the scene is drawn for its own product's shape
         S = SS * self.size
         x, y = _grid(S, S)
         # background: a vertical gradient or a wall/floor split, smooth blotches and light pixel noise
@@ -669,27 +716,34 @@ class TeachingWorld(SampleDataset):
             image = torch.where(y < horizon, top * (0.92 + 0.08 * y), bottom * (1.1 - 0.3 * (y - horizon)))
         blotches = F.interpolate(torch.rand((1, 3, 5, 5), generator=g), size=(S, S), mode="bilinear", align_corners=False)[0]
         image = image + 0.08 * (blotches - 0.5) + 0.03 * (torch.rand((3, S, S), generator=g) - 0.5)
-        if category == "top":
-            region, u, v, shade = self._person(g, image, x, y)
-        else:
-            region, u, v, shade = self._sofa(g, image, x, y)
+        draw = self._person if shape_of.category == "top" else self._sofa
+        region, warp, shade = draw(g, image, x, y, shape_of.shape)
+        fill = F.max_pool2d(region[None, None].float(), SS)[0, 0] > 0
+        # the rectangle the hint will fill: the largest one inside the mask (or the whole box), in [0,1] units
+        keep = (~fill).float()
+        top_, left, bottom_, right = largest_rectangle(bbox_mask(keep[None])[0] if box else keep)
+        u, v = _texture_coords(x, y, (left / self.size, top_ / self.size, right / self.size, bottom_ / self.size))
         light = _uniform(g, 0.0, 2 * math.pi)  # a smooth light gradient across the product
-        shade = shade * (1 + 0.25 * ((x - 0.5) * math.cos(light) + (y - 0.5) * math.sin(light)))
+        shade = shade * (1 + 0.15 * ((x - 0.5) * math.cos(light) + (y - 0.5) * math.sin(light)))
+        if self.distort:
+            u, v = warp(u, v)
+        else:
+            shade = torch.ones(())
         if product is not None:
-            assert product.category == category, "a scene holds products of its own category"
+            assert product.category == shape_of.category, "a scene holds products of its own category"
             image = torch.where(region, texture(product, u, v) * shade, image)
         image = F.avg_pool2d(image.clamp(0, 1)[None], SS)[0] * 2 - 1
-        fill = F.max_pool2d(region[None, None].float(), SS)[0, 0] > 0
         return image, fill
 
-    def _person(self, g, image, x, y):
-        """Draws a person without the top into `image`; returns the top's region, its texture coords and shading."""
+    def _person(self, g, image, x, y, shape):
+        """Draws a person without the top into `image`; returns the top's region, its texture warp and shading."""
+        aspect, sleeve, sleeve_len = shape
         s, cx, shoulder = _uniform(g, 0.95, 1.15), _uniform(g, 0.38, 0.62), _uniform(g, 0.33, 0.38)
         skin = _hsv(_uniform(g, 0.03, 0.1), _uniform(g, 0.3, 0.6), _uniform(g, 0.35, 0.95))
         hair = _hsv(_uniform(g, 0.0, 0.12), _uniform(g, 0.3, 0.8), _uniform(g, 0.1, 0.5))
         trousers = _hsv(_uniform(g), _uniform(g, 0.2, 0.7), _uniform(g, 0.15, 0.5))
-        w, h = 0.15 * s * _uniform(g, 0.9, 1.1), 0.42 * s * _uniform(g, 0.9, 1.1)
-        sleeve = _uniform(g, 0.75, 1.1)
+        h = 0.42 * s * _uniform(g, 0.9, 1.1)
+        w = aspect * h
         hem = shoulder + h
         _paint(image, _ellipse(x, y, cx, shoulder - 0.19 * s, 0.085 * s, 0.075 * s), hair)
         _paint(image, _ellipse(x, y, cx, shoulder - 0.15 * s, 0.07 * s, 0.09 * s)
@@ -701,17 +755,18 @@ class TeachingWorld(SampleDataset):
             _paint(image, _box(x, y, ax, ay, 0.19 * s, 0.032 * s, side * a), skin)
         _paint(image, (_box(x, y, cx - 0.065 * s, (hem + 1.0) / 2, 0.06 * s, (1.0 - hem) / 2 + 0.01)
                        | _box(x, y, cx + 0.065 * s, (hem + 1.0) / 2, 0.06 * s, (1.0 - hem) / 2 + 0.01)), trousers)
-        region = _shirt(x, y, cx, shoulder, w, h, sleeve, 0.11 * s)
-        u, v = _window(x, y, region)
-        # a worn top: mild perspective taper and sine folds; shading like a cylinder around the torso
-        taper, fold, phase = _uniform(g, -0.12, 0.12), _uniform(g, 0.005, 0.02), _uniform(g, 0, 2 * math.pi)
-        u = 0.5 + (u - 0.5) * (1 + taper * (v - 0.5)) + fold * torch.sin(2 * math.pi * 3 * v + phase)
-        v = v + fold * torch.sin(2 * math.pi * 2 * u + phase)
-        shade = 1.08 - 0.3 * ((x - cx) / (w + 0.12 * s)).clamp(-1, 1) ** 2
-        return region, u, v, shade
+        region = _shirt(x, y, cx, shoulder, w, h, sleeve, sleeve_len * h)
+        # a worn top: a mild perspective taper and sine folds; shading like a cylinder around the torso
+        taper, fold, phase = _uniform(g, -0.06, 0.06), _uniform(g, 0.003, 0.012), _uniform(g, 0, 2 * math.pi)
 
-    def _sofa(self, g, image, x, y):
-        """Draws a sofa into `image`; returns a cushion's region, its texture coords and shading."""
+        def warp(u, v):
+            u = 0.5 + (u - 0.5) * (1 + taper * (v - 0.5)) + fold * torch.sin(2 * math.pi * 3 * v + phase)
+            return u, v + fold * torch.sin(2 * math.pi * 2 * u + phase)
+        shade = 1.05 - 0.2 * ((x - cx) / (w + 0.12 * s)).clamp(-1, 1) ** 2
+        return region, warp, shade
+
+    def _sofa(self, g, image, x, y, shape):
+        """Draws a sofa into `image`; returns a cushion's region, its texture warp and shading."""
         colour = _muted(g, 0.25, 0.8)
         darker = tuple(0.8 * c for c in colour)
         x0, x1 = _uniform(g, 0.04, 0.18), _uniform(g, 0.82, 0.96)
@@ -723,27 +778,30 @@ class TeachingWorld(SampleDataset):
         for ax in (x0 + arm / 2, x1 - arm / 2):  # armrests with rounded tops
             _paint(image, _box(x, y, ax, (back + 0.14 + seat + 0.16) / 2, arm / 2, (seat + 0.16 - back - 0.14) / 2)
                    | _ellipse(x, y, ax, back + 0.14, arm / 2, 0.03), tuple(0.9 * c for c in colour))
-        r, tilt = _uniform(g, 0.17, 0.23), _uniform(g, -0.2, 0.2)
-        cx = _uniform(g, x0 + arm + r + 0.02, x1 - arm - r - 0.02)
-        cy = seat - r * _uniform(g, 0.6, 0.9)
+        r, tilt = _uniform(g, 0.17, 0.23), _uniform(g, -0.08, 0.08)
+        rx, ry = r * shape[0] ** 0.5, r / shape[0] ** 0.5
+        cx = _uniform(g, x0 + arm + rx + 0.02, x1 - arm - rx - 0.02)
+        cy = seat - ry * _uniform(g, 0.6, 0.9)
         if _uniform(g) < 0.5:  # a plain cushion beside it, on the side with more room
-            other = cx - 1.9 * r if cx - x0 > x1 - cx else cx + 1.9 * r
-            _paint(image, _superellipse(x, y, other, cy + 0.02, 0.8 * r, -tilt, 3.0)[0] <= 1, _muted(g, 0.4, 0.9))
-        rr, du, dv = _superellipse(x, y, cx, cy, r, tilt, 3.0)
+            other = cx - 1.9 * rx if cx - x0 > x1 - cx else cx + 1.9 * rx
+            _paint(image, _superellipse(x, y, other, cy + 0.02, 0.8 * rx, 0.8 * ry, -tilt)[0] <= 1, _muted(g, 0.4, 0.9))
+        rr, _, _ = _superellipse(x, y, cx, cy, rx, ry, tilt)
         region = rr <= 1
-        # a puffed cushion: the pattern bulges towards the middle and darkens at the edges
-        bulge = 1 + 0.12 * (1 - rr.clamp(0, 1) ** 2)
-        u = WINDOW[0] + (du * bulge / 2 + 0.5) * (WINDOW[1] - WINDOW[0])
-        v = WINDOW[0] + (dv * bulge / 2 + 0.5) * (WINDOW[1] - WINDOW[0])
-        shade = 1.06 - 0.4 * rr.clamp(0, 1) ** 4
-        return region, u, v, shade
+        bulge = _uniform(g, 0.03, 0.08)
+
+        def warp(u, v):  # a puffed cushion: the pattern swells a little towards the middle
+            k = 1 + bulge * (1 - rr.clamp(0, 1) ** 2)
+            return 0.5 + (u - 0.5) * k, 0.5 + (v - 0.5) * k
+        shade = 1.04 - 0.3 * rr.clamp(0, 1) ** 4
+        return region, warp, shade
 
     def load(self, i, g):
         with _one_thread():
+            box = g is not None and torch.rand((), generator=g).item() < 0.5  # the 50/50 rule, drawn first
             product = make_product(self.product_id(i))
-            image, fill = self.scene(i, product)
+            image, fill = self.scene(i, product, box)
             return finish_sample(image, image, (~fill).float()[None], self.reference(product), f"{self.split}_{i:06d}",
-                                 (self.size, self.size), self.ref_size, g, f"teaching world {self.split} {i}")
+                                 (self.size, self.size), self.ref_size, g, f"teaching world {self.split} {i}", box=box)
 
 
 def write_heldout(root, n, size, seed=0):

@@ -107,7 +107,8 @@ class DTCConfig:
     image_tokens: str = "all"      # "all": CLS + patches (DTC); "cls": CLS only (PBE-style baseline)
     hint: bool = True              # False: no hint branch (the PBE-style baseline)
     hint_input: str = "full"       # "full": [z_t, z_masked + A(hint), mask], t, context; "latent_only": z_masked + A(hint)
-    fusion: str = "film"           # "film": skip * (1 + gamma) + beta (DTC); "add": skip + conv(f) (paper Table 1)
+    fusion: str = "film"           # "film": skip * (1 + gamma) + beta (DTC); "add": skip + conv(f); "xattn": skip
+                                   # + attention(skip -> f) (the other two rows of the paper's Table 1)
     mask_channel: str = "keep"     # the U-Net's mask input: "keep" (PBE, 1 = keep) or "fill" (SD-inpainting weights)
     latent_channels: int = 4
     vae_factor: int = 8
@@ -147,12 +148,8 @@ class DiffuseToChoose(nn.Module):
             hint_in = cfg.unet.in_channels if cfg.hint_input == "full" else cfg.latent_channels
             self.hint_encoder = UNet(replace(cfg.unet, in_channels=hint_in), encoder_only=True)
             self.adapter = HintAdapter(cfg.latent_channels, cfg.vae_factor)
-            # 6. fusion convs, zero-initialised so that a fresh DTC computes exactly its base U-Net
-            out = 2 if cfg.fusion == "film" else 1
-            self.fusion = nn.ModuleList(nn.Conv2d(c, out * c, 1) for c in tap_channels(cfg.unet))
-            for conv in self.fusion:
-                nn.init.zeros_(conv.weight)
-                nn.init.zeros_(conv.bias)
+            # 6. fusion at the 13 taps, zero-initialised so that a fresh DTC computes exactly its base U-Net
+            self.fusion = fusion_layers(cfg)
 
     def context(self, features, drop=None):
         """(B,T,D_enc) image-encoder tokens -> (B,T',ctx). `drop` (B,) bool replaces a sample's tokens by the
@@ -185,18 +182,18 @@ class DiffuseToChoose(nn.Module):
 
     def fuse(self, skips, h, feats):
         """FiLM (paper §3.2, UNSTATED form, paper-spec §2.6): gamma, beta = conv(f); s * (1 + gamma) + beta,
-        at the 12 skips and the middle block output. "add": s + conv(f)."""
+        at the 12 skips and the middle block output. "add": s + conv(f). "xattn": s + attention(s -> f)."""
         fused = []
-        for s, f, conv in zip(skips + [h], feats, self.fusion):
+        for s, f, layer in zip(skips + [h], feats, self.fusion):
             if self.cfg.fusion == "film":
-                gamma, beta = conv(f).chunk(2, 1)
+                gamma, beta = layer(f).chunk(2, 1)
                 fused.append(s * (1 + gamma) + beta)
-            else:
-                fused.append(s + conv(f))
+            else:  # add and xattn are both residual: the layer returns what is added to the skip
+                fused.append(s + (layer(f) if self.cfg.fusion == "add" else layer(s, f)))
         return fused[:-1], fused[-1]
 
     def forward(self, z_t, t, z_masked, mask_lat, context, hint=None, hint_feats=None):
-        """eps prediction. z_t, z_masked (B,4,h,w); mask_lat (B,1,h,w) 1 = keep; context (B,T,ctx);
+        """The U-Net's prediction (B,4,h,w): eps, or v with cfg.prediction = "v". z_t, z_masked (B,4,h,w); mask_lat (B,1,h,w) 1 = keep; context (B,T,ctx);
         hint (B,3,H,W) the [0,1] hint image, or hint_feats precomputed by `hint_features`."""
         emb = self.unet.time_embedding(t).to(z_t.dtype)
         h, skips = self.unet.encode(torch.cat([z_t, z_masked, self._mask_input(mask_lat)], 1), emb, context)
@@ -206,6 +203,50 @@ class DiffuseToChoose(nn.Module):
                 hint_feats = self.hint_features(z_hint, z_t, t, mask_lat, context)
             skips, h = self.fuse(skips, h, hint_feats)
         return self.unet.decode(h, skips, emb, context)
+
+
+class CrossAttentionFusion(nn.Module):
+    """fusion="xattn", the third fusion of the paper's Table 1: at one tap, every pixel of the main U-Net's skip
+    attends to the pixels of the hint encoder's features at the same tap (queries from the skip, keys and
+    values from the hint features; multi-head, 64 channels a head as SD's attention; pre-LayerNorm over
+    channels). UNSTATED beyond "cross-attention"; like the paper's, it has no positional encoding, so a
+    skip pixel finds hint content by what it looks like, not by where it is. Returns what is added to the
+    skip; proj_out starts at zero, so a fresh model is its base U-Net."""
+
+    def __init__(self, channels, head_dim=64):
+        super().__init__()
+        self.heads = max(1, channels // head_dim)
+        self.norm_q, self.norm_kv = nn.LayerNorm(channels), nn.LayerNorm(channels)
+        self.to_q = nn.Linear(channels, channels, bias=False)
+        self.to_k = nn.Linear(channels, channels, bias=False)
+        self.to_v = nn.Linear(channels, channels, bias=False)
+        self.proj_out = nn.Linear(channels, channels)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, skip, feats):
+        B, C, H, W = skip.shape
+        q_in, kv_in = skip.flatten(2).transpose(1, 2), feats.flatten(2).transpose(1, 2)  # (B,HW,C)
+        heads = lambda x: x.view(B, H * W, self.heads, C // self.heads).transpose(1, 2)  # (B,heads,HW,C/heads)
+        kv_in = self.norm_kv(kv_in)
+        out = F.scaled_dot_product_attention(heads(self.to_q(self.norm_q(q_in))), heads(self.to_k(kv_in)),
+                                             heads(self.to_v(kv_in)))
+        return self.proj_out(out.transpose(1, 2).reshape(B, H * W, C)).transpose(1, 2).reshape(B, C, H, W)
+
+
+def fusion_layers(cfg):
+    """The 13 fusion layers of a config, their outputs zero-initialised (the one place this is written):
+    FiLM a 1x1 conv to (gamma, beta), add a 1x1 conv, xattn a CrossAttentionFusion."""
+    layers = []
+    for c in tap_channels(cfg.unet):
+        if cfg.fusion == "xattn":
+            layers.append(CrossAttentionFusion(c))
+        else:
+            conv = nn.Conv2d(c, (2 if cfg.fusion == "film" else 1) * c, 1)
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+            layers.append(conv)
+    return nn.ModuleList(layers)
 
 
 def tap_channels(cfg):
@@ -247,15 +288,18 @@ def latent_mask(mask, size):
 
 
 @torch.no_grad()
-def prepare(frozen, source, mask, reference, image_size, generator=None, target=None):
+def prepare(frozen, source, mask, reference, image_size, generator=None, target=None, encoder_reference=None):
     """Everything computed once per image, without gradients (the VAE and the image encoder are frozen).
-    Returns a dict of z0 (latents of the target, for training), z_masked, mask_lat, tokens, hint."""
+    Returns a dict of z0 (latents of the target, for training), z_masked, mask_lat, tokens, hint.
+    encoder_reference: what the image encoder sees instead of `reference` (training: the rotated copy,
+    data.augment); the hint is always built from `reference`."""
     vae = frozen.vae
     dtype = next(vae.parameters()).dtype
     masked = source * mask  # PBE: the hole becomes 0, mid-grey
     z_masked = vae.encode(masked.to(dtype)).sample(generator) * LATENT_SCALE
     out = dict(z_masked=z_masked, mask_lat=latent_mask(mask, z_masked.shape[-2:]).to(dtype),
-               tokens=encode_image_tokens(frozen.image_encoder, reference, image_size),
+               tokens=encode_image_tokens(frozen.image_encoder, reference if encoder_reference is None
+                                          else encoder_reference, image_size),
                hint=make_hint(reference, mask).to(dtype))
     if target is not None:  # PBE: the latents of the training target are a posterior sample too
         out["z0"] = vae.encode(target.to(dtype)).sample(generator) * LATENT_SCALE
@@ -345,10 +389,11 @@ def diffusion_loss(model, schedule, cond, generator=None, drop=None):
 
 @torch.no_grad()
 def sample_latents(model, schedule, cond, steps=40, guidance=5.0, eta=0.0, sampler="ddim", generator=None,
-                   progress=True):
+                   progress=True, trace=None):
     """Denoise from pure noise. Paper §4.1 / supp. §5.2: DDIM, 40 steps, guidance 5, eta UNSTATED (0).
     Classifier-free guidance eps = eps(null) + s (eps(c) - eps(null)), the hint kept in both branches
-    (paper-spec §4), both branches in one batched forward."""
+    (paper-spec §4), both branches in one batched forward. trace: a list that receives (t, z_t, guided x0
+    estimate) at every step (sample.py --explain shows them)."""
     z_masked, mask_lat = cond["z_masked"], cond["mask_lat"]
     dtype = z_masked.dtype
     context = model.context(cond["tokens"].to(dtype))
@@ -371,6 +416,8 @@ def sample_latents(model, schedule, cond, steps=40, guidance=5.0, eta=0.0, sampl
         if guidance != 1.0:
             eps_null, eps_cond = eps.chunk(2)
             eps = eps_null + guidance * (eps_cond - eps_null)
+        if trace is not None:
+            trace.append((t, z, schedule.predict_x0(z, eps.to(z.dtype), torch.full((z.shape[0],), t, device=z.device))))
         if sampler == "ddim":
             t_prev = ts[i + 1] if i + 1 < len(ts) else -1
             z = schedule.ddim_step(z, eps, t, t_prev, eta, generator)
@@ -482,9 +529,7 @@ def init_new_parts(cfg, unet_sd, full_sd):
         sd.update({"hint_encoder." + k: v for k, v in enc.items()})
         adapter = HintAdapter(cfg.latent_channels, cfg.vae_factor)
         sd.update({"adapter." + k: v.detach() for k, v in adapter.state_dict().items()})
-        for i, c in enumerate(tap_channels(cfg.unet)):
-            out = 2 * c if cfg.fusion == "film" else c
-            sd[f"fusion.{i}.weight"], sd[f"fusion.{i}.bias"] = torch.zeros(out, c, 1, 1), torch.zeros(out)
+        sd.update({"fusion." + k: v for k, v in fusion_layers(cfg).state_dict().items()})
     return {k: v.to(dtype) for k, v in sd.items()}
 
 

@@ -46,6 +46,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--no_paste_back", action="store_true", help="keep the decoded pixels outside the mask too")
+    p.add_argument("--explain", action="store_true", help="also write <out>_explain.png: what the hint does")
+    p.add_argument("--baseline", default=None, help="--explain: a model without the hint branch to compare with "
+                   "(default with the bundled model: the bundled baseline)")
+    p.add_argument("--target", default=None, help="--explain: what the region should become, shown beside the results")
     return p.parse_args(argv)
 
 
@@ -95,6 +99,61 @@ def save_atomic(image, path):
     os.replace(tmp, path)
 
 
+@torch.no_grad()
+def explain(model, frozen, baseline, source, mask, reference, target, args, tile=128):
+    """The picture of what the hint does, (a PIL image):
+    row 1: reference | hint | baseline (no hint branch) | DTC | DTC with its hint zeroed | target (if given);
+    row 2: DTC's x0 estimate (decoded) at 4 of the denoising steps | how strongly the fusion changes the finest
+    skip at the middle step: FiLM's mean |gamma| and mean |beta| over channels (add, xattn: mean |change|),
+    each map scaled to its own maximum, which is printed on it. Same seed and noise for every result."""
+    from PIL import ImageDraw  # only --explain draws text
+
+    def run(m, fr, hint=None, trace=None):
+        g = torch.Generator().manual_seed(args.seed)
+        cond = prepare(fr, source, mask, reference, m.cfg.image_size, g)
+        if hint is not None:
+            cond["hint"] = hint
+        z = sample_latents(m, Schedule(), cond, args.steps, args.guidance, args.eta, generator=g, progress=False,
+                           trace=trace)
+        x = fr.vae.decode(z / LATENT_SCALE).float().clamp(-1, 1)
+        return cond, x * (1 - mask) + source * mask  # pasted back, as the results are
+
+    trace = []
+    cond, dtc = run(model, frozen, trace=trace)
+    _, zeroed = run(model, frozen, hint=torch.zeros_like(cond["hint"]))
+    row1 = [("reference", reference), ("hint", cond["hint"] * 2 - 1)]
+    if baseline is not None:
+        row1.append(("baseline", run(*baseline)[1]))
+    row1 += [("DTC", dtc), ("DTC, hint zeroed", zeroed)] + ([("target", target)] if target is not None else [])
+    picks = sorted({round(k * (len(trace) - 1) / 3) for k in range(4)})
+    row2 = [(f"x0 at t={trace[k][0]}", frozen.vae.decode(trace[k][2] / LATENT_SCALE).float().clamp(-1, 1)) for k in picks]
+    t, z_t, _ = trace[len(trace) // 2]  # the fusion at the middle step, conditional branch
+    tt = torch.full((1,), t, dtype=torch.long, device=z_t.device)
+    context = model.context(cond["tokens"].to(z_t.dtype))
+    z_hint = cond["z_masked"] + model.adapter(cond["hint"].to(z_t.dtype))
+    feats = model.hint_features(z_hint, z_t, tt, cond["mask_lat"], context)
+    if model.cfg.fusion == "film":
+        gamma, beta = model.fusion[0](feats[0]).chunk(2, 1)
+        maps = [("mean |gamma|", gamma.abs().mean(1, keepdim=True)), ("mean |beta|", beta.abs().mean(1, keepdim=True))]
+    else:
+        emb = model.unet.time_embedding(tt).to(z_t.dtype)
+        _, skips = model.unet.encode(torch.cat([z_t, cond["z_masked"], model._mask_input(cond["mask_lat"])], 1), emb, context)
+        change = model.fusion[0](feats[0]) if model.cfg.fusion == "add" else model.fusion[0](skips[0], feats[0])
+        maps = [("mean |change|", change.abs().mean(1, keepdim=True))]
+    for name, m in maps:
+        peak = m.max().item()
+        row2.append((f"{name} <= {peak:.3g}", (m / max(peak, 1e-12)).expand(-1, 3, -1, -1) * 2 - 1))
+    cols = max(len(row1), len(row2))
+    image = Image.new("RGB", (cols * tile, 2 * (tile + 14)), "white")
+    draw = ImageDraw.Draw(image)
+    for r, row in enumerate((row1, row2)):
+        for c, (label, x) in enumerate(row):
+            im = to_pil(x[0].cpu()).resize((tile, tile), Image.NEAREST if x.shape[-1] < tile else Image.BICUBIC)
+            image.paste(im, (c * tile, r * (tile + 14) + 14))
+            draw.text((c * tile + 2, r * (tile + 14) + 1), label, fill="black")
+    return image
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -106,6 +165,9 @@ def main(argv=None):
     # read and check every input before any model work, so bad input costs nothing and writes nothing
     source_pil = load_image(args.source)
     reference_pil = load_image(args.reference)
+    target_pil = load_image(args.target) if args.target else None
+    if args.explain and args.baseline is None and args.dtc is None and args.sd is None:
+        args.baseline = os.path.join(HERE, "assets", "dtc_tiny_baseline.safetensors")
     W, H = source_pil.size
     keep_full = load_mask(args.mask, size=(H, W), resize=True)  # (1,H,W), 1 = keep, at the source's resolution
     if keep_full.min() > 0.5:
@@ -116,6 +178,13 @@ def main(argv=None):
     keep_pil = Image.fromarray(((keep_full[0] > 0.5).to(torch.uint8) * 255).numpy(), mode="L")
 
     model, frozen, default_size = load_models(args, dtype)
+    baseline = None
+    if args.explain:
+        if not model.cfg.hint:
+            raise CheckpointError(f"{args.dtc}: --explain shows what the hint does, and this model has no hint branch")
+        if args.baseline:
+            base_model, base_frozen = load_dtc(args.baseline, dtype=dtype)
+            baseline = (base_model.to(device, dtype), base_frozen or frozen)
     model.to(device, dtype)
     frozen.vae.to(device, dtype)
     frozen.image_encoder.to(device, dtype)
@@ -143,6 +212,13 @@ def main(argv=None):
             result = Image.composite(source_pil, result, keep_pil)
         results.append(result)
 
+    if args.explain:
+        if baseline is not None and baseline[1] is not frozen:
+            baseline[1].vae.to(device, dtype)
+            baseline[1].image_encoder.to(device, dtype)
+        target = None if target_pil is None else to_tensor(target_pil.resize((w, h), Image.BICUBIC))[None].to(device)
+        with autocast:
+            explained = explain(model, frozen, baseline, source, mask, reference, target, args)
     hint = to_pil(make_hint(reference.float().cpu(), mask.float().cpu())[0] * 2 - 1)
     mask_pil = Image.eval(keep_pil, lambda v: 255 - v)  # white = filled, as the user drew it
     stem, ext = os.path.splitext(args.out)
@@ -150,6 +226,9 @@ def main(argv=None):
     for result, path in zip(results, paths):
         save_atomic(result, path)
     save_atomic(grid([source_pil, mask_pil, reference_pil, hint, *results]), f"{stem}_grid.png")
+    if args.explain:
+        save_atomic(explained, f"{stem}_explain.png")
+        print(f"explain: {stem}_explain.png")
     print(f"grid: {stem}_grid.png")
     print(paths[-1] if len(paths) == 1 else " ".join(paths))
 

@@ -134,7 +134,7 @@ def parse_args(argv=None):
     p.add_argument("--image_tokens", default="all", choices=["all", "cls"], help="cls: PBE-style, CLS token only")
     p.add_argument("--hint", type=int, default=1, choices=[0, 1], help="0: no hint branch (PBE-style baseline)")
     p.add_argument("--no_hint", dest="hint", action="store_const", const=0, help="same as --hint=0")
-    p.add_argument("--fusion", default="film", choices=["film", "add"])
+    p.add_argument("--fusion", default="film", choices=["film", "add", "xattn"])
     p.add_argument("--hint_input", default="full", choices=["full", "latent_only"])
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
@@ -160,9 +160,9 @@ class Trainee(nn.Module):
         self.model, self.image_encoder = model, image_encoder
         self.schedule = Schedule()
 
-    def forward(self, cond, reference, generator, drop):
+    def forward(self, cond, encoder_reference, generator, drop):
         if self.image_encoder is not None:
-            cond = dict(cond, tokens=encode_image_tokens(self.image_encoder, reference, self.model.cfg.image_size))
+            cond = dict(cond, tokens=encode_image_tokens(self.image_encoder, encoder_reference, self.model.cfg.image_size))
         return diffusion_loss(self.model, self.schedule, cond, generator, drop)
 
 
@@ -288,16 +288,17 @@ def dtc_step(trainee, ddp, frozen, vgg, batches, step, args, rank, device, autoc
     for j, batch in enumerate(batches):
         m = rank * len(batches) + j  # the micro-batch's index within the global batch
         g = _generator(0x57E9, args.seed, 0 if args.overfit_batch else step, m)
-        source, mask, reference, target = (batch[k].to(device, non_blocking=True)
-                                           for k in ("source", "mask", "reference", "target"))
+        source, mask, reference, encoder_reference, target = (
+            batch[k].to(device, non_blocking=True) for k in ("source", "mask", "reference", "encoder_reference", "target"))
         # DDP all-reduces the gradients in the backward of the last micro-batch only
         last = j == len(batches) - 1
         with nullcontext() if last or ddp is trainee else ddp.no_sync():
             with autocast:
-                cond = prepare(frozen, source, mask, reference, trainee.model.cfg.image_size, g, target=target)
+                cond = prepare(frozen, source, mask, reference, trainee.model.cfg.image_size, g, target=target,
+                               encoder_reference=encoder_reference)
                 cond = {k: v.float() for k, v in cond.items()}  # float32 latents: the noise target stays exact
                 drop = (torch.rand(len(source), generator=g) < args.p_uncond).to(device)
-                loss_eps, eps, z_t, t = ddp(cond, reference, g, drop)
+                loss_eps, eps, z_t, t = ddp(cond, encoder_reference, g, drop)
                 loss_vgg = torch.zeros((), device=device)
                 if vgg is not None:  # DCI-VTON's refinement loss: the decoded x0 estimate against the target,
                     x0 = trainee.schedule.predict_x0(z_t, eps, t)  # gradients through the frozen decoder
