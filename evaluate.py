@@ -36,6 +36,7 @@ import argparse
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -158,15 +159,18 @@ class RegionCLIP:
 def field_metrics(args, paired, fid_feature, device):
     """The torchmetrics objects of the release protocol. fid_feature: a module mapping uint8 (B,3,H,W) images to
     (B,D) features, in place of torch-fidelity's Inception-v3 (the library's hook for custom extractors)."""
-    from torchmetrics.image import (FrechetInceptionDistance, KernelInceptionDistance,
-                                    LearnedPerceptualImagePatchSimilarity, StructuralSimilarityIndexMeasure)
+    from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
+    from torchmetrics.image.kid import KernelInceptionDistance
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+    from torchmetrics.image.ssim import StructuralSimilarityIndexMeasure
     if fid_feature is None:
-        from torchmetrics.image.fid import NoTrainInceptionV3
         # torch-fidelity's own resize to 299 (TF1-style bilinear, no antialias): the numbers of the try-on
         # papers that call torch-fidelity directly
         fid_feature = NoTrainInceptionV3("inception-v3-compat", ["2048"], args.inception, antialias=False)
-    metrics = {"fid": FrechetInceptionDistance(fid_feature), "kid": KernelInceptionDistance(
-        fid_feature, subsets=args.kid_subsets, subset_size=args.kid_subset_size)}
+    with warnings.catch_warnings():  # KID keeps every feature vector: 8 KiB per image, fine for a test split
+        warnings.filterwarnings("ignore", message="Metric `Kernel Inception Distance` will save")
+        metrics = {"fid": FrechetInceptionDistance(fid_feature), "kid": KernelInceptionDistance(
+            fid_feature, subsets=args.kid_subsets, subset_size=args.kid_subset_size)}
     if paired:
         metrics["lpips"] = LearnedPerceptualImagePatchSimilarity(net_type=args.lpips_net, normalize=True)
         metrics["ssim"] = StructuralSimilarityIndexMeasure(data_range=1.0)
@@ -324,6 +328,10 @@ def evaluate_release(args, layout, device, fid_feature):
 
     clip = RegionCLIP(args.clip, device)
     scored = reader(args.eval_size, (clip.size, clip.size))  # person, mask and garment at the scoring sizes
+    n = min(len(scored), args.limit or len(scored))
+    if n < 2:
+        raise DataError(f"{args.data}" + (f" --limit={args.limit}" if args.limit else "") +
+                        f": FID and KID need at least 2 images, there are {n}")
     model = frozen = None
     if args.pred_dir is None:
         model, frozen = load_generator(args)
@@ -331,7 +339,6 @@ def evaluate_release(args, layout, device, fid_feature):
             m.to(device).eval()
         size = args.size or (512 if model.cfg.unet.model_channels >= 320 else 64)
         sampled = reader((size, size), (model.cfg.image_size, model.cfg.image_size))  # what the model sees
-    n = min(len(scored), args.limit or len(scored))
     subset = lambda ds: torch.utils.data.Subset(ds, range(n))
     metrics = field_metrics(args, paired, fid_feature, device)
     kid_size = min(args.kid_subset_size, n)
@@ -348,8 +355,8 @@ def evaluate_release(args, layout, device, fid_feature):
                                 for name, person in zip(batches[0]["name"], people)]).to(device)
         else:
             s = batches[1]
-            pred = resize_image(generate(model, frozen, s["source"].to(device), s["mask"].to(device),
-                                         s["reference"].to(device), args, b), args.eval_size)
+            pred = generate(model, frozen, s["source"].to(device), s["mask"].to(device), s["reference"].to(device), args, b)
+            pred = torch.stack([resize_image(x, args.eval_size) for x in pred])
         if not args.no_repaint:
             pred = pred * (1 - mask) + real * mask  # the field's "repaint": the person's own pixels outside the mask
         fill = 1 - mask
