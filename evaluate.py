@@ -156,9 +156,10 @@ class RegionCLIP:
         return 100 * (self.embed(region_crop(pred, fill)) * self.embed(list(reference))).sum(-1)
 
 
-def field_metrics(args, paired, fid_feature, device):
+def field_metrics(args, paired, fid_feature, device, kid_size):
     """The torchmetrics objects of the release protocol. fid_feature: a module mapping uint8 (B,3,H,W) images to
-    (B,D) features, in place of torch-fidelity's Inception-v3 (the library's hook for custom extractors)."""
+    (B,D) features, in place of torch-fidelity's Inception-v3 (the library's hook for custom extractors);
+    kid_size: images per KID subset (at most the number of images)."""
     from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
     from torchmetrics.image.kid import KernelInceptionDistance
     from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
@@ -170,7 +171,7 @@ def field_metrics(args, paired, fid_feature, device):
     with warnings.catch_warnings():  # KID keeps every feature vector: 8 KiB per image, fine for a test split
         warnings.filterwarnings("ignore", message="Metric `Kernel Inception Distance` will save")
         metrics = {"fid": FrechetInceptionDistance(fid_feature), "kid": KernelInceptionDistance(
-            fid_feature, subsets=args.kid_subsets, subset_size=args.kid_subset_size)}
+            fid_feature, subsets=args.kid_subsets, subset_size=kid_size)}
     if paired:
         metrics["lpips"] = LearnedPerceptualImagePatchSimilarity(net_type=args.lpips_net, normalize=True)
         metrics["ssim"] = StructuralSimilarityIndexMeasure(data_range=1.0)
@@ -332,6 +333,9 @@ def evaluate_release(args, layout, device, fid_feature):
     if n < 2:
         raise DataError(f"{args.data}" + (f" --limit={args.limit}" if args.limit else "") +
                         f": FID and KID need at least 2 images, there are {n}")
+    preds = None  # --pred_dir: every file found before any work
+    if args.pred_dir:
+        preds = [find(args.pred_dir, name, Path(paths["image"]).stem) for name, paths in scored.samples[:n]]
     model = frozen = None
     if args.pred_dir is None:
         model, frozen = load_generator(args)
@@ -340,9 +344,8 @@ def evaluate_release(args, layout, device, fid_feature):
         size = args.size or (512 if model.cfg.unet.model_channels >= 320 else 64)
         sampled = reader((size, size), (model.cfg.image_size, model.cfg.image_size))  # what the model sees
     subset = lambda ds: torch.utils.data.Subset(ds, range(n))
-    metrics = field_metrics(args, paired, fid_feature, device)
     kid_size = min(args.kid_subset_size, n)
-    metrics["kid"].subset_size = kid_size
+    metrics = field_metrics(args, paired, fid_feature, device, kid_size)
     scores = {"clip_region": [], "psnr_masked": [], "ssim_masked": []}
     loaders = [torch.utils.data.DataLoader(subset(scored), batch_size=args.batch_size)]
     if model is not None:
@@ -350,9 +353,8 @@ def evaluate_release(args, layout, device, fid_feature):
     for b, batches in enumerate(tqdm(zip(*loaders), total=len(loaders[0]), desc="evaluating")):
         real, mask, garment = (batches[0][k].to(device) for k in ("source", "mask", "reference"))
         if model is None:
-            people = [Path(scored.samples[i][1]["image"]).stem for i in range(b * args.batch_size, b * args.batch_size + len(real))]
-            pred = torch.stack([resize_image(to_tensor(load_image(find(args.pred_dir, name, person))), args.eval_size)
-                                for name, person in zip(batches[0]["name"], people)]).to(device)
+            files = preds[b * args.batch_size: b * args.batch_size + len(real)]
+            pred = torch.stack([resize_image(to_tensor(load_image(f)), args.eval_size) for f in files]).to(device)
         else:
             s = batches[1]
             pred = generate(model, frozen, s["source"].to(device), s["mask"].to(device), s["reference"].to(device), args, b)
@@ -384,17 +386,20 @@ def evaluate_release(args, layout, device, fid_feature):
                       psnr_masked=torch.cat(scores["psnr_masked"]).mean().item(),
                       ssim_masked=torch.cat(scores["ssim_masked"]).mean().item())
     H, W = args.eval_size
-    backbone = "torch-fidelity Inception-v3 pool3 (2048-d)" if fid_feature is None else f"custom {type(fid_feature).__name__}"
-    generated = f"read from {args.pred_dir}, resized" if model is None else f"sampled at {size}x{size} ({args.steps} DDIM steps, guidance {args.guidance}, seed {args.seed}), resized"
+    backbone = ("torch-fidelity Inception-v3 pool3 (2048-d; its TF1-style resize to 299x299)" if fid_feature is None
+                else f"custom {type(fid_feature).__name__}")
+    generated = (f"read from {args.pred_dir}" if model is None else
+                 f"sampled at {size}x{size} ({args.steps} DDIM steps, guidance {args.guidance}, seed {args.seed})")
+    c = f"{clip.size}x{clip.size}"
     print(f"protocol: {release} {args.split}, {args.pairs}, {n} images" + (f" (--limit={args.limit})" if args.limit else ""))
-    print(f"  images: {generated} to {W}x{H} (W x H, bilinear, antialiased); paste-back (repaint) "
-          f"{'off' if args.no_repaint else 'on'}; region = the reader's parse-map mask, dilated")
-    print(f"  clip_region: {args.clip} image embeddings; result cropped to the mask's bounding box, resized to "
-          f"{clip.size}x{clip.size} (bicubic, no centre crop), CLIP mean/std; garment resized to {clip.size}x{clip.size}; x100 cosine, mean")
-    print(f"  fid, kid: {backbone}, whole images at {W}x{H} (Inception resizes to 299x299); real set = the {n} person "
-          f"photos; kid: cubic polynomial kernel, {args.kid_subsets} subsets of {kid_size}, seed {args.seed}; kid unscaled")
+    print(f"  images: {generated}, resized to {W}x{H} (W x H, bilinear, antialiased); paste-back (repaint) "
+          f"{'off' if args.no_repaint else 'on'}; region: the parse-map labels, dilated by 5/256 of the width")
+    print(f"  clip_region: {args.clip} image embeddings; result cropped to the mask's bounding box, resized to {c} "
+          f"(bicubic, no centre crop), CLIP mean/std; garment resized to {c}; 100 x cosine, mean")
+    print(f"  fid, kid: {backbone}; whole images at {W}x{H}; real set: the {n} person photos; kid: cubic "
+          f"polynomial kernel, {args.kid_subsets} subsets of {kid_size}, seed {args.seed}, unscaled")
     if paired:
-        print(f"  lpips: {args.lpips_net} LPIPS v0.1, ssim: Gaussian 11 / sigma 1.5, data range 1; whole images at "
+        print(f"  lpips: {args.lpips_net} LPIPS v0.1; ssim: Gaussian 11, sigma 1.5, data range 1; whole images at "
               f"{W}x{H} against the person photo; psnr_masked, ssim_masked: ours, on the region")
     print(f"images={n} pairs={args.pairs} " + format_scores(result))
     return result
