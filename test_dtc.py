@@ -2409,8 +2409,10 @@ def test_data_dresscode_garment_region_and_pairs(tmp_path):
             assert s["name"] == f"{i}_0_{ids[2 - k]}_1"
             assert np.allclose(_colour(s["reference"]), _dc_colour(cat, 2 - k), atol=12)
             assert torch.equal(s["source"], paired[k]["source"]) and torch.equal(s["target"], s["source"])
-    # the skirt (label 5) of lower_body person 2 is in its region; another category's ids are not
-    assert (np.isin(parses["050194"], [5]) & (paired[2]["mask"][0].numpy() > 0.5)).sum() == 0
+    # undilated: the skirt (label 5) of lower_body person 2 is all in its region, its top (label 4) all kept
+    keep = DressCodeDataset(tmp_path, "test", (40, 30), train=False, category="lower_body", dilation=0)[2]["mask"][0].numpy()
+    skirt, top = parses["050194"] == 5, parses["050194"] == 4
+    assert skirt.any() and top.any() and (keep[skirt] == 0).all() and (keep[top] == 1).all()
     everything = DressCodeDataset(tmp_path, "test", (40, 30), train=False)
     assert [n for n, _ in everything.samples] == [f"{i}_0" for ids in DC_IDS.values() for i in ids]
     assert everything.categories == [c for c in DRESSCODE_CATEGORIES for _ in range(3)]
