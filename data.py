@@ -1,6 +1,6 @@
 """
-Training and evaluation data for Diffuse to Choose: image reading, two dataset layouts (our own triplet
-folders and the VITON-HD release), the training-time randomness, and a toy "teaching world" that draws
+Training and evaluation data for Diffuse to Choose: image reading, three dataset layouts (our own triplet
+folders and the VITON-HD and DressCode releases), the training-time randomness, and a toy "teaching world" that draws
 products into scenes so the whole pipeline can be trained and judged on a CPU.
 
 Conventions (every function here keeps them):
@@ -347,7 +347,7 @@ def write_triplets(root, samples):
 
 # ----------------------------------------------------------------------------------------------
 # 4. VITON-HD: root/{train,test}_pairs.txt and root/<split>/{image,cloth,image-parse-v3}/
-#    (layout and traps: shared/vitonhd-format.md)
+#    (the layout and its traps: README, "Evaluating like the paper")
 
 UPPER_BODY_IDS = (5, 6, 7, 10, 14, 15)  # CIHP upper-clothes, dress, coat, neck (torso-skin), left arm, right arm
 FLIP_PAIRS = ((14, 15), (16, 17), (18, 19))  # left/right arm, leg, shoe: a mirror swaps them (CIHP_PGN's flip tool)
@@ -371,12 +371,63 @@ def dilate(fill, radius):
     return x[0, 0] > 0.5
 
 
-def vitonhd_mask(parse, radius):
-    """(1,H,W) keep-mask from a (H,W) CIHP parse: upper garment + neck + arms, dilated by `radius` px
-    (dilated because the new garment may be larger than the old one, and so the old garment's outline
-    cannot leak through the mask)."""
-    fill = torch.isin(parse, torch.tensor(UPPER_BODY_IDS, dtype=parse.dtype))
+def parse_mask(parse, ids, radius):
+    """(1,H,W) keep-mask from a (H,W) label map: the pixels labelled `ids`, dilated by `radius` px (dilated
+    because the new garment may be larger than the old one, and so the old garment's outline cannot leak
+    through the mask)."""
+    fill = torch.isin(parse, torch.tensor(ids, dtype=parse.dtype))
     return (~dilate(fill, radius)).float()[None]
+
+
+def check_pair_files(paths, pairs_file, n):
+    """Header-level checks of the files of one pair-file row (no decoding, so they stay fast on a whole
+    release): each exists and is an image, and the parse map is a map of label ids at the photo's size."""
+    for path in paths.values():
+        if not path.is_file():
+            raise DataError(f"{path}: file not found (needed by {pairs_file.name} line {n})")
+    W, H, _ = _header(paths["image"])
+    _header(paths["cloth"])
+    w, h, mode = _header(paths["parse"])
+    if mode not in ("P", "L"):
+        raise DataError(f"{paths['parse']}: parse map is mode {mode}; expected a palette ('P') or 'L' map of label ids")
+    if (w, h) != (W, H):
+        raise DataError(f"{paths['parse']}: parse map is {w}x{h}, the image is {W}x{H}")
+
+
+def read_pair(paths, max_label):
+    """The decoded person (3,H,W), cloth (3,h,w) in [-1,1] and parse (H,W) of one pair, checked again after
+    decoding (a header can lie about a file that fails to decode)."""
+    person, cloth = to_tensor(load_image(paths["image"])), to_tensor(load_image(paths["cloth"]))
+    parse = load_parse(paths["parse"])
+    if tuple(parse.shape) != tuple(person.shape[-2:]):
+        raise DataError(f"{paths['parse']}: parse map is {parse.shape[1]}x{parse.shape[0]}, "
+                        f"the image is {person.shape[2]}x{person.shape[1]}")
+    if parse.max() > max_label:
+        raise DataError(f"{paths['parse']}: parse map has label {int(parse.max())}; this layout's labels are 0..{max_label}")
+    return person, cloth, parse
+
+
+def keep_good(bad, total, skip_bad, what):
+    """The bad-row rule of the release readers: the first bad row stops (with a count of the others), or
+    with skip_bad they are dropped with one warning."""
+    if bad and not skip_bad:
+        more = f" (and {len(bad) - 1} more bad {what}; skip_bad=True drops them)" if len(bad) > 1 else ""
+        raise DataError(f"{bad[0]}{more}")
+    _warn_dropped(bad, total)
+
+
+def read_pairs_file(pairs_file):
+    """[(line number, [column, ...]), ...] of the non-empty rows; columns split on any whitespace (tabs or
+    spaces: the releases' files are read that way by every public loader)."""
+    if not pairs_file.is_file():
+        raise DataError(f"{pairs_file}: file not found")
+    lines = [(n, line.split()) for n, line in enumerate(pairs_file.read_text().splitlines(), 1) if line.strip()]
+    if not lines:
+        raise DataError(f"{pairs_file}: no pairs")
+    for n, names in lines:
+        if len(names) != 2:
+            raise DataError(f"{pairs_file} line {n}: expected 'person.jpg cloth.jpg', got {' '.join(names)!r}")
+    return lines
 
 
 class VitonHDDataset(SampleDataset):
@@ -390,6 +441,8 @@ class VitonHDDataset(SampleDataset):
     width; 5/256 is DCI-VTON's kernel size rule), then the 50/50 box rule in training.
     hflip: probability (training only) of mirroring the whole sample (person, parse with left/right ids
     swapped, cloth).
+    samples: [(name, {"image", "cloth", "parse"} paths)]; name = the person's stem, paired, or
+    "<person stem>_<cloth stem>", unpaired.
     """
 
     def __init__(self, root, split, size, ref_size=(224, 224), train=None, seed=0, skip_bad=False,
@@ -405,38 +458,20 @@ class VitonHDDataset(SampleDataset):
         self.root, self.size, self.ref_size = Path(root), _pair(size), _pair(ref_size)
         self.hflip, self.radius = hflip, int(dilation * self.size[1])
         pairs_file = self.root / f"{split}_pairs.txt"
-        if not pairs_file.is_file():
-            raise DataError(f"{pairs_file}: file not found")
+        lines = read_pairs_file(pairs_file)
         folder = self.root / split
-        lines = [(n, line.split()) for n, line in enumerate(pairs_file.read_text().splitlines(), 1) if line.strip()]
-        if not lines:
-            raise DataError(f"{pairs_file}: no pairs")
         self.samples, bad = [], []
-        for n, names in lines:
-            if len(names) != 2:
-                raise DataError(f"{pairs_file} line {n}: expected 'person.jpg cloth.jpg', got {' '.join(names)!r}")
-            person, cloth = names[0], names[0] if paired else names[1]
+        for n, (person, cloth) in lines:
+            cloth = person if paired else cloth
             paths = {"image": folder / "image" / person, "cloth": folder / "cloth" / cloth,
                      "parse": folder / "image-parse-v3" / (Path(person).stem + ".png")}
-            try:  # header-level checks only
-                for path in paths.values():
-                    if not path.is_file():
-                        raise DataError(f"{path}: file not found (needed by {pairs_file.name} line {n})")
-                W, H, _ = _header(paths["image"])
-                _header(paths["cloth"])
-                w, h, mode = _header(paths["parse"])
-                if mode not in ("P", "L"):
-                    raise DataError(f"{paths['parse']}: parse map is mode {mode}; expected a palette ('P') or 'L' map of label ids")
-                if (w, h) != (W, H):
-                    raise DataError(f"{paths['parse']}: parse map is {w}x{h}, the image is {W}x{H}")
+            try:
+                check_pair_files(paths, pairs_file, n)
                 name = Path(person).stem if paired else f"{Path(person).stem}_{Path(cloth).stem}"
                 self.samples.append((name, paths))
             except DataError as e:
                 bad.append(e)
-        if bad and not skip_bad:
-            more = f" (and {len(bad) - 1} more bad pairs; skip_bad=True drops them)" if len(bad) > 1 else ""
-            raise DataError(f"{bad[0]}{more}")
-        _warn_dropped(bad, len(lines))
+        keep_good(bad, len(lines), skip_bad, "pairs")
         if not self.samples:
             raise DataError(f"{self.root}: no usable {split} pairs")
 
@@ -445,20 +480,89 @@ class VitonHDDataset(SampleDataset):
 
     def load(self, i, g):
         name, paths = self.samples[i]
-        person, cloth = to_tensor(load_image(paths["image"])), to_tensor(load_image(paths["cloth"]))
-        parse = load_parse(paths["parse"])
-        if tuple(parse.shape) != tuple(person.shape[-2:]):
-            raise DataError(f"{paths['parse']}: parse map is {parse.shape[1]}x{parse.shape[0]}, "
-                            f"the image is {person.shape[2]}x{person.shape[1]}")
+        person, cloth, parse = read_pair(paths, max_label=19)
         # the flip draw is made in every training sample, so hflip does not shift the later draws
         if g is not None and torch.rand((), generator=g).item() < self.hflip:
             person, parse, cloth = person.flip(-1), flip_parse(parse), cloth.flip(-1)
         parse = resize_nearest(parse[None], self.size)[0]
-        mask = vitonhd_mask(parse, self.radius)
+        mask = parse_mask(parse, UPPER_BODY_IDS, self.radius)
         return finish_sample(person, person, mask, cloth, name, self.size, self.ref_size, g, paths["parse"])
 
     def __repr__(self):
         return f"VitonHDDataset({self.root})"
+
+
+# ----------------------------------------------------------------------------------------------
+# 4b. DressCode: root/{upper_body,lower_body,dresses}/ each with images/ (NNNNNN_0.jpg the model,
+#     NNNNNN_1.jpg the garment), label_maps/NNNNNN_4.png (18 ATR labels, by index) and the pair files
+#     train_pairs.txt, test_pairs_paired.txt, test_pairs_unpaired.txt ("model garment", any whitespace)
+
+DRESSCODE_CATEGORIES = ("upper_body", "lower_body", "dresses")
+# ATR ids (not CIHP's): 4 upper-clothes, 5 skirt, 6 pants, 7 dress, 12/13 legs, 14/15 arms. ATR has no neck
+# class (the neck is part of 11, the head); lower_body holds skirts too, which the parser labels 5.
+DRESSCODE_REGION_IDS = {"upper_body": (4, 14, 15), "lower_body": (5, 6, 12, 13), "dresses": (7, 12, 13)}
+
+
+class DressCodeDataset(SampleDataset):
+    """Model photos of DressCode with the category's region masked and the in-shop garment as reference.
+
+    category: one of DRESSCODE_CATEGORIES or "all" (the three, in that order).
+    split "train": the garment is always the model's own (NNNNNN_1.jpg of NNNNNN_0.jpg), whatever column 2
+    says, as for VITON-HD. split "test": paired=True reads <category>/test_pairs_paired.txt, paired=False
+    test_pairs_unpaired.txt (another garment of the same category; no ground truth: target = source).
+    The mask: DRESSCODE_REGION_IDS[category] at the output size, dilated by int(dilation * W) px, as for
+    VITON-HD. Ids are unique across categories, so names are too.
+    samples: [(name, paths)] as VitonHDDataset's, and categories[i] the category of sample i.
+    """
+
+    def __init__(self, root, split, size, ref_size=(224, 224), train=None, seed=0, skip_bad=False,
+                 paired=True, category="all", dilation=5 / 256):
+        train = split == "train" if train is None else train
+        super().__init__(seed, train, skip_bad)
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+        if split == "train" and not paired:
+            raise ValueError("training always uses the model's own garment (paired)")
+        if category != "all" and category not in DRESSCODE_CATEGORIES:
+            raise ValueError(f"category must be one of {DRESSCODE_CATEGORIES} or 'all', not {category!r}")
+        self.root, self.size, self.ref_size = Path(root), _pair(size), _pair(ref_size)
+        self.radius = int(dilation * self.size[1])
+        file_name = "train_pairs.txt" if split == "train" else f"test_pairs_{'paired' if paired else 'unpaired'}.txt"
+        self.samples, self.categories, bad, total = [], [], [], 0
+        for cat in DRESSCODE_CATEGORIES if category == "all" else (category,):
+            pairs_file = self.root / cat / file_name
+            lines = read_pairs_file(pairs_file)
+            total += len(lines)
+            for n, (model, garment) in lines:
+                if split == "train":
+                    garment = model.replace("_0.", "_1.")
+                paths = {"image": self.root / cat / "images" / model, "cloth": self.root / cat / "images" / garment,
+                         "parse": self.root / cat / "label_maps" / (Path(model).stem.replace("_0", "_4") + ".png")}
+                try:
+                    if not Path(model).stem.endswith("_0") or not Path(garment).stem.endswith("_1"):
+                        raise DataError(f"{pairs_file} line {n}: expected 'NNNNNN_0.jpg NNNNNN_1.jpg', got '{model} {garment}'")
+                    check_pair_files(paths, pairs_file, n)
+                    name = Path(model).stem if paired else f"{Path(model).stem}_{Path(garment).stem}"
+                    self.samples.append((name, paths))
+                    self.categories.append(cat)
+                except DataError as e:
+                    bad.append(e)
+        keep_good(bad, total, skip_bad, "pairs")
+        if not self.samples:
+            raise DataError(f"{self.root}: no usable {split} pairs")
+
+    def __len__(self):
+        return len(self.samples)
+
+    def load(self, i, g):
+        name, paths = self.samples[i]
+        person, cloth, parse = read_pair(paths, max_label=17)
+        parse = resize_nearest(parse[None], self.size)[0]
+        mask = parse_mask(parse, DRESSCODE_REGION_IDS[self.categories[i]], self.radius)
+        return finish_sample(person, person, mask, cloth, name, self.size, self.ref_size, g, paths["parse"])
+
+    def __repr__(self):
+        return f"DressCodeDataset({self.root})"
 
 
 # ----------------------------------------------------------------------------------------------

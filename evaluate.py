@@ -1,10 +1,11 @@
 """
-Evaluate a DTC checkpoint on a triplet folder with targets (source/, mask/, reference/, target/).
+Evaluate a DTC checkpoint (or a folder of results of any method) in one of two ways.
 
+1. A triplet folder with targets (source/, mask/, reference/, target/), with our own metrics:
     python evaluate.py --dtc=assets/dtc_tiny.safetensors --data=heldout/
     python evaluate.py --pred_dir=my_results/ --data=heldout/ --dtc=...   # score existing images instead
 
-Metrics, all on the region to fill (the mask), after pasting the source back outside it:
+  Metrics, all on the region to fill (the mask), after pasting the source back outside it:
   psnr_masked  PSNR of the masked pixels against the target, images in [0,1] (inf when identical)
   ssim_masked  SSIM (Gaussian window 11, sigma 1.5, Wang et al. 2004 constants) averaged over the masked pixels
   dino_i       cosine similarity of image-encoder CLS features of the generated region (its bounding box,
@@ -12,19 +13,39 @@ Metrics, all on the region to fill (the mask), after pasting the source back out
                own frozen encoder, --dinov2, or the encoder of --features_from)
   fd_dino      Frechet distance of the same features between generated and target regions; only for
                >= --fd_min images, because a covariance from a few samples is meaningless
+
+2. A VITON-HD or DressCode release, with the paper's and the try-on field's metrics (the optional libraries of
+   requirements-eval.txt; README, "Evaluating like the paper"):
+    python evaluate.py --data=zalando-hd-resized --split=test --pairs=paired --dtc=... --clip=clip-vit-base-patch32
+    python evaluate.py --data=DressCode --category=dresses --pairs=unpaired --pred_dir=other_method/ --clip=...
+
+  Every pair of the split is sampled at the model's size (or read from --pred_dir: <name>.* or <person>.*),
+  resized to --eval_size, and the person photo pasted back outside the mask (--no_repaint: not). Written to
+  --out_dir as <name>.png: the person's file stem, paired, or <person stem>_<garment stem>, unpaired.
+  clip_region  100 x cosine of CLIP image embeddings (ViT-B/32 for the paper): the result cropped to the mask's
+               bounding box and resized to CLIP's input, against the garment image (Paint-by-Example's protocol)
+  fid, kid     Frechet and kernel Inception distances of whole images against the split's person photos
+               (torch-fidelity's Inception-v3, 2048-d pool features); kid_std over --kid_subsets subsets
+  lpips, ssim  paired only: whole images against the person photo (LPIPS --lpips_net, SSIM Gaussian 11 / 1.5)
+  psnr_masked, ssim_masked  paired only: ours, as above
+  The protocol is printed above the numbers.
+
 The last line printed is key=value pairs.
 """
 import argparse
 import math
 import os
 import sys
+import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import CheckpointError
-from data import DataError, TripletDataset, load_image, to_pil, to_tensor
+from data import (DRESSCODE_CATEGORIES, DataError, DressCodeDataset, TripletDataset, VitonHDDataset, load_image,
+                  resize_image, to_pil, to_tensor)
 from dtc import Schedule, encode_image_tokens, load_dtc, prepare, sample_latents
 from dinov2 import load_dinov2
 from vae import LATENT_SCALE
@@ -81,9 +102,94 @@ def frechet_distance(a, b):
     return ((mu_a - mu_b) ** 2).sum() + s_a.trace() + s_b.trace() - 2 * cross
 
 
+def release_layout(root):
+    """"vitonhd", "dresscode" or None (a triplet folder), from the files at the root."""
+    if os.path.isfile(os.path.join(root, "test_pairs.txt")) or os.path.isfile(os.path.join(root, "train_pairs.txt")):
+        return "vitonhd"
+    if any(os.path.isdir(os.path.join(root, c)) for c in DRESSCODE_CATEGORIES):
+        return "dresscode"
+    return None
+
+
+def require_eval_libraries():
+    try:
+        import torchmetrics  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"release evaluation needs the optional evaluation libraries ({e.name} is missing): "
+                          "pip install -r requirements-eval.txt") from None
+
+
+def to_uint8(x):
+    """(B,3,H,W) in [-1,1] -> uint8 0..255, as the Inception network of torch-fidelity takes images."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+class RegionCLIP:
+    """Paint-by-Example's region CLIP score: the generated image cropped to the bounding box of the region to
+    fill, resized (bicubic, antialiased, no centre crop, so the whole region is seen) to CLIP's input size,
+    CLIP-normalised; 100 x cosine of its image embedding with the garment image's, treated the same way.
+    `path`: a transformers CLIP folder (e.g. openai/clip-vit-base-patch32) or the name of one in the
+    Hugging Face cache; nothing is downloaded."""
+
+    def __init__(self, path, device):
+        from transformers import CLIPVisionModelWithProjection
+        from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+        try:
+            self.model = CLIPVisionModelWithProjection.from_pretrained(path, local_files_only=True).to(device).eval()
+        except OSError as e:
+            raise CheckpointError(f"{path}: not a CLIP folder, nor one in the Hugging Face cache ({e})") from None
+        self.size = self.model.config.image_size
+        self.mean = torch.tensor(OPENAI_CLIP_MEAN, device=device)[:, None, None]
+        self.std = torch.tensor(OPENAI_CLIP_STD, device=device)[:, None, None]
+
+    @torch.no_grad()
+    def embed(self, images):
+        """A list of (3,h,w) images in [-1,1] -> (N, D) unit embeddings."""
+        x = torch.cat([F.interpolate(im[None].float(), size=(self.size, self.size), mode="bicubic",
+                                     antialias=True, align_corners=False) for im in images])
+        x = ((x + 1) / 2).clamp(0, 1)
+        return F.normalize(self.model(pixel_values=(x - self.mean) / self.std).image_embeds.float(), dim=-1)
+
+    def score(self, pred, fill, reference):
+        """pred (B,3,H,W), fill (B,1,H,W) 1 = region, reference (B,3,h,w) -> (B,) scores."""
+        return 100 * (self.embed(region_crop(pred, fill)) * self.embed(list(reference))).sum(-1)
+
+
+def field_metrics(args, paired, fid_feature, device, kid_size):
+    """The torchmetrics objects of the release protocol. fid_feature: a module mapping uint8 (B,3,H,W) images to
+    (B,D) features, in place of torch-fidelity's Inception-v3 (the library's hook for custom extractors);
+    kid_size: images per KID subset (at most the number of images)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
+    from torchmetrics.image.kid import KernelInceptionDistance
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+    from torchmetrics.image.ssim import StructuralSimilarityIndexMeasure
+    if fid_feature is None:
+        # torch-fidelity's own resize to 299 (TF1-style bilinear, no antialias): the numbers of the try-on
+        # papers that call torch-fidelity directly
+        fid_feature = NoTrainInceptionV3("inception-v3-compat", ["2048"], args.inception, antialias=False)
+    with warnings.catch_warnings():  # KID keeps every feature vector: 8 KiB per image, fine for a test split
+        warnings.filterwarnings("ignore", message="Metric `Kernel Inception Distance` will save")
+        metrics = {"fid": FrechetInceptionDistance(fid_feature), "kid": KernelInceptionDistance(
+            fid_feature, subsets=args.kid_subsets, subset_size=kid_size)}
+    if paired:
+        metrics["lpips"] = LearnedPerceptualImagePatchSimilarity(net_type=args.lpips_net, normalize=True)
+        metrics["ssim"] = StructuralSimilarityIndexMeasure(data_range=1.0)
+    return {k: m.to(device) for k, m in metrics.items()}
+
+
+def parse_size(text):
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+        assert h > 0 and w > 0
+    except (ValueError, AssertionError):
+        raise argparse.ArgumentTypeError(f"expected HxW, e.g. 512x384, not {text!r}") from None
+    return h, w
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="triplet folder with target/")
+    p.add_argument("--data", required=True, help="triplet folder with target/, or a VITON-HD or DressCode release")
     p.add_argument("--dtc", help="DTC checkpoint to sample with (and whose image encoder scores dino_i)")
     p.add_argument("--pred_dir", help="score these images (named like the sources) instead of sampling")
     p.add_argument("--sd", help="VAE source when the checkpoint holds only the trainable parts")
@@ -98,18 +204,61 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--fd_min", type=int, default=200, help="fewest images for which fd_dino is reported")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g = p.add_argument_group("releases (VITON-HD, DressCode)")
+    g.add_argument("--split", default="test", choices=["test", "train"])
+    g.add_argument("--pairs", default="paired", choices=["paired", "unpaired"],
+                   help="paired: the person's own garment (every metric); unpaired: another garment, no ground truth")
+    g.add_argument("--category", default="all", choices=["all", *DRESSCODE_CATEGORIES], help="DressCode only")
+    g.add_argument("--limit", type=int, help="only the first N pairs (a quick look; not comparable numbers)")
+    g.add_argument("--eval_size", type=parse_size, default=(512, 384), help="HxW every image is scored at")
+    g.add_argument("--no_repaint", action="store_true", help="score the decoded pixels outside the mask too")
+    g.add_argument("--clip", default="openai/clip-vit-base-patch32",
+                   help="CLIP folder (transformers layout) or its name in the Hugging Face cache")
+    g.add_argument("--inception", help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: "
+                   "torch-fidelity's cache, $TORCH_HOME/hub/checkpoints)")
+    g.add_argument("--lpips_net", default="alex", choices=["alex", "vgg", "squeeze"],
+                   help="LPIPS backbone (torchvision weights from $TORCH_HOME/hub/checkpoints)")
+    g.add_argument("--kid_subsets", type=int, default=100)
+    g.add_argument("--kid_subset_size", type=int, default=1000, help="capped at the number of images")
     return p.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if args.dtc is None and (args.pred_dir is None or args.dinov2 is None):
-        raise CheckpointError("give --dtc (to sample and for its image encoder), or --pred_dir with --dinov2")
-    model, frozen = load_dtc(args.dtc) if args.dtc else (None, None)
-    if model is not None and frozen is None:
+def load_generator(args):
+    """(model, frozen) of --dtc, the frozen parts from --sd/--dinov2 when the file holds only the trained ones."""
+    model, frozen = load_dtc(args.dtc)
+    if frozen is None:
         from dtc import from_original
         _, frozen = from_original(args.sd, args.dinov2)
+    return model, frozen
+
+
+@torch.no_grad()
+def generate(model, frozen, source, mask, reference, args, b):
+    """Batch b sampled with its own seed -> (B,3,H,W) in [-1,1] (no paste-back)."""
+    g = torch.Generator().manual_seed(args.seed + b)
+    cond = prepare(frozen, source, mask, reference, model.cfg.image_size, g)
+    z = sample_latents(model, Schedule(), cond, args.steps, args.guidance, generator=g, progress=False)
+    return frozen.vae.decode(z / LATENT_SCALE).clamp(-1, 1)
+
+
+def save_images(out_dir, images, names):
+    os.makedirs(out_dir, exist_ok=True)
+    for x, name in zip(images, names):
+        tmp = os.path.join(out_dir, f"{name}.tmp.png")
+        to_pil(x.cpu()).save(tmp)
+        os.replace(tmp, os.path.join(out_dir, f"{name}.png"))
+
+
+def main(argv=None, fid_feature=None):
+    """fid_feature: see field_metrics (tests pass a small random one)."""
+    args = parse_args(argv)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    layout = release_layout(args.data)
+    if layout is not None:
+        return evaluate_release(args, layout, device, fid_feature)
+    if args.dtc is None and (args.pred_dir is None or args.dinov2 is None):
+        raise CheckpointError("give --dtc (to sample and for its image encoder), or --pred_dir with --dinov2")
+    model, frozen = load_generator(args) if args.dtc else (None, None)
     encoder = load_dinov2(args.dinov2) if args.dinov2 else frozen.image_encoder
     image_size = model.cfg.image_size if (model is not None and not args.dinov2) else 224
     if args.features_from:
@@ -135,10 +284,7 @@ def main(argv=None):
             pred = torch.stack([to_tensor(load_image(find(args.pred_dir, n)).resize((size, size))) for n in batch["name"]])
             pred = pred.to(device)
         else:
-            g = torch.Generator().manual_seed(args.seed + b)
-            cond = prepare(frozen, source, mask, reference, model.cfg.image_size, g)
-            z = sample_latents(model, Schedule(), cond, args.steps, args.guidance, generator=g, progress=False)
-            pred = frozen.vae.decode(z / LATENT_SCALE).clamp(-1, 1)
+            pred = generate(model, frozen, source, mask, reference, args, b)
         pred = pred * (1 - mask) + source * mask  # paste back: only the region is judged
         fill = 1 - mask
         p01, t01 = (pred + 1) / 2, (target + 1) / 2
@@ -150,11 +296,7 @@ def main(argv=None):
         gen_feats.append(gen.cpu())
         target_feats.append(cls_features(encoder, region_crop(target, fill), image_size).cpu())
         if args.out_dir:
-            os.makedirs(args.out_dir, exist_ok=True)
-            for x, name in zip(pred, batch["name"]):
-                tmp = os.path.join(args.out_dir, f"{name}.tmp.png")
-                to_pil(x.cpu()).save(tmp)
-                os.replace(tmp, os.path.join(args.out_dir, f"{name}.png"))
+            save_images(args.out_dir, pred, batch["name"])
 
     n = len(data)
     result = {k: torch.cat(v).mean().item() for k, v in scores.items()}
@@ -162,20 +304,118 @@ def main(argv=None):
         result["fd_dino"] = frechet_distance(torch.cat(gen_feats), torch.cat(target_feats)).item()
     else:
         print(f"fd_dino skipped: {n} images < --fd_min={args.fd_min}")
-    print(f"images={n} " + " ".join(f"{k}={v:.4f}" if math.isfinite(v) else f"{k}={v}" for k, v in result.items()))
+    print(f"images={n} " + format_scores(result))
     return result
 
 
-def find(folder, name):
-    for ext in (".png", ".jpg", ".jpeg", ".webp"):
-        if os.path.isfile(os.path.join(folder, name + ext)):
-            return os.path.join(folder, name + ext)
-    raise DataError(f"{folder}: no image named {name}.*")
+def format_scores(result):
+    return " ".join(f"{k}={v:.4f}" if isinstance(v, float) and math.isfinite(v) else f"{k}={v}" for k, v in result.items())
+
+
+def evaluate_release(args, layout, device, fid_feature):
+    """Method 2 of the docstring; returns the scores and prints the protocol, then key=value pairs."""
+    if args.dtc is None and args.pred_dir is None:
+        raise CheckpointError("give --dtc (to sample every pair) or --pred_dir (results to score)")
+    if args.pairs == "unpaired" and args.split == "train":
+        raise DataError(f"{args.data}: the train split is paired only")
+    require_eval_libraries()
+    paired = args.pairs == "paired"
+    release = {"vitonhd": "VITON-HD", "dresscode": f"DressCode ({args.category})"}[layout]
+
+    def reader(size, ref_size):
+        if layout == "vitonhd":
+            return VitonHDDataset(args.data, args.split, size, ref_size, train=False, paired=paired)
+        return DressCodeDataset(args.data, args.split, size, ref_size, train=False, paired=paired, category=args.category)
+
+    clip = RegionCLIP(args.clip, device)
+    scored = reader(args.eval_size, (clip.size, clip.size))  # person, mask and garment at the scoring sizes
+    n = min(len(scored), args.limit or len(scored))
+    if n < 2:
+        raise DataError(f"{args.data}" + (f" --limit={args.limit}" if args.limit else "") +
+                        f": FID and KID need at least 2 images, there are {n}")
+    preds = None  # --pred_dir: every file found before any work
+    if args.pred_dir:
+        preds = [find(args.pred_dir, name, Path(paths["image"]).stem) for name, paths in scored.samples[:n]]
+    model = frozen = None
+    if args.pred_dir is None:
+        model, frozen = load_generator(args)
+        for m in (model, frozen.vae, frozen.image_encoder):
+            m.to(device).eval()
+        size = args.size or (512 if model.cfg.unet.model_channels >= 320 else 64)
+        sampled = reader((size, size), (model.cfg.image_size, model.cfg.image_size))  # what the model sees
+    subset = lambda ds: torch.utils.data.Subset(ds, range(n))
+    kid_size = min(args.kid_subset_size, n)
+    metrics = field_metrics(args, paired, fid_feature, device, kid_size)
+    scores = {"clip_region": [], "psnr_masked": [], "ssim_masked": []}
+    loaders = [torch.utils.data.DataLoader(subset(scored), batch_size=args.batch_size)]
+    if model is not None:
+        loaders.append(torch.utils.data.DataLoader(subset(sampled), batch_size=args.batch_size))
+    for b, batches in enumerate(tqdm(zip(*loaders), total=len(loaders[0]), desc="evaluating")):
+        real, mask, garment = (batches[0][k].to(device) for k in ("source", "mask", "reference"))
+        if model is None:
+            files = preds[b * args.batch_size: b * args.batch_size + len(real)]
+            pred = torch.stack([resize_image(to_tensor(load_image(f)), args.eval_size) for f in files]).to(device)
+        else:
+            s = batches[1]
+            pred = generate(model, frozen, s["source"].to(device), s["mask"].to(device), s["reference"].to(device), args, b)
+            pred = torch.stack([resize_image(x, args.eval_size) for x in pred])
+        if not args.no_repaint:
+            pred = pred * (1 - mask) + real * mask  # the field's "repaint": the person's own pixels outside the mask
+        fill = 1 - mask
+        scores["clip_region"].append(clip.score(pred, fill, garment).cpu())
+        metrics["fid"].update(to_uint8(real), real=True)
+        metrics["fid"].update(to_uint8(pred), real=False)
+        metrics["kid"].update(to_uint8(real), real=True)
+        metrics["kid"].update(to_uint8(pred), real=False)
+        if paired:
+            p01, t01 = (pred + 1) / 2, (real + 1) / 2
+            metrics["lpips"].update(p01, t01)
+            metrics["ssim"].update(p01, t01)
+            scores["psnr_masked"].append(psnr_masked(p01, t01, fill).cpu())
+            scores["ssim_masked"].append(ssim_masked(p01, t01, fill).cpu())
+        if args.out_dir:
+            save_images(args.out_dir, pred, batches[0]["name"])
+
+    result = {"clip_region": torch.cat(scores["clip_region"]).mean().item(), "fid": metrics["fid"].compute().item()}
+    with torch.random.fork_rng(devices=[]):  # KID's subsets come from torch's global RNG: seeded, and restored
+        torch.manual_seed(args.seed)
+        kid, kid_std = metrics["kid"].compute()
+    result.update(kid=kid.item(), kid_std=kid_std.item())
+    if paired:
+        result.update(lpips=metrics["lpips"].compute().item(), ssim=metrics["ssim"].compute().item(),
+                      psnr_masked=torch.cat(scores["psnr_masked"]).mean().item(),
+                      ssim_masked=torch.cat(scores["ssim_masked"]).mean().item())
+    H, W = args.eval_size
+    backbone = ("torch-fidelity Inception-v3 pool3 (2048-d; its TF1-style resize to 299x299)" if fid_feature is None
+                else f"custom {type(fid_feature).__name__}")
+    generated = (f"read from {args.pred_dir}" if model is None else
+                 f"sampled at {size}x{size} ({args.steps} DDIM steps, guidance {args.guidance}, seed {args.seed})")
+    c = f"{clip.size}x{clip.size}"
+    print(f"protocol: {release} {args.split}, {args.pairs}, {n} images" + (f" (--limit={args.limit})" if args.limit else ""))
+    print(f"  images: {generated}, resized to {W}x{H} (W x H, bilinear, antialiased); paste-back (repaint) "
+          f"{'off' if args.no_repaint else 'on'}; region: the parse-map labels, dilated by 5/256 of the width")
+    print(f"  clip_region: {args.clip} image embeddings; result cropped to the mask's bounding box, resized to {c} "
+          f"(bicubic, no centre crop), CLIP mean/std; garment resized to {c}; 100 x cosine, mean")
+    print(f"  fid, kid: {backbone}; whole images at {W}x{H}; real set: the {n} person photos; kid: cubic "
+          f"polynomial kernel, {args.kid_subsets} subsets of {kid_size}, seed {args.seed}, unscaled")
+    if paired:
+        print(f"  lpips: {args.lpips_net} LPIPS v0.1; ssim: Gaussian 11, sigma 1.5, data range 1; whole images at "
+              f"{W}x{H} against the person photo; psnr_masked, ssim_masked: ours, on the region")
+    print(f"images={n} pairs={args.pairs} " + format_scores(result))
+    return result
+
+
+def find(folder, name, fallback=None):
+    for stem in (name, fallback) if fallback else (name,):
+        for ext in (".png", ".jpg", ".jpeg", ".webp"):
+            if os.path.isfile(os.path.join(folder, stem + ext)):
+                return os.path.join(folder, stem + ext)
+    raise DataError(f"{folder}: no image named {name}.*" + (f" or {fallback}.*" if fallback else ""))
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (CheckpointError, DataError) as e:
+    except (CheckpointError, DataError, ImportError) as e:
         print(f"error: {'; '.join(line.strip() for line in str(e).splitlines())}", file=sys.stderr)
         sys.exit(1)

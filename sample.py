@@ -6,7 +6,8 @@ With no arguments it runs the bundled teaching model on a bundled example, on th
 With the real weights (SD 1.5 or SD 1.5-inpainting, DINOv2 g/14, and a DTC checkpoint you trained):
     python sample.py --sd=v1-5-pruned-emaonly.safetensors --dinov2=dinov2_vitg14_pretrain.pth \\
         --dtc=dtc.safetensors --source=photo.jpg --mask=mask.png --reference=product.jpg --out=result.png
-The mask is white where the product goes. Every option also accepts --key=value.
+The mask is white where the product goes; --box=x0,y0,x1,y1 (pixels) fills a rectangle instead. Every option also
+accepts --key=value.
 """
 import argparse
 import os
@@ -34,6 +35,8 @@ def parse_args(argv=None):
                    "when --sd is not given)")
     p.add_argument("--source", default=os.path.join(EXAMPLES, "source.png"), help="the photo to edit")
     p.add_argument("--mask", default=os.path.join(EXAMPLES, "mask.png"), help="white = region to fill; any size")
+    p.add_argument("--box", help="x0,y0,x1,y1: fill this rectangle instead of a --mask (pixels of the source; "
+                   "x1, y1 exclusive, as PIL's boxes)")
     p.add_argument("--reference", default=os.path.join(EXAMPLES, "reference.png"), help="the product image")
     p.add_argument("--out", default=os.path.join("out", "result.png"), help="result path; a grid is written beside it")
     p.add_argument("--size", type=int, default=None, help="longer side the model works at (default: the model's "
@@ -72,6 +75,20 @@ def load_models(args, dtype):
         _, frozen = from_original(args.sd, args.dinov2, dtype=dtype)
     # the teaching model was trained at its own small size; SD at 512
     return model, frozen, 512 if model.cfg.unet.model_channels >= 320 else 64
+
+
+def box_mask(box, size):
+    """(1,H,W) keep-mask (1 = keep) of the source size (H, W) with the rectangle "x0,y0,x1,y1" to fill."""
+    H, W = size
+    try:
+        x0, y0, x1, y1 = (int(v) for v in box.split(","))
+    except ValueError:
+        raise DataError(f"--box={box}: expected four integers x0,y0,x1,y1") from None
+    if not (0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H):
+        raise DataError(f"--box={box}: needs 0 <= x0 < x1 <= {W} and 0 <= y0 < y1 <= {H} (the source is {W}x{H})")
+    keep = torch.ones(1, H, W)
+    keep[:, y0:y1, x0:x1] = 0
+    return keep
 
 
 def working_size(w, h, longer, multiple):
@@ -169,11 +186,13 @@ def main(argv=None):
     if args.explain and args.baseline is None and args.dtc is None and args.sd is None:
         args.baseline = os.path.join(HERE, "assets", "dtc_tiny_baseline.safetensors")
     W, H = source_pil.size
-    keep_full = load_mask(args.mask, size=(H, W), resize=True)  # (1,H,W), 1 = keep, at the source's resolution
+    # (1,H,W), 1 = keep, at the source's resolution
+    keep_full = box_mask(args.box, (H, W)) if args.box else load_mask(args.mask, size=(H, W), resize=True)
+    mask_name = f"--box={args.box}" if args.box else args.mask
     if keep_full.min() > 0.5:
-        raise DataError(f"{args.mask}: the mask is empty (no white pixels): nothing to fill")
+        raise DataError(f"{mask_name}: the mask is empty (no white pixels): nothing to fill")
     if keep_full.max() < 0.5:
-        raise DataError(f"{args.mask}: the mask covers the whole image: DTC needs some of the photo as context")
+        raise DataError(f"{mask_name}: the mask covers the whole image: DTC needs some of the photo as context")
 
     keep_pil = Image.fromarray(((keep_full[0] > 0.5).to(torch.uint8) * 255).numpy(), mode="L")
 
@@ -195,7 +214,7 @@ def main(argv=None):
     source = to_tensor(source_pil.resize((w, h), Image.BICUBIC))[None].to(device)
     mask = F.interpolate(keep_full[None], size=(h, w), mode="nearest").to(device)
     if mask.max() < 0.5 or mask.min() > 0.5:
-        raise DataError(f"{args.mask}: at {w}x{h} the mask is {'all' if mask.max() < 0.5 else 'no'} region to fill; "
+        raise DataError(f"{mask_name}: at {w}x{h} the mask is {'all' if mask.max() < 0.5 else 'no'} region to fill; "
                         "use a larger --size or a different mask")
     reference = to_tensor(reference_pil)[None].to(device)
     schedule = Schedule()

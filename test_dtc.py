@@ -2427,3 +2427,296 @@ def test_bench_without_diffusers(one_thread_bench, monkeypatch, capsys):
     (sh, srows), = tables(text)
     assert [r[0] for r in srows] == SAMPLE_ROWS + ["torch.compile"]
     assert srows[-1][1:] == ["skipped"] * (len(sh) - 1) and "torch.compile row skipped on the CPU" in text
+
+
+# --- real data: VITON-HD and DressCode evaluation, --box ---
+
+from data import DRESSCODE_CATEGORIES, DressCodeDataset  # noqa: E402  (this section's own names)
+
+# ATR ids: 11 head, 4 upper clothes, 5 skirt, 6 pants, 7 dress, 12/13 legs, 14/15 arms (not CIHP's)
+DC_IDS = {"upper_body": ["048392", "048393", "048394"], "lower_body": ["050192", "050193", "050194"],
+          "dresses": ["051992", "051993", "051994"]}
+DC_REGION = {"upper_body": [4, 14, 15], "lower_body": [5, 6, 12, 13], "dresses": [7, 12, 13]}
+
+
+def _dc_colour(cat, k):
+    return [(200, 40, 40), (40, 200, 40), (40, 40, 200)][k] if cat != "dresses" else [(220, 220, 30), (30, 220, 220), (220, 30, 220)][k]
+
+
+def _atr_map(h, w, cat, k):
+    """A person-like ATR label map: head, a top with arms, and below it pants (or, for one lower_body person,
+    a skirt) with legs, or a dress with legs."""
+    p = np.zeros((h, w), np.uint8)
+    c = w // 2 + k - 1
+    p[1: h // 5, c - w // 8: c + w // 8] = 11
+    if cat == "dresses":
+        p[h // 5: 3 * h // 4, c - w // 4: c + w // 4] = 7
+    else:
+        p[h // 5: h // 2, c - w // 4: c + w // 4] = 4
+        p[h // 2: 3 * h // 4, c - w // 4: c + w // 4] = 5 if (cat, k) == ("lower_body", 2) else 6
+    p[h // 5: h // 2, c - w // 4 - 3: c - w // 4] = 15
+    p[h // 5: h // 2, c + w // 4: c + w // 4 + 3] = 14
+    p[3 * h // 4:, c - w // 4: c] = 13
+    p[3 * h // 4:, c: c + w // 4] = 12
+    return p
+
+
+def write_dresscode(root, h=40, w=30):
+    """A miniature DressCode release: three people per category at h x w, their garments (one colour each), ATR
+    label maps (mode L) and the three pair files (tabs in some, spaces in others; a train file whose column 2
+    names another garment, which training must ignore). Returns {id: label map}."""
+    parses = {}
+    for cat, ids in DC_IDS.items():
+        for folder in ("images", "label_maps"):
+            (root / cat / folder).mkdir(parents=True)
+        for k, i in enumerate(ids):
+            person = np.asarray(_rand_rgb(h, w, k + 10 * DRESSCODE_CATEGORIES.index(cat))).copy()
+            Image.fromarray(person).save(root / cat / "images" / f"{i}_0.jpg", quality=95)
+            garment = np.full((h, w, 3), 255, np.uint8)
+            garment[h // 5: 4 * h // 5, w // 5: 4 * w // 5] = _dc_colour(cat, k)
+            Image.fromarray(garment).save(root / cat / "images" / f"{i}_1.jpg", quality=95)
+            parses[i] = _atr_map(h, w, cat, k)
+            Image.fromarray(parses[i], "L").save(root / cat / "label_maps" / f"{i}_4.png")
+        (root / cat / "train_pairs.txt").write_text("".join(f"{a}_0.jpg\t{b}_1.jpg\n" for a, b in zip(ids, ids[1:] + ids[:1])))
+        (root / cat / "test_pairs_paired.txt").write_text("".join(f"{a}_0.jpg    {a}_1.jpg\n" for a in ids))
+        (root / cat / "test_pairs_unpaired.txt").write_text("".join(f"{a}_0.jpg {b}_1.jpg\n" for a, b in zip(ids, ids[::-1])))
+    return parses
+
+
+def _dilated_keep(parse, ids, radius):
+    """Keep-mask by plain numpy: the ids, then a square dilation by explicit shifts."""
+    fill = np.isin(parse, ids)
+    h, w = fill.shape
+    padded, out = np.pad(fill, radius), np.zeros_like(fill)
+    for dy in range(2 * radius + 1):
+        for dx in range(2 * radius + 1):
+            out |= padded[dy: dy + h, dx: dx + w]
+    return torch.from_numpy(~out).float()[None]
+
+
+def test_data_dresscode_garment_region_and_pairs(tmp_path):
+    """Each category: the region of its ATR ids dilated; training and paired take the model's own garment
+    (whatever train_pairs.txt column 2 says); unpaired takes column 2; "all" is the three in order."""
+    parses = write_dresscode(tmp_path)
+    for cat, ids in DC_IDS.items():
+        train_ds = DressCodeDataset(tmp_path, "train", (40, 30), (40, 30), train=False, category=cat, dilation=0.1)
+        paired = DressCodeDataset(tmp_path, "test", (40, 30), (40, 30), train=False, category=cat, dilation=0.1)
+        unpaired = DressCodeDataset(tmp_path, "test", (40, 30), (40, 30), train=False, category=cat, paired=False, dilation=0.1)
+        for k, i in enumerate(ids):
+            for ds in (train_ds, paired):
+                s = ds[k]
+                assert s["name"] == f"{i}_0" and np.allclose(_colour(s["reference"]), _dc_colour(cat, k), atol=12)
+                assert torch.equal(s["mask"], _dilated_keep(parses[i], DC_REGION[cat], 3))  # int(0.1 * 30)
+            s = unpaired[k]
+            assert s["name"] == f"{i}_0_{ids[2 - k]}_1"
+            assert np.allclose(_colour(s["reference"]), _dc_colour(cat, 2 - k), atol=12)
+            assert torch.equal(s["source"], paired[k]["source"]) and torch.equal(s["target"], s["source"])
+    # undilated: the skirt (label 5) of lower_body person 2 is all in its region, its top (label 4) all kept
+    keep = DressCodeDataset(tmp_path, "test", (40, 30), train=False, category="lower_body", dilation=0)[2]["mask"][0].numpy()
+    skirt, top = parses["050194"] == 5, parses["050194"] == 4
+    assert skirt.any() and top.any() and (keep[skirt] == 0).all() and (keep[top] == 1).all()
+    everything = DressCodeDataset(tmp_path, "test", (40, 30), train=False)
+    assert [n for n, _ in everything.samples] == [f"{i}_0" for ids in DC_IDS.values() for i in ids]
+    assert everything.categories == [c for c in DRESSCODE_CATEGORIES for _ in range(3)]
+    with pytest.raises(ValueError):
+        DressCodeDataset(tmp_path, "test", (40, 30), category="shoes")
+    with pytest.raises(ValueError):
+        DressCodeDataset(tmp_path, "train", (40, 30), paired=False)
+
+
+def test_data_dresscode_bad_rows(tmp_path):
+    """A missing label map names the file and the pair-file line; skip_bad drops it with one warning; a
+    label outside ATR's 0..17 and a malformed row are named too."""
+    write_dresscode(tmp_path)
+    missing = tmp_path / "dresses" / "label_maps" / "051993_4.png"
+    missing.unlink()
+    with pytest.raises(DataError, match=rf"{missing}: file not found \(needed by test_pairs_paired.txt line 2\)"):
+        DressCodeDataset(tmp_path, "test", (40, 30))
+    with pytest.warns(UserWarning, match="skipped 1 of 9 samples"):
+        ds = DressCodeDataset(tmp_path, "test", (40, 30), skip_bad=True)
+    assert len(ds) == 8 and "051993_0" not in [n for n, _ in ds.samples]
+    bad = tmp_path / "upper_body" / "label_maps" / "048392_4.png"
+    Image.fromarray(np.full((40, 30), 19, np.uint8), "L").save(bad)
+    ds = DressCodeDataset(tmp_path, "test", (40, 30), category="upper_body")
+    with pytest.raises(DataError, match=rf"{bad}: parse map has label 19; this layout's labels are 0..17"):
+        ds[0]
+    (tmp_path / "lower_body" / "test_pairs_unpaired.txt").write_text("050192_0.jpg\t050193_1.jpg\t1\n")
+    with pytest.raises(DataError, match="test_pairs_unpaired.txt line 1: expected"):
+        DressCodeDataset(tmp_path, "test", (40, 30), category="lower_body", paired=False)
+
+
+def test_train_dresscode_category_or_all(tmp_path, one_thread):
+    """train.py --data= a DressCode root reads all three categories, a category folder that one; a step runs."""
+    write_dresscode(tmp_path / "dc")
+    args = train.parse_args([*SMALL, f"--data={tmp_path / 'dc'}"])
+    assert len(train.build_dataset(args, (32, 32))) == 9
+    args = train.parse_args([*SMALL, f"--data={tmp_path / 'dc' / 'lower_body'}/"])
+    ds = train.build_dataset(args, (32, 32))
+    assert set(ds.categories) == {"lower_body"} and len(ds) == 3
+    train.main([*SMALL, f"--data={tmp_path / 'dc' / 'dresses'}", f"--out_dir={tmp_path / 'out'}", "--max_steps=1"])
+    assert len(losses(tmp_path / "out")) == 1
+
+
+class TinyFeatures(torch.nn.Module):
+    """In place of Inception for FID/KID: uint8 (B,3,H,W) -> (B,4), a fixed random projection of the 2x2
+    average-pooled pixels (H, W even)."""
+    num_features = 4
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("w", torch.randn(12, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+
+    def forward(self, x):
+        return F.adaptive_avg_pool2d(x.double() / 255, 2).flatten(1) @ self.w
+
+
+def numpy_features(images, w):
+    """TinyFeatures by numpy on (B,H,W,3) uint8 arrays."""
+    b, h, wd, _ = images.shape
+    pooled = (images.astype(np.float64) / 255).reshape(b, 2, h // 2, 2, wd // 2, 3).mean((2, 4))  # (B,2,2,3)
+    return pooled.transpose(0, 3, 1, 2).reshape(b, 12) @ w
+
+
+def numpy_fid(a, b):
+    """Frechet distance with the square root of S_a taken by eigh (a different route from torchmetrics')."""
+    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    wa, va = np.linalg.eigh(sa)
+    root = va @ np.diag(np.sqrt(np.clip(wa, 0, None))) @ va.T
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root @ sb @ root), 0, None)).sum()
+    return ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(sa) + np.trace(sb) - 2 * cross
+
+
+def numpy_kid(a, b):
+    """Unbiased MMD^2 with the cubic polynomial kernel (x.y / d + 1)^3, all samples in one subset."""
+    d, m = a.shape[1], len(a)
+    k = lambda x, y: (x @ y.T / d + 1) ** 3
+    kaa, kbb, kab = k(a, a), k(b, b), k(a, b)
+    off = lambda kk: (kk.sum() - np.trace(kk)) / (m * (m - 1))
+    return off(kaa) + off(kbb) - 2 * kab.mean()
+
+
+@pytest.fixture
+def eval_weights(tmp_path, monkeypatch):
+    """Small random stand-ins for the released networks, through the libraries' own loading paths: a CLIP
+    folder for transformers, a torchvision SqueezeNet in a private $TORCH_HOME cache for LPIPS."""
+    import torchvision
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=16, projection_dim=16)
+    CLIPVisionModelWithProjection(cfg).save_pretrained(tmp_path / "clip")
+    home = tmp_path / "torch_home"
+    (home / "hub" / "checkpoints").mkdir(parents=True)
+    url = torchvision.models.SqueezeNet1_1_Weights.DEFAULT.url
+    torch.save(torchvision.models.squeezenet1_1().state_dict(), home / "hub" / "checkpoints" / url.rsplit("/", 1)[1])
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    return [f"--clip={tmp_path / 'clip'}", "--lpips_net=squeeze"]
+
+
+def test_eval_release_scores_match_numpy_and_identity(tmp_path, eval_weights, capsys):
+    """DressCode, --pred_dir: predictions equal to the targets score SSIM 1, LPIPS 0, FID 0; noisy ones (no
+    paste-back) give FID and KID equal to numpy on the same features; the protocol is printed."""
+    write_dresscode(tmp_path / "dc")
+    people = sorted((tmp_path / "dc").glob("*/images/*_0.jpg"))
+    real = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in people])
+    (tmp_path / "same").mkdir()
+    (tmp_path / "noisy").mkdir()
+    g = np.random.default_rng(0)
+    fake = np.clip(real + g.normal(0, 40, real.shape), 0, 255).astype(np.uint8)
+    for p, x, y in zip(people, real, fake):
+        Image.fromarray(x).save(tmp_path / "same" / f"{p.stem}.png")
+        Image.fromarray(y).save(tmp_path / "noisy" / f"{p.stem}.png")
+    base = [f"--data={tmp_path / 'dc'}", "--eval_size=40x30", *eval_weights]
+    same = evaluate.main(base + [f"--pred_dir={tmp_path / 'same'}"], fid_feature=TinyFeatures())
+    assert abs(same["ssim"] - 1) < 1e-6 and same["lpips"] < 1e-6 and same["psnr_masked"] == float("inf")
+    assert abs(same["fid"]) < 1e-6 and -100 <= same["clip_region"] <= 100
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("protocol: DressCode (all) test, paired, 9 images") and "repaint) on" in out[1]
+    assert all(re.fullmatch(r"[a-z_]+=\S+", kv) for kv in out[-1].split()) and "pairs=paired" in out[-1]
+    noisy = evaluate.main(base + [f"--pred_dir={tmp_path / 'noisy'}", "--no_repaint"], fid_feature=TinyFeatures())
+    w = TinyFeatures().w.numpy()
+    a, b = numpy_features(real, w), numpy_features(fake, w)
+    assert noisy["fid"] == pytest.approx(numpy_fid(a, b), rel=1e-6, abs=1e-9)
+    assert noisy["kid"] == pytest.approx(numpy_kid(a, b), rel=1e-6, abs=1e-9)  # 100 subsets of all 9: one value
+    assert noisy["kid_std"] < 1e-9 and noisy["fid"] > 1e-3 and noisy["ssim"] < 0.9 and noisy["lpips"] > 0
+    # unpaired: the distribution metrics and the CLIP score against the (other) garment only
+    unpaired = evaluate.main(base + [f"--pred_dir={tmp_path / 'same'}", "--pairs=unpaired", "--category=dresses"],
+                             fid_feature=TinyFeatures())
+    assert set(unpaired) == {"clip_region", "fid", "kid", "kid_std"}
+    assert "DressCode (dresses) test, unpaired, 3 images" in capsys.readouterr().out
+    first = evaluate.main(base + [f"--pred_dir={tmp_path / 'same'}", "--limit=4"], fid_feature=TinyFeatures())
+    assert "paired, 4 images (--limit=4)" in capsys.readouterr().out and first["fid"] != noisy["fid"]
+
+
+def test_eval_region_clip_is_100_on_the_reference(eval_weights):
+    """The region crop of an image that shows the reference exactly in the mask's bounding box scores 100."""
+    clip = evaluate.RegionCLIP(eval_weights[0].split("=", 1)[1], "cpu")
+    g = torch.Generator().manual_seed(0)
+    reference = torch.rand(3, 32, 32, generator=g) * 2 - 1
+    image = torch.rand(1, 3, 50, 40, generator=g) * 2 - 1
+    image[0, :, 9:41, 4:36] = reference
+    fill = torch.zeros(1, 1, 50, 40)
+    fill[..., 9:41, 4:36] = 1
+    assert clip.score(image, fill, reference[None]).item() == pytest.approx(100, abs=1e-3)
+    assert clip.score(image, fill, -reference[None]).item() < 99
+
+
+def test_eval_release_vitonhd_sampled(sample_inputs, tmp_path, eval_weights, capsys):
+    """VITON-HD sampled with a tiny DTC, paired and unpaired: images written under the release's names at the
+    scoring size, the person's own pixels outside the mask; --pred_dir on them gives the same numbers."""
+    d, _, _ = sample_inputs
+    _write_viton(tmp_path / "viton")
+    base = [f"--data={tmp_path / 'viton'}", f"--dtc={d / 'dtc.safetensors'}", "--size=32", "--steps=2",
+            "--eval_size=40x30", *eval_weights]
+    paired = evaluate.main(base + [f"--out_dir={tmp_path / 'p'}"], fid_feature=TinyFeatures())
+    assert {"clip_region", "fid", "kid", "lpips", "ssim", "psnr_masked", "ssim_masked"} <= set(paired)
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["00006_00.png", "00008_00.png"]
+    out = np.asarray(Image.open(tmp_path / "p" / "00006_00.png"))
+    person = np.asarray(Image.open(tmp_path / "viton" / "test" / "image" / "00006_00.jpg").convert("RGB"))
+    keep = VitonHDDataset(tmp_path / "viton", "test", (40, 30), train=False)[0]["mask"][0].numpy() > 0.5
+    assert out.shape == (40, 30, 3) and np.array_equal(out[keep], person[keep]) and not np.array_equal(out, person)
+    assert "sampled at 32x32" in capsys.readouterr().out
+    rescored = evaluate.main(base[:1] + base[4:] + [f"--pred_dir={tmp_path / 'p'}"], fid_feature=TinyFeatures())
+    for k in ("ssim", "lpips", "clip_region"):
+        assert rescored[k] == pytest.approx(paired[k], abs=0.02)  # the files are the sampled images rounded to 8 bits
+    unpaired = evaluate.main(base + ["--pairs=unpaired", f"--out_dir={tmp_path / 'u'}"], fid_feature=TinyFeatures())
+    assert set(unpaired) == {"clip_region", "fid", "kid", "kid_std"}
+    assert sorted(p.name for p in (tmp_path / "u").iterdir()) == ["00006_00_00008_00.png", "00008_00_00006_00.png"]
+
+
+def test_eval_release_bad_input(tmp_path, eval_weights):
+    """No generator, fewer than 2 images, or a missing prediction: one clear error naming it."""
+    write_dresscode(tmp_path / "dc")
+    with pytest.raises(CheckpointError, match="--dtc"):
+        evaluate.main([f"--data={tmp_path / 'dc'}", *eval_weights])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="--limit=1: FID and KID need at least 2 images"):
+        evaluate.main([f"--data={tmp_path / 'dc'}", f"--pred_dir={tmp_path / 'empty'}", "--limit=1", *eval_weights])
+    with pytest.raises(DataError, match=r"no image named 048392_0\.\*"):
+        evaluate.main([f"--data={tmp_path / 'dc'}", f"--pred_dir={tmp_path / 'empty'}", "--eval_size=40x30", *eval_weights],
+                      fid_feature=TinyFeatures())
+
+
+def test_sample_box_equals_mask_file(sample_inputs, tmp_path):
+    """--box=x0,y0,x1,y1 gives the same bytes as the mask file white on exactly that rectangle; bad boxes are
+    named."""
+    import sample
+    d, _, _ = sample_inputs
+    mask = Image.new("L", (50, 37), 0)
+    mask.paste(255, (10, 8, 36, 30))
+    mask.save(tmp_path / "box.png")
+    assert sample.cli(sample_args(d, tmp_path / "m.png", mask=tmp_path / "box.png")) == 0
+    assert sample.cli(sample_args(d, tmp_path / "b.png", box="10,8,36,30")) == 0
+    assert (tmp_path / "m.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    assert sample.cli(sample_args(d, tmp_path / "c.png", box="10,8,37,30")) == 0
+    assert (tmp_path / "c.png").read_bytes() != (tmp_path / "b.png").read_bytes()  # one column more: not the same
+
+
+@pytest.mark.parametrize("box,expect", [("10,8,36", "four integers"), ("36,8,10,30", "0 <= x0 < x1 <= 50"),
+                                        ("0,0,51,37", "the source is 50x37"), ("0,0,50,37", "whole image")])
+def test_sample_bad_box_one_line(sample_inputs, tmp_path, capsys, box, expect):
+    import sample
+    d, _, _ = sample_inputs
+    assert sample.cli(sample_args(d, tmp_path / "r.png", box=box)) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expect in err and "--box" in err and not (tmp_path / "r.png").exists()

@@ -16,8 +16,9 @@ Presets (the PRESETS table below):
         encoder has no pretrained weights, so it is trained jointly with DTC (sd15 keeps DINOv2 frozen). Three
         choices make minutes of training enough: one GroupNorm group in the narrow VAE, an init that passes
         signals through (init_from_scratch) and v-prediction (DTCConfig.prediction). About 20 min on 2 CPU cores.
---data: a VITON-HD release (train_pairs.txt + train/) or a triplet folder (data.py); tiny without --data trains on
-the generated teaching world.
+--data: a VITON-HD release (train_pairs.txt + train/), a DressCode release (its three categories) or one category
+folder of it (e.g. DressCode/dresses), or a triplet folder (data.py); tiny without --data trains on the generated
+teaching world.
 
 Out: OUT_DIR/ckpt.pt (everything needed to resume), log.jsonl (one line per optimizer step), samples/step_*.png
 (source | mask | reference | hint | sample), loss.png, and at the end dtc.safetensors (EMA weights when --ema is on),
@@ -52,7 +53,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from checkpoint import CheckpointError
-from data import DataError, TeachingWorld, TripletDataset, VitonHDDataset, _generator, mask_to_pil, to_pil
+from data import (DRESSCODE_CATEGORIES, DataError, DressCodeDataset, TeachingWorld, TripletDataset, VitonHDDataset,
+                  _generator, mask_to_pil, to_pil)
 from dinov2 import DINOv2, DINOv2Config
 from dtc import (DiffuseToChoose, DTCConfig, Frozen, Schedule, VGGLoss, diffusion_loss, encode_image_tokens,
                  from_original, load_dtc, prepare, sample_latents, save_dtc)
@@ -100,7 +102,8 @@ CHANGEABLE = {"max_steps", "save_every", "sample_every", "log_every", "num_worke
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=list(PRESETS))
-    p.add_argument("--data", help="VITON-HD release or triplet folder (tiny default: the teaching world)")
+    p.add_argument("--data", help="VITON-HD release, DressCode release (all categories) or one of its category "
+                   "folders, or a triplet folder (tiny default: the teaching world)")
     p.add_argument("--out_dir", default="runs/dtc")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt (a fresh start if none)")
     p.add_argument("--sd", help="sd15: SD 1.5, SD 1.5-inpainting or Paint-by-Example single file")
@@ -188,15 +191,22 @@ def build_model(args):
 
 
 def build_dataset(args, ref_size, train=True):
-    """VITON-HD when the folder has train_pairs.txt and train/, else a triplet folder; tiny: the teaching world."""
+    """VITON-HD when the folder has train_pairs.txt and train/; DressCode when it holds the category folders (all
+    three) or is one of them (that category); else a triplet folder; tiny without --data: the teaching world."""
     if args.data is None:
         if args.preset != "tiny":
-            raise DataError("--data is required (a VITON-HD release or a triplet folder)")
+            raise DataError("--data is required (a VITON-HD or DressCode release, or a triplet folder)")
         return TeachingWorld(args.size, "train" if train else "heldout", length=10_000 if train else 4,
                              seed=args.seed, ref_size=ref_size)
+    common = dict(train=train, seed=args.seed, skip_bad=args.skip_bad)
     if os.path.isfile(os.path.join(args.data, "train_pairs.txt")) and os.path.isdir(os.path.join(args.data, "train")):
-        return VitonHDDataset(args.data, "train", args.size, ref_size, train=train, seed=args.seed, skip_bad=args.skip_bad)
-    return TripletDataset(args.data, args.size, ref_size, train=train, seed=args.seed, skip_bad=args.skip_bad)
+        return VitonHDDataset(args.data, "train", args.size, ref_size, **common)
+    if any(os.path.isdir(os.path.join(args.data, c)) for c in DRESSCODE_CATEGORIES):
+        return DressCodeDataset(args.data, "train", args.size, ref_size, **common)
+    folder = os.path.normpath(args.data)
+    if os.path.basename(folder) in DRESSCODE_CATEGORIES and os.path.isdir(os.path.join(folder, "images")):
+        return DressCodeDataset(os.path.dirname(folder), "train", args.size, ref_size, category=os.path.basename(folder), **common)
+    return TripletDataset(args.data, args.size, ref_size, **common)
 
 
 def micro_batches(dataset, args, b, accum, ranks=1, rank=0, epoch=0, position=0):
