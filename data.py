@@ -136,10 +136,10 @@ def check_output_image(path, what):
     """Raises DataError unless an image can be written at `path`: its extension one of OUTPUT_FORMATS, not an
     existing folder, and its nearest existing parent a folder. `what` (the option) is named in the message."""
     path = Path(path)
-    if path.suffix.lower() not in OUTPUT_FORMATS:
-        raise DataError(f"{path} ({what}): the extension sets the format and must be one of {', '.join(OUTPUT_FORMATS)}")
     if path.is_dir():
         raise DataError(f"{path} ({what}): is an existing folder; name an image file")
+    if path.suffix.lower() not in OUTPUT_FORMATS:
+        raise DataError(f"{path} ({what}): the extension sets the format and must be one of {', '.join(OUTPUT_FORMATS)}")
     parent = next(p for p in path.absolute().parents if p.exists())
     if not parent.is_dir():
         raise DataError(f"{path} ({what}): {parent} is a file, not a folder")
