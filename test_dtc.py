@@ -2523,12 +2523,15 @@ def test_train_too_few_samples_stops_before_any_work(tmp_path, one_thread):
         f"error: {tmp_path / 't'}: 3 samples, fewer than one global batch (4 = --batch_size=2 x 1 processes x "
         "--grad_accum=2)"], r.stderr
     assert not out.exists()
+    with pytest.raises(DataError, match=r"--size=40: this model trains at a multiple of 16"):  # known from the model
+        train.main([*SMALL, f"--data={tmp_path / 't'}", f"--out_dir={out}", "--max_steps=1", "--size=40"])
+    assert not out.exists()
     train.main([*SMALL, f"--data={tmp_path / 't'}", f"--out_dir={out}", "--max_steps=1"])  # no --resume needed
     assert len(losses(out)) == 1
 
 
 @pytest.mark.parametrize("option,value", [("batch_size", 0), ("grad_accum", 0), ("max_steps", -1), ("lr", 0),
-                                          ("lr", "nan"), ("ema", 1), ("p_uncond", 1.5), ("size", 40),
+                                          ("lr", "nan"), ("ema", 1), ("p_uncond", 1.5), ("size", 0),
                                           ("save_every", 0), ("vgg_weights", "nope.pth"), ("data", "nowhere")])
 def test_train_options_checked_before_any_work(tmp_path, option, value, monkeypatch, capsys):
     """Point 5: what the options alone say is wrong is said before any model is built or file written."""

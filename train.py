@@ -161,10 +161,8 @@ def check_options(args):
         raise bad("lr", "must be a finite number > 0")
     if not 0 <= args.ema < 1:
         raise bad("ema", "the EMA decay must be >= 0 and < 1 (0: off)")
-    # the working size passes the VAE and the U-Net's downsamplings whole (tiny: 4 x 2 x 2; SD: 8 x 2 x 2 x 2)
-    multiple = 16 if args.preset == "tiny" else 64
-    if args.size < multiple or args.size % multiple:
-        raise bad("size", f"the {args.preset} preset trains at a multiple of {multiple}")
+    if args.size < 1:
+        raise bad("size", "the training resolution must be a positive number of pixels")
     if not 0 <= args.seed < 2 ** 63:
         raise bad("seed", "must be 0 ... 2^63 - 1")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -532,6 +530,10 @@ def setup(args, ckpt, ranks, rank, device):
     trainee, frozen = build_model(args)
     dataset = build_dataset(args, (trainee.model.cfg.image_size,) * 2)
     check_enough_samples(dataset, args, args.batch_size, args.grad_accum, ranks)  # before any work, not after the VAE's
+    cfg = trainee.model.cfg  # the size must pass the VAE's and the U-Net's downsamplings whole (tiny: 16, SD: 64)
+    multiple = cfg.vae_factor * 2 ** (len(cfg.unet.channel_mult) - 1)
+    if args.size % multiple:
+        raise DataError(f"--size={args.size}: this model trains at a multiple of {multiple}")
     torch.manual_seed(args.seed + rank)  # per-process global RNG; the training draws use keyed generators
     if args.grad_checkpointing:
         trainee.model.unet.grad_checkpointing = True
