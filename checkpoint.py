@@ -7,6 +7,7 @@ dict (`.pth`, the DINOv2 hub files). Our modules are named after the original ke
 always the same three steps: read the file, keep the keys under one prefix, and load strictly.
 Every failure becomes a `CheckpointError` whose message names the file and the problem.
 """
+import json
 import os
 import pickle
 
@@ -18,27 +19,51 @@ class CheckpointError(ValueError):
     """A weight file that cannot be used; the message names the file and what is wrong."""
 
 
+def first_sentence(text):
+    """The first sentence of an error message, for one-line errors (library messages run to paragraphs)."""
+    text = " ".join(text.split())
+    return text.split(". ")[0].rstrip(".")
+
+
+def damaged(source, error):
+    """The error for a file that does not decode (truncated, corrupt or not this format), in one line."""
+    return CheckpointError(f"{source}: cannot read the file (truncated or corrupt?): "
+                           f"{type(error).__name__}: {first_sentence(str(error))}")
+
+
+def load_pickle(path):
+    """torch.load of a pickled file with weights_only=True (tensors and plain containers only: a pickle that would
+    run code or build arbitrary objects is refused); every failure is a CheckpointError naming the file."""
+    source = str(path)
+    if not os.path.isfile(source):
+        raise CheckpointError(f"{source}: file not found")
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True, mmap=False)
+    except pickle.UnpicklingError as e:
+        # PyTorch's message opens with advice to load the file with weights_only=False, which a project that
+        # refuses unsafe files does not pass on; the reason is the paragraph that follows it
+        reasons = [p for p in str(e).split("\n\n")[1:] if p.strip() and not p.startswith("Check the documentation")]
+        raise CheckpointError(f"{source}: refused: the pickle holds more than tensors and plain containers"
+                              f"{': ' + first_sentence(reasons[0]) if reasons else ''}") from None
+    except Exception as e:  # zipfile and pickle raise their own types on damage
+        raise damaged(source, e) from None
+
+
 def read_state_dict(path_or_state_dict, source="<state dict>"):
     """Returns (state_dict, source) where source names the file for messages (for an in-memory state dict,
     the `source` given: the file it was read from, or '<state dict>')."""
     if isinstance(path_or_state_dict, dict):
         sd = path_or_state_dict
+    elif not str(path_or_state_dict).endswith(".safetensors"):
+        sd, source = load_pickle(path_or_state_dict), str(path_or_state_dict)
     else:
         source = str(path_or_state_dict)
         if not os.path.isfile(source):
             raise CheckpointError(f"{source}: file not found")
         try:
-            if source.endswith(".safetensors"):
-                sd = load_safetensors(source, device="cpu")
-            else:
-                # weights_only=True refuses pickles that would run code or build arbitrary objects
-                sd = torch.load(source, map_location="cpu", weights_only=True, mmap=False)
-        except pickle.UnpicklingError as e:
-            raise CheckpointError(f"{source}: refused: the pickle holds more than tensors and "
-                                  f"plain containers (loaded with weights_only=True): {str(e).splitlines()[0]}") from None
-        except Exception as e:  # safetensors, zipfile and pickle all raise their own types on damage
-            raise CheckpointError(f"{source}: cannot read the file (truncated or corrupt?): "
-                                  f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+            sd = load_safetensors(source, device="cpu")
+        except Exception as e:  # safetensors raises its own types on damage
+            raise damaged(source, e) from None
     if not isinstance(sd, dict):
         raise CheckpointError(f"{source}: expected a state dict, found a {type(sd).__name__}")
     if isinstance(sd.get("state_dict"), dict):  # Lightning checkpoints: {'state_dict': ..., 'global_step': ...}
@@ -47,6 +72,19 @@ def read_state_dict(path_or_state_dict, source="<state dict>"):
     if not sd:
         raise CheckpointError(f"{source}: holds no tensors")
     return sd, source
+
+
+def config_from_metadata(meta, key, build, source):
+    """build(the JSON object under `key` of a .safetensors file's metadata). A missing key, broken JSON or a config
+    that does not build (missing or unknown fields) is a CheckpointError naming the file."""
+    if key not in meta:
+        raise CheckpointError(f"{source}: its metadata has no {key} (not written by train.py, or edited since)")
+    try:
+        return build(json.loads(meta[key]))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{source}: its metadata's {key} is not valid JSON ({e})") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{source}: its metadata's {key} is incomplete or wrong ({type(e).__name__}: {e})") from None
 
 
 def strip_prefix(sd, prefix):

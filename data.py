@@ -28,6 +28,7 @@ Conventions (every function here keeps them):
   later by the next good index (counted in `skipped`).
 """
 import math
+import os
 import sys
 import warnings
 from contextlib import contextmanager
@@ -43,6 +44,7 @@ from torch.utils.data import Dataset
 from dtc import largest_rectangle
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # an output's extension sets its format
 
 
 class DataError(ValueError):
@@ -85,9 +87,26 @@ def _header(path):
         raise DataError(f"{path}: unreadable image ({e})") from None
 
 
+def _eight_bit(im):
+    """Greyscale stored in more than 8 bits -> "L", scaled by the range its values are stored in: 16-bit modes
+    (I;16*) by 65535; 32-bit integers (I) by the smallest of 255, 65535 and 2^32 - 1 that holds their largest value;
+    floats (F) by 1 when they lie in [0, 1], else as I. (PIL's own convert clips them at 255: a 16-bit photo would
+    turn white.) Other modes are returned as they are."""
+    if not im.mode.startswith(("I", "F")):
+        return im
+    x = TF.pil_to_tensor(im.convert("F")).double().nan_to_num(0)  # (1,H,W), exact for 16-bit values
+    top = x.max().item()
+    if im.mode.startswith("I;16"):
+        top = 65535
+    elif not (im.mode == "F" and top <= 1):
+        top = next((t for t in (255, 65535, 2 ** 32 - 1) if top <= t), top)
+    return TF.to_pil_image((x / max(top, 1e-12) * 255).round().clamp(0, 255).to(torch.uint8))
+
+
 def load_image(path):
-    """PIL RGB image; transparency (RGBA, LA, palette or grey with a transparent colour) goes on white."""
-    im = _decode(path)
+    """PIL RGB image; transparency (RGBA, LA, palette or grey with a transparent colour) goes on white; greyscale
+    of 16 or 32 bits by its value range (_eight_bit); CMYK by PIL's conversion."""
+    im = _eight_bit(_decode(path))
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
         im = im.convert("RGBA")
         white = Image.new("RGBA", im.size, (255, 255, 255, 255))
@@ -99,15 +118,55 @@ def load_mask(path, size=None, resize=False):
     """(1,H,W) float, 1 = keep, from a file where white (>= 128) = the region to fill.
 
     size: the source's (H, W). A mask of another size is an error, unless resize=True, which resizes
-    the file with NEAREST before thresholding.
+    the file with NEAREST before thresholding (with a one-line warning when that stretches it: another aspect
+    ratio than a rounded scaling of the source would have).
     """
-    im = _decode(path).convert("L")  # RGB or palette masks: their luminance
+    im = _eight_bit(_decode(path)).convert("L")  # RGB or palette masks: their luminance
     if size is not None and im.size != (size[1], size[0]):
+        (w, h), (H, W) = im.size, size
         if not resize:
-            raise DataError(f"{path}: mask is {im.size[0]}x{im.size[1]}, the source is {size[1]}x{size[0]}")
-        im = im.resize((size[1], size[0]), Image.NEAREST)
+            raise DataError(f"{path}: mask is {w}x{h}, the source is {W}x{H}")
+        if abs(h - w * H / W) > 1 and abs(w - h * W / H) > 1:
+            print(f"warning: {path}: the mask is {w}x{h}, another aspect ratio than the source's {W}x{H}: "
+                  "it is stretched to the source", file=sys.stderr)
+        im = im.resize((W, H), Image.NEAREST)
     fill = TF.pil_to_tensor(im) >= 128  # (1,H,W)
     return (~fill).float()
+
+
+def check_output_image(path, what):
+    """Raises DataError unless an image can be written at `path`: its extension one of OUTPUT_FORMATS, not an
+    existing folder, and its nearest existing parent a folder. `what` (the option) is named in the message."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} ({what}): is an existing folder; name an image file")
+    if path.suffix.lower() not in OUTPUT_FORMATS:
+        raise DataError(f"{path} ({what}): the extension sets the format and must be one of {', '.join(OUTPUT_FORMATS)}")
+    parent = next(p for p in path.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise DataError(f"{path} ({what}): {parent} is a file, not a folder")
+
+
+def write_images(images):
+    """Writes {path: PIL image} all or nothing, each in the format of its extension (OUTPUT_FORMATS): every image
+    goes to `<path>.tmp` first, and only when all are written are they renamed over the old files. A write that
+    fails removes the temporary files and raises DataError: nothing is replaced and nothing is left behind."""
+    written = {}
+    try:
+        for path, image in images.items():
+            path = Path(path)
+            fmt = OUTPUT_FORMATS[path.suffix.lower()]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            written[path] = path.with_name(path.name + ".tmp")
+            image.save(written[path], format=fmt, **({} if fmt == "PNG" else {"quality": 95}))
+    except BaseException as e:
+        for tmp in written.values():
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise DataError(f"{path}: cannot be written ({e.strerror or e})") from None
+        raise
+    for path, tmp in written.items():
+        os.replace(tmp, path)
 
 
 def load_parse(path):

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, cast_floats, likely_cause, load_strict, read_state_dict, strip_prefix
+from checkpoint import (CheckpointError, cast_floats, config_from_metadata, likely_cause, load_strict, read_state_dict,
+                        strip_prefix)
 from dinov2 import IMAGENET_MEAN, IMAGENET_STD, DINOv2, DINOv2Config, load_dinov2
 from unet import UNet, UNetConfig, infer_unet_config
 from vae import LATENT_SCALE, AutoencoderKL, VAEConfig, load_vae
@@ -469,10 +470,11 @@ class VGGLoss(nn.Module):
 # 8. Building from the original files
 
 
-def from_original(sd_file, dinov2_file, dtype=None, **overrides):
+def from_original(sd_file, dinov2_file, dtype=None, seed=0, **overrides):
     """A fresh DTC from an SD 1.5, SD 1.5-inpainting or Paint-by-Example file and a DINOv2 hub file.
     Returns (model, frozen). The VAE comes from the same SD file; the hint encoder is copied from the
-    main encoder (ControlNet's recipe, paper §3.2 "trainable replica")."""
+    main encoder (ControlNet's recipe, paper §3.2 "trainable replica"). The parts the file lacks are drawn
+    from `seed`, so the same files and seed give the same model."""
     sd, source = read_state_dict(sd_file)
     image_encoder = load_dinov2(dinov2_file, dtype=dtype)
     vae = load_vae(sd, dtype, source)  # the keys under first_stage_model.; errors name the SD file
@@ -487,7 +489,9 @@ def from_original(sd_file, dinov2_file, dtype=None, **overrides):
     cfg = replace(cfg, **overrides)
     with torch.device("meta"):
         model = DiffuseToChoose(cfg)
-    new = init_new_parts(cfg, unet_sd, sd)
+    with torch.random.fork_rng(devices=[]):  # seeded draws, and the caller's global RNG left as it was
+        torch.manual_seed(seed)
+        new = init_new_parts(cfg, unet_sd, sd)
     load_strict(model, {**{"unet." + k: v for k, v in unet_sd.items()}, **new}, source)
     return model.train(), Frozen(vae=vae.requires_grad_(False), image_encoder=image_encoder.requires_grad_(False))
 
@@ -550,6 +554,9 @@ def save_dtc(model, path, frozen=None):
         meta["image_encoder_config"] = json.dumps(asdict(frozen.image_encoder.cfg))
     tmp = f"{path}.tmp"
     save_file(sd, tmp, metadata=meta)
+    umask = os.umask(0)  # (read by setting it, then put back)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors writes mode 0600; every other output gets the user's usual mode
     os.replace(tmp, path)
 
 
@@ -570,17 +577,18 @@ def load_dtc(path, dtype=None):
                               "SD, DINOv2 and VAE files go to --sd and --dinov2")
     sd, _ = read_state_dict(source)
     sd = cast_floats(sd, dtype)
-    cfg = DTCConfig.from_dict(json.loads(meta["dtc_config"]))
+    cfg = config_from_metadata(meta, "dtc_config", DTCConfig.from_dict, source)
     with torch.device("meta"):
         model = DiffuseToChoose(cfg)
     load_strict(model, {k: v for k, v in sd.items() if not k.startswith(("vae.", "image_encoder."))}, source)
     frozen = None
-    if "vae_config" in meta:
-        vcfg = json.loads(meta["vae_config"])
-        icfg = json.loads(meta["image_encoder_config"])
+    if "vae_config" in meta or "image_encoder_config" in meta:  # a model trained from scratch: both are there
+        vcfg = config_from_metadata(meta, "vae_config", lambda d: VAEConfig(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}), source)
+        icfg = config_from_metadata(meta, "image_encoder_config", lambda d: DINOv2Config(**d), source)
         with torch.device("meta"):
-            vae = AutoencoderKL(VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in vcfg.items()}))
-            enc = DINOv2(DINOv2Config(**icfg))
+            vae = AutoencoderKL(vcfg)
+            enc = DINOv2(icfg)
         load_strict(vae, strip_prefix(sd, "vae."), source)
         load_strict(enc, strip_prefix(sd, "image_encoder."), source)
         frozen = Frozen(vae=vae.eval().requires_grad_(False), image_encoder=enc.eval().requires_grad_(False))

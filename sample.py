@@ -10,16 +10,16 @@ The mask is white where the product goes; --box=x0,y0,x1,y1 (pixels) fills a rec
 accepts --key=value.
 """
 import argparse
+import math
 import os
 import sys
-import warnings
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from checkpoint import CheckpointError
-from data import DataError, load_image, load_mask, to_pil, to_tensor
+from data import DataError, check_output_image, load_image, load_mask, to_pil, to_tensor, write_images
 from dtc import Schedule, from_original, load_dtc, make_hint, prepare, sample_latents
 from vae import LATENT_SCALE
 
@@ -38,7 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--box", help="x0,y0,x1,y1: fill this rectangle instead of a --mask (pixels of the source; "
                    "x1, y1 exclusive, as PIL's boxes)")
     p.add_argument("--reference", default=os.path.join(EXAMPLES, "reference.png"), help="the product image")
-    p.add_argument("--out", default=os.path.join("out", "result.png"), help="result path; a grid is written beside it")
+    p.add_argument("--out", default=os.path.join("out", "result.png"), help="result path (.png, .jpg, .jpeg or .webp: "
+                   "the extension sets the format); a grid <out>_grid.png is written beside it")
     p.add_argument("--size", type=int, default=None, help="longer side the model works at (default: the model's "
                    "training size: 512 for SD, 64 for the teaching model)")
     p.add_argument("--steps", type=int, default=40, help="DDIM steps (paper: 40)")
@@ -56,16 +57,56 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_options(args):
+    """Every option's meaning, checked before any model is loaded or any file written: each problem is one line."""
+    def bad(option, why):
+        return DataError(f"--{option}={getattr(args, option)}: {why}")
+    if not 1 <= args.steps <= Schedule().num_steps:  # past 1000 the DDIM spacing would repeat t = 1
+        raise bad("steps", f"DDIM steps must be 1 ... {Schedule().num_steps} (the schedule's steps)")
+    if args.num_samples < 1:
+        raise bad("num_samples", "must be at least 1")
+    if args.size is not None and args.size < 1:
+        raise bad("size", "the working size must be a positive number of pixels")
+    if not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise bad("guidance", "must be a finite number >= 0 (1: no guidance; paper: 5)")
+    if not (math.isfinite(args.eta) and 0 <= args.eta <= 1):
+        raise bad("eta", "DDIM eta must be 0 ... 1 (0: deterministic, 1: DDPM-like)")
+    if not 0 <= args.seed <= 2 ** 63 - args.num_samples:
+        raise bad("seed", f"must be 0 ... 2^63 - {args.num_samples} (sample i uses seed + i)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise bad("device", "CUDA is not available here; use --device=cpu (or auto)")
+    if args.dtc is None and args.sd is not None and args.dinov2 is None:
+        raise CheckpointError("--sd needs --dinov2 (the DINOv2 hub file)")
+    for option in ("sd", "dinov2", "dtc"):
+        if getattr(args, option) is not None and not os.path.isfile(getattr(args, option)):
+            raise CheckpointError(f"{getattr(args, option)}: file not found (--{option})")
+    results, grid_path, explain_path = output_paths(args)
+    for path in results:
+        check_output_image(path, "--out")
+    check_output_image(grid_path, "the grid beside --out")
+    if args.explain:
+        check_output_image(explain_path, "the --explain picture beside --out")
+    for option in ("baseline", "target"):
+        if getattr(args, option) is not None and not os.path.isfile(getattr(args, option)):
+            raise DataError(f"{getattr(args, option)}: file not found (--{option})")
+
+
+def output_paths(args):
+    """The results' paths (<out>, or <out>_0 ... with several samples), the grid's (<out>_grid.png) and
+    --explain's (<out>_explain.png)."""
+    stem, ext = os.path.splitext(args.out)
+    results = [args.out] if args.num_samples == 1 else [f"{stem}_{i}{ext}" for i in range(args.num_samples)]
+    return results, f"{stem}_grid.png", f"{stem}_explain.png"
+
+
 def load_models(args, dtype):
     """(model, frozen, default size). The bundled teaching model carries its own VAE and image encoder."""
     if args.dtc is None and args.sd is None:
         args.dtc = os.path.join(HERE, "assets", "dtc_tiny.safetensors")
     if args.dtc is None:
-        if args.dinov2 is None:
-            raise CheckpointError("--sd needs --dinov2 (the DINOv2 hub file)")
-        warnings.warn("no --dtc given: sampling from an UNTRAINED DTC built from --sd (the hint branch and the "
-                      "token projection are fresh); useful only to check the wiring")
-        model, frozen = from_original(args.sd, args.dinov2, dtype=dtype)
+        print("warning: no --dtc given: sampling from an UNTRAINED DTC built from --sd (the hint branch and the token "
+              "projection are fresh, drawn from --seed); useful only to check the wiring", file=sys.stderr)
+        model, frozen = from_original(args.sd, args.dinov2, dtype=dtype, seed=args.seed)
         return model.eval(), frozen, 512
     model, frozen = load_dtc(args.dtc, dtype=dtype)
     if frozen is None:
@@ -107,13 +148,6 @@ def grid(images, height=256):
         out.paste(im, (x, 0))
         x += im.width
     return out
-
-
-def save_atomic(image, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.png"
-    image.save(tmp)
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -173,6 +207,7 @@ def explain(model, frozen, baseline, source, mask, reference, target, args, tile
 
 def main(argv=None):
     args = parse_args(argv)
+    check_options(args)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.dtype == "auto":
         dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
@@ -240,16 +275,16 @@ def main(argv=None):
             explained = explain(model, frozen, baseline, source, mask, reference, target, args)
     hint = to_pil(make_hint(reference.float().cpu(), mask.float().cpu())[0] * 2 - 1)
     mask_pil = Image.eval(keep_pil, lambda v: 255 - v)  # white = filled, as the user drew it
-    stem, ext = os.path.splitext(args.out)
-    paths = [args.out] if len(results) == 1 else [f"{stem}_{i}{ext}" for i in range(len(results))]
-    for result, path in zip(results, paths):
-        save_atomic(result, path)
-    save_atomic(grid([source_pil, mask_pil, reference_pil, hint, *results]), f"{stem}_grid.png")
+    paths, grid_path, explain_path = output_paths(args)
+    # all or nothing: the results and the pictures replace the earlier ones only once every one of them is written
+    outputs = {**dict(zip(paths, results)), grid_path: grid([source_pil, mask_pil, reference_pil, hint, *results])}
     if args.explain:
-        save_atomic(explained, f"{stem}_explain.png")
-        print(f"explain: {stem}_explain.png")
-    print(f"grid: {stem}_grid.png")
-    print(paths[-1] if len(paths) == 1 else " ".join(paths))
+        outputs[explain_path] = explained
+    write_images(outputs)
+    print(f"grid: {grid_path}")
+    if args.explain:
+        print(f"explain: {explain_path}")
+    print(" ".join(paths))
 
 
 def cli(argv=None):

@@ -1782,11 +1782,11 @@ def test_sample_cli_end_to_end(sample_inputs, tmp_path):
     assert torch.equal(r[keep], s[keep]) and not torch.equal(r[~keep], s[~keep])
 
 
-def test_sample_from_sd_without_dtc_warns(sample_inputs, tmp_path, recwarn):
+def test_sample_from_sd_without_dtc_warns(sample_inputs, tmp_path, capsys):
     import sample
     d, sd_path, vit_path = sample_inputs
     assert sample.cli(sample_args(d, tmp_path / "r.png", dtc=None, sd=sd_path, dinov2=vit_path)) == 0
-    assert any("UNTRAINED" in str(w.message) for w in recwarn)
+    assert "warning: no --dtc given: sampling from an UNTRAINED DTC" in capsys.readouterr().err
     assert (tmp_path / "r.png").exists()
 
 
@@ -2720,3 +2720,288 @@ def test_sample_bad_box_one_line(sample_inputs, tmp_path, capsys, box, expect):
     assert sample.cli(sample_args(d, tmp_path / "r.png", box=box)) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expect in err and "--box" in err and not (tmp_path / "r.png").exists()
+
+
+# --- bad input and reproducibility (every promise holds) ---
+
+
+def planted_outputs(tmp_path, names=("result.png", "result_grid.png", "result_0.png", "result_1.png")):
+    """Earlier outputs with known bytes, to check that a failed run replaced none of them."""
+    for name in names:
+        (tmp_path / name).write_bytes(b"earlier " + name.encode())
+    return {name: (tmp_path / name).read_bytes() for name in names}
+
+
+def assert_nothing_lost(folder, planted):
+    assert {name: (folder / name).read_bytes() for name in planted} == planted
+    assert sorted(p.name for p in folder.iterdir()) == sorted(planted)  # no temporary file left either
+
+
+def sample_fails(sample_inputs, tmp_path, capsys, words, **kw):
+    """sample.cli with the options kw and --out in tmp_path/out: exit 1, one line naming `words`, no traceback,
+    and the planted earlier outputs as they were."""
+    import sample
+    d, _, _ = sample_inputs
+    (tmp_path / "out").mkdir()
+    planted = planted_outputs(tmp_path / "out")
+    assert sample.cli(sample_args(d, tmp_path / "out" / kw.pop("out", "result.png"), **kw)) == 1
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    assert all(w in lines[0] for w in words), lines[0]
+    assert_nothing_lost(tmp_path / "out", planted)
+
+
+@pytest.mark.parametrize("steps", [0, -1, 1001])
+def test_sample_steps_out_of_range_one_line(sample_inputs, tmp_path, capsys, steps):
+    """Row 1: --steps=0 / -1 (a ZeroDivisionError and a RuntimeError before) and past the schedule's 1000."""
+    sample_fails(sample_inputs, tmp_path, capsys, [f"--steps={steps}", "1 ... 1000"], steps=steps)
+
+
+def test_sample_no_samples_overwrites_nothing(sample_inputs, tmp_path, capsys):
+    """Row 2: --num_samples=0 used to exit 0 and overwrite the grid with no result column."""
+    sample_fails(sample_inputs, tmp_path, capsys, ["--num_samples=0"], num_samples=0)
+
+
+def test_sample_cuda_without_cuda_one_line(sample_inputs, tmp_path, capsys, monkeypatch):
+    """Row 3: --device=cuda on a machine without a GPU ("Found no NVIDIA driver" traceback before)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    sample_fails(sample_inputs, tmp_path, capsys, ["--device=cuda", "CUDA is not available"], device="cuda")
+
+
+@pytest.mark.parametrize("option,value", [("size", 0), ("size", -64), ("guidance", "nan"), ("guidance", "inf"),
+                                          ("guidance", -1), ("eta", "nan"), ("eta", 1.5), ("seed", -1),
+                                          ("out", "result.gif"), ("out", "result")])
+def test_sample_every_option_checked_before_any_work(sample_inputs, tmp_path, capsys, option, value):
+    """Point 1: meaningless values and output names that are no image format: one line naming the option."""
+    sample_fails(sample_inputs, tmp_path, capsys, [f"{value}"] if option == "out" else [f"--{option}={value}"],
+                 **{option: value})
+
+
+def test_sample_model_files_checked_before_loading(sample_inputs, tmp_path, capsys):
+    """Point 1: a missing --dinov2 is named before the --sd file is read."""
+    d, sd_path, _ = sample_inputs
+    sample_fails(sample_inputs, tmp_path, capsys, ["nope.pth", "--dinov2"], dtc=None, sd=sd_path,
+                 dinov2=tmp_path / "nope.pth")
+
+
+def test_sample_16bit_grey_images_by_their_range(sample_inputs, tmp_path):
+    """Row 4: a 16-bit greyscale source (mode I;16) and reference were clipped to flat white. Now the result's
+    pixels outside the mask (pasted back) equal the source's 8-bit conversion, round(v * 255 / 65535)."""
+    import sample
+    d, _, _ = sample_inputs
+    grey = (np.arange(37 * 50, dtype=np.int64).reshape(37, 50) * 37 % 65536).astype(np.uint16)
+    Image.fromarray(grey).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode == "I;16"
+    assert sample.cli(sample_args(d, tmp_path / "r.png", source=tmp_path / "grey16.png",
+                                  reference=tmp_path / "grey16.png")) == 0
+    eight = np.round(grey.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    keep = np.asarray(Image.open(d / "mask.png").resize((50, 37), Image.NEAREST)) < 128
+    result = np.asarray(Image.open(tmp_path / "r.png").convert("RGB"))
+    assert keep.any() and np.array_equal(result[keep], np.repeat(eight[keep][:, None], 3, 1))
+    assert np.array_equal(np.asarray(load_image(tmp_path / "grey16.png"))[..., 0], eight)  # the reference too
+
+
+@pytest.mark.parametrize("name", ["taken", "taken.png"])
+def test_sample_out_is_a_folder_one_line(sample_inputs, tmp_path, capsys, name):
+    """Row 5: --out naming an existing folder: a traceback and a left-behind result.png.tmp.png before."""
+    (tmp_path / name).mkdir()
+    import sample
+    d, _, _ = sample_inputs
+    assert sample.cli(sample_args(d, tmp_path / name)) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and name in err and "existing folder" in err and "Traceback" not in err
+    assert [p.name for p in tmp_path.iterdir()] == [name] and not any((tmp_path / name).iterdir())
+
+
+def test_sample_grid_unwritable_replaces_nothing(sample_inputs, tmp_path, capsys):
+    """Row 6: the grid's path is a folder. Before, the result was replaced and then the grid write failed."""
+    (tmp_path / "result_grid.png").mkdir()
+    import sample
+    d, _, _ = sample_inputs
+    (tmp_path / "result.png").write_bytes(b"earlier result")
+    assert sample.cli(sample_args(d, tmp_path / "result.png")) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "result_grid.png" in err and "Traceback" not in err
+    assert (tmp_path / "result.png").read_bytes() == b"earlier result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.png", "result_grid.png"]
+
+
+def test_write_images_all_or_nothing(tmp_path):
+    """Point 2: outputs replace the earlier ones only when every one has been written; a write that fails
+    (here: RGBA cannot be stored as JPEG) replaces nothing and leaves no temporary file."""
+    from data import write_images
+    planted = planted_outputs(tmp_path, ("result_0.png", "result_1.jpg", "result_grid.png"))
+    rgb, rgba = Image.new("RGB", (4, 4), (1, 2, 3)), Image.new("RGBA", (4, 4))
+    with pytest.raises(DataError, match=r"result_1\.jpg: cannot be written"):
+        write_images({tmp_path / "result_0.png": rgb, tmp_path / "result_1.jpg": rgba, tmp_path / "result_grid.png": rgb})
+    assert_nothing_lost(tmp_path, planted)
+    write_images({tmp_path / "result_0.png": rgb, tmp_path / "result_1.jpg": rgb, tmp_path / "result_grid.png": rgb})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(planted)
+    assert all(Image.open(tmp_path / name).getpixel((0, 0))[:3] != (0, 0, 0) for name in planted)
+
+
+@pytest.mark.parametrize("ext,magic", [(".jpg", b"\xff\xd8\xff"), (".jpeg", b"\xff\xd8\xff"), (".webp", b"RIFF"),
+                                       (".png", b"\x89PNG")])
+def test_sample_output_format_follows_the_extension(sample_inputs, tmp_path, ext, magic):
+    """Row 7: --out=result.jpg held PNG bytes. Every sample (_0, _1) is in the extension's format; the grid is PNG."""
+    import sample
+    d, _, _ = sample_inputs
+    assert sample.cli(sample_args(d, tmp_path / f"result{ext}", num_samples=2)) == 0
+    for i in range(2):
+        assert (tmp_path / f"result_{i}{ext}").read_bytes().startswith(magic)
+    assert (tmp_path / "result_grid.png").read_bytes().startswith(b"\x89PNG")
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("damage,words", [
+    (lambda meta: dict(meta, dtc_config="{not json"), ["dtc_config", "not valid JSON"]),
+    (lambda meta: dict(meta, dtc_config=json.dumps({k: v for k, v in json.loads(meta["dtc_config"]).items()
+                                                    if k != "unet"})), ["dtc_config", "incomplete", "unet"]),
+    (lambda meta: dict(meta, dtc_config=json.dumps(dict(json.loads(meta["dtc_config"]), colour=1))),
+     ["dtc_config", "colour"]),
+    (lambda meta: {k: v for k, v in meta.items() if k != "image_encoder_config"}, ["no image_encoder_config"]),
+    (lambda meta: dict(meta, vae_config="[1, 2]"), ["vae_config"]),
+])
+def test_sample_dtc_broken_metadata_one_line(sample_inputs, tmp_path, capsys, damage, words):
+    """Row 8: a DTC file whose config metadata is broken JSON, lacks fields or the encoder's config
+    (JSONDecodeError / KeyError tracebacks before), through checkpoint.py's one reader."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    d, _, _ = sample_inputs
+    with safe_open(str(d / "dtc.safetensors"), "pt") as f:
+        meta = f.metadata()
+    bad = tmp_path / "bad.safetensors"
+    save_file(load_file(d / "dtc.safetensors"), bad, metadata=damage(meta))
+    sample_fails(sample_inputs, tmp_path, capsys, [str(bad), *words], dtc=bad)
+
+
+def test_train_resume_corrupt_or_tampered_checkpoint_one_line(tiny_run, tmp_path):
+    """Row 9: --resume with a truncated, code-carrying or foreign ckpt.pt: one line naming the file, through
+    checkpoint.py (the code is not run; no advice to turn weights_only off), and the file left as it was.
+    Point 4: a good checkpoint says which step the run continues from."""
+    marker = tmp_path / "ran"
+    good = Path(tiny_run, "ckpt.pt").read_bytes()
+    for bad, words in ((good[:len(good) // 2], ["truncated or corrupt"]),
+                       (RunsCode(marker), ["refused", "posix.system"]),
+                       ({"step": 3, "weights": torch.zeros(1)}, ["not a checkpoint written by train.py", "args"])):
+        out = tmp_path / "run"
+        out.mkdir(exist_ok=True)
+        if isinstance(bad, bytes):
+            (out / "ckpt.pt").write_bytes(bad)
+        else:
+            torch.save(bad, out / "ckpt.pt")
+        before = (out / "ckpt.pt").read_bytes()
+        r = run_script(["train.py", *SMALL, f"--out_dir={out}", "--resume", "--max_steps=8"])
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+        assert lines[0].startswith(f"error: {out / 'ckpt.pt'}: ") and all(w in lines[0] for w in words), lines[0]
+        assert "weights_only" not in lines[0] and not marker.exists()
+        assert (out / "ckpt.pt").read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["ckpt.pt"]
+    (out / "ckpt.pt").write_bytes(good)  # the 6-step run's checkpoint: nothing left to train, dtc.safetensors out
+    r = run_script(["train.py", *SMALL, f"--out_dir={out}", "--resume", "--max_steps=6"])
+    assert r.returncode == 0 and "continuing from step 6 of 6" in r.stderr, r.stderr[-2000:]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(out / "dtc.safetensors").st_mode & 0o777 == 0o666 & ~umask  # as every other output (was 0600)
+
+
+def test_train_too_few_samples_stops_before_any_work(tmp_path, one_thread):
+    """Row 10: fewer samples than one global batch (2 x grad_accum 2 > 3). Before, the error came after the VAE
+    phase, glued to a progress bar, and left a step-0 ckpt.pt that blocked a plain rerun. Now: one line before
+    the VAE phase, nothing in --out_dir, and the corrected command runs."""
+    write_triplet_folder(tmp_path / "t", 3)
+    out = tmp_path / "out"
+    r = run_script(["train.py", *SMALL, f"--data={tmp_path / 't'}", f"--out_dir={out}", "--max_steps=1",
+                    "--grad_accum=2"])
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 't'}: 3 samples, fewer than one global batch (4 = --batch_size=2 x 1 processes x "
+        "--grad_accum=2)"], r.stderr
+    assert not out.exists()
+    with pytest.raises(DataError, match=r"--size=40: this model trains at a multiple of 16"):  # known from the model
+        train.main([*SMALL, f"--data={tmp_path / 't'}", f"--out_dir={out}", "--max_steps=1", "--size=40"])
+    assert not out.exists()
+    train.main([*SMALL, f"--data={tmp_path / 't'}", f"--out_dir={out}", "--max_steps=1"])  # no --resume needed
+    assert len(losses(out)) == 1
+
+
+@pytest.mark.parametrize("option,value", [("batch_size", 0), ("grad_accum", 0), ("max_steps", -1), ("lr", 0),
+                                          ("lr", "nan"), ("ema", 1), ("p_uncond", 1.5), ("size", 0),
+                                          ("save_every", 0), ("vgg_weights", "nope.pth"), ("data", "nowhere")])
+def test_train_options_checked_before_any_work(tmp_path, option, value, monkeypatch, capsys):
+    """Point 5: what the options alone say is wrong is said before any model is built or file written."""
+    monkeypatch.setattr(train, "build_model", lambda args: pytest.fail("built a model"))
+    with pytest.raises(DataError if option not in ("vgg_weights",) else CheckpointError) as e:
+        train.main([*SMALL, f"--out_dir={tmp_path / 'out'}", f"--{option}={value}"])
+    assert str(value) in str(e.value) and "\n" not in str(e.value) and not (tmp_path / "out").exists()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DataError, match="--device=cuda: CUDA is not available"):
+        train.main([*SMALL, f"--out_dir={tmp_path / 'out'}", "--device=cuda"])
+
+
+def test_sample_stretched_mask_warns_in_one_line(sample_inputs, tmp_path, capsys):
+    """Point 1: a legal but surprising input, a mask of another aspect ratio, is stretched with a one-line
+    warning; a mask at a rounded scale of the source (the fixture's 25x19 for 50x37) is not warned about."""
+    import sample
+    d, _, _ = sample_inputs
+    assert sample.cli(sample_args(d, tmp_path / "r.png")) == 0
+    assert "warning" not in capsys.readouterr().err
+    mask = Image.new("L", (40, 10), 0)
+    mask.paste(255, (10, 2, 30, 8))
+    mask.save(tmp_path / "wide.png")
+    assert sample.cli(sample_args(d, tmp_path / "r.png", mask=tmp_path / "wide.png")) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warned == [f"warning: {tmp_path / 'wide.png'}: the mask is 40x10, another aspect ratio than the "
+                      "source's 50x37: it is stretched to the source"]
+
+
+def test_data_high_bit_and_other_modes_by_their_range(tmp_path):
+    """Point 3: 16-bit, 32-bit integer and float greyscale by their value range (PIL's convert clipped them at
+    255), CMYK and palette with transparency as RGB; a file PIL cannot read is the usual one-line DataError."""
+    v16 = np.array([[0, 257, 32768, 65535]], np.uint16)
+    Image.fromarray(v16).save(tmp_path / "g16.png")
+    Image.fromarray(v16.astype(np.int32)).save(tmp_path / "g32.tif")  # mode I: values up to 65535 -> 16-bit range
+    Image.fromarray(np.array([[0, 100, 200, 255]], np.int32)).save(tmp_path / "g32_8bit.tif")  # I holding 8-bit data
+    Image.fromarray(np.array([[0.0, 0.25, 0.5, 1.0]], np.float32)).save(tmp_path / "gf.tif")  # F in [0, 1]
+    grey = lambda name: np.asarray(load_image(tmp_path / name))[0, :, 0].tolist()
+    assert Image.open(tmp_path / "g16.png").mode == "I;16" and Image.open(tmp_path / "g32.tif").mode == "I"
+    assert grey("g16.png") == grey("g32.tif") == [0, 1, 128, 255]
+    assert grey("g32_8bit.tif") == [0, 100, 200, 255]
+    assert grey("gf.tif") == [0, 64, 128, 255]
+    assert all(load_image(tmp_path / n).mode == "RGB" for n in ("g16.png", "g32.tif", "gf.tif"))
+    mask = np.zeros((4, 6), np.uint16)
+    mask[1:3, 2:5] = 65535  # a 16-bit mask: white = fill, as an 8-bit one
+    Image.fromarray(mask).save(tmp_path / "m16.png")
+    assert torch.equal(load_mask(tmp_path / "m16.png")[0], torch.from_numpy(mask < 32768).float())
+    Image.new("CMYK", (2, 2), (0, 255, 255, 0)).save(tmp_path / "c.tif")  # cyan-free magenta + yellow ink = red
+    assert np.asarray(load_image(tmp_path / "c.tif"))[0, 0].tolist() == [255, 0, 0]
+    p = Image.new("P", (2, 1))
+    p.putpalette([10, 20, 30, 40, 50, 60] + [0] * 762)
+    p.putpixel((1, 0), 1)
+    p.save(tmp_path / "pt.png", transparency=1)
+    assert np.asarray(load_image(tmp_path / "pt.png"))[0].tolist() == [[10, 20, 30], [255, 255, 255]]
+    (tmp_path / "x.tif").write_bytes(b"II*\x00" + b"\x00" * 20)  # a TIFF header with nothing behind it
+    with pytest.raises(DataError, match=r"x\.tif: unreadable image"):
+        load_image(tmp_path / "x.tif")
+
+
+def test_sample_untrained_model_same_seed_same_bytes(sample_inputs, tmp_path):
+    """Row 11 and point 6: without --dtc the parts the SD file lacks (token projection, null context, adapter)
+    come from --seed: the same seed gives the same bytes however the process's global RNG stands, another seed
+    other bytes; from_original leaves the global RNG where it was (train.py seeds them with the run's seed)."""
+    import sample
+    d, sd_path, vit_path = sample_inputs
+    run = lambda name, seed: (sample.cli(sample_args(d, tmp_path / name, dtc=None, sd=sd_path, dinov2=vit_path,
+                                                     seed=seed)), (tmp_path / name).read_bytes())[1]
+    torch.manual_seed(1)
+    first = run("a.png", 0)
+    torch.rand(100)  # a global RNG elsewhere in the same state as before makes no difference
+    assert run("b.png", 0) == first and run("c.png", 1) != first
+    state = torch.get_rng_state()
+    a, _ = dtc.from_original(sd_path, vit_path, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    b, _ = dtc.from_original(sd_path, vit_path, seed=3)
+    c, _ = dtc.from_original(sd_path, vit_path, seed=4)
+    for name in ("token_proj.weight", "null_context", "adapter.layers.0.weight"):
+        assert torch.equal(a.state_dict()[name], b.state_dict()[name]) and not torch.equal(a.state_dict()[name],
+                                                                                         c.state_dict()[name]), name

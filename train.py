@@ -52,7 +52,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from checkpoint import CheckpointError
+from checkpoint import CheckpointError, first_sentence, load_pickle
 from data import (DRESSCODE_CATEGORIES, DataError, DressCodeDataset, TeachingWorld, TripletDataset, VitonHDDataset,
                   _generator, mask_to_pil, to_pil)
 from dinov2 import DINOv2, DINOv2Config
@@ -149,6 +149,34 @@ def parse_args(argv=None):
     return args
 
 
+def check_options(args):
+    """Every option's meaning, checked before any model is built or file written: each problem is one line."""
+    def bad(option, why):
+        return DataError(f"--{option}={getattr(args, option)}: {why}")
+    for option, least in (("batch_size", 1), ("grad_accum", 1), ("max_steps", 0), ("vae_steps", 0), ("save_every", 1),
+                          ("sample_every", 0), ("log_every", 1), ("num_workers", 0)):
+        if getattr(args, option) < least:
+            raise bad(option, f"must be at least {least}")
+    for option, hi in (("weight_decay", math.inf), ("clip_grad", math.inf), ("p_uncond", 1), ("vgg_weight", math.inf)):
+        if not (math.isfinite(getattr(args, option)) and 0 <= getattr(args, option) <= hi):
+            raise bad(option, f"must be a finite number >= 0{'' if hi == math.inf else f' and <= {hi}'}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise bad("lr", "must be a finite number > 0")
+    if not 0 <= args.ema < 1:
+        raise bad("ema", "the EMA decay must be >= 0 and < 1 (0: off)")
+    if args.size < 1:
+        raise bad("size", "the training resolution must be a positive number of pixels")
+    if not 0 <= args.seed < 2 ** 63:
+        raise bad("seed", "must be 0 ... 2^63 - 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise bad("device", "CUDA is not available here; use --device=cpu (or auto)")
+    for option in ("sd", "dinov2", "vgg_weights", "init_vae"):
+        if getattr(args, option) and not os.path.isfile(getattr(args, option)):
+            raise CheckpointError(f"{getattr(args, option)}: file not found (--{option})")
+    if args.data is not None and not os.path.isdir(args.data):
+        raise DataError(f"{args.data}: folder not found (--data)")
+
+
 # -----------------------------------------------------------------------------
 # 2. Building: the model, the frozen parts, the data
 
@@ -175,7 +203,7 @@ def build_model(args):
     if args.preset == "sd15":
         if not args.sd or not args.dinov2:
             raise CheckpointError("the sd15 preset needs --sd (an SD 1.5 file) and --dinov2 (a DINOv2 hub file)")
-        model, frozen = from_original(args.sd, args.dinov2, dtype=torch.float32, **variant)
+        model, frozen = from_original(args.sd, args.dinov2, dtype=torch.float32, seed=args.seed, **variant)
         return Trainee(model), frozen
     encoder = DINOv2(replace(TINY_ENCODER, img_size=args.size))
     encoder.mask_token.requires_grad_(False)  # for DINOv2's own masked-patch training: unused here
@@ -209,14 +237,21 @@ def build_dataset(args, ref_size, train=True):
     return TripletDataset(args.data, args.size, ref_size, **common)
 
 
+def check_enough_samples(dataset, args, b, accum, ranks=1):
+    """The global batch G = b x ranks x accum, or a DataError when the data holds fewer than G samples."""
+    G = b * ranks * accum
+    if len(dataset) < G:
+        raise DataError(f"{args.data or 'the teaching world'}: {len(dataset)} samples, fewer than one global batch "
+                        f"({G} = --batch_size={b} x {ranks} processes x --grad_accum={accum})")
+    return G
+
+
 def micro_batches(dataset, args, b, accum, ranks=1, rank=0, epoch=0, position=0):
     """Yields (epoch, position, [this rank's accum micro-batches of b]) per optimizer step, forever, starting at
     step `position` of `epoch`. The epoch's order is a permutation keyed by (seed, epoch) alone; step s takes
     samples [s G, (s+1) G) of it (G = b ranks accum) and rank r its micro-batches r accum ... r accum + accum - 1."""
-    G = b * ranks * accum
+    G = check_enough_samples(dataset, args, b, accum, ranks)
     per_epoch = len(dataset) // G
-    if per_epoch == 0:
-        raise DataError(f"{args.data or 'the teaching world'}: {len(dataset)} samples, fewer than one global batch ({G})")
     while True:
         order = torch.randperm(len(dataset), generator=_generator(0x0D, args.seed, epoch)).tolist()
         mine = [order[s * G + m * b + i] for s in range(position, per_epoch)
@@ -426,6 +461,17 @@ def save_checkpoint(args, trainee, frozen, opt, ema, step, epoch, position):
     os.replace(f"{path}.tmp", path)
 
 
+def read_checkpoint(path):
+    """OUT_DIR/ckpt.pt through checkpoint.py's reader (weights_only), checked to hold what save_checkpoint writes."""
+    ckpt = load_pickle(path)
+    keys = ("args", "dtc_config", "step", "epoch", "position", "trainee", "optimizer", "ema", "vae", "rng")
+    missing = [k for k in keys if k not in ckpt] if isinstance(ckpt, dict) else keys
+    if missing or not isinstance(ckpt["args"], dict) or not isinstance(ckpt["step"], int):
+        raise CheckpointError(f"{path}: not a checkpoint written by train.py (missing or wrong: "
+                              f"{', '.join(missing) or 'args, step'})")
+    return ckpt
+
+
 def samples_to_show(args, trainee):
     """A few fixed samples, without training randomness, batched: the rows of every sample grid."""
     data = build_dataset(args, (trainee.model.cfg.image_size,) * 2, train=False)
@@ -494,6 +540,11 @@ def setup(args, ckpt, ranks, rank, device):
     torch.manual_seed(args.seed)  # the same initial weights in every process (DDP also broadcasts rank 0's)
     trainee, frozen = build_model(args)
     dataset = build_dataset(args, (trainee.model.cfg.image_size,) * 2)
+    check_enough_samples(dataset, args, args.batch_size, args.grad_accum, ranks)  # before any work, not after the VAE's
+    cfg = trainee.model.cfg  # the size must pass the VAE's and the U-Net's downsamplings whole (tiny: 16, SD: 64)
+    multiple = cfg.vae_factor * 2 ** (len(cfg.unet.channel_mult) - 1)
+    if args.size % multiple:
+        raise DataError(f"--size={args.size}: this model trains at a multiple of {multiple}")
     torch.manual_seed(args.seed + rank)  # per-process global RNG; the training draws use keyed generators
     if args.grad_checkpointing:
         trainee.model.unet.grad_checkpointing = True
@@ -503,9 +554,19 @@ def setup(args, ckpt, ranks, rank, device):
     frozen.vae.to(device)
     frozen.image_encoder.to(device)
     if ckpt is not None:
-        trainee.load_state_dict(ckpt["trainee"])
-        if ckpt["vae"] is not None:
-            frozen.vae.load_state_dict(ckpt["vae"])
+        try:
+            trainee.load_state_dict(ckpt["trainee"])
+            if ckpt["vae"] is not None:
+                frozen.vae.load_state_dict(ckpt["vae"])
+        except RuntimeError as e:
+            raise CheckpointError(f"{args.out_dir}/ckpt.pt: its weights do not fit the run's model: "
+                                  f"{first_sentence(str(e).split(chr(10), 1)[-1])[:300]}") from None
+    vgg = None
+    if args.vgg_weights and args.vgg_weight > 0:  # loaded (and so checked) before the VAE phase
+        vgg = VGGLoss(args.vgg_weights).to(device)
+    elif args.vgg_weight > 0 and rank == 0:
+        print("warning: no --vgg_weights: the VGG perceptual loss is off (paper: on, lambda 1e-3)", file=sys.stderr)
+    os.makedirs(args.out_dir, exist_ok=True)  # everything checked: the run starts writing here
     if args.preset == "tiny":
         if ckpt is None and args.init_vae:  # a tiny VAE trained before (e.g. for another ablation variant)
             _, trained = load_dtc(args.init_vae)
@@ -523,11 +584,6 @@ def setup(args, ckpt, ranks, rank, device):
     elif device.type == "cuda" and args.dtype != "float32":  # frozen and run under autocast: bfloat16 halves them
         frozen.vae.to(torch.bfloat16)
         frozen.image_encoder.to(torch.bfloat16)
-    vgg = None
-    if args.vgg_weights and args.vgg_weight > 0:
-        vgg = VGGLoss(args.vgg_weights).to(device)
-    elif args.vgg_weight > 0 and rank == 0:
-        print("warning: no --vgg_weights: the VGG perceptual loss is off (paper: on, lambda 1e-3)", file=sys.stderr)
     return trainee, frozen, dataset, vgg
 
 
@@ -538,19 +594,18 @@ def main(argv=None):
     args = parse_args(argv)
     ranks, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     ckpt_path, ckpt = os.path.join(args.out_dir, "ckpt.pt"), None
+    if not (args.resume and os.path.exists(ckpt_path)):
+        check_options(args)
     if os.path.exists(ckpt_path):
         if not args.resume:
             raise SystemExit(f"error: {ckpt_path}: a run is already there; --resume continues it, "
                              "or choose another --out_dir")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ckpt = read_checkpoint(ckpt_path)
         args = restore_args(args, ckpt["args"], argv)
-        log_path = os.path.join(args.out_dir, "log.jsonl")
-        if rank == 0 and os.path.exists(log_path):  # drop the lines of steps after the checkpoint: they are redone
-            with open(log_path) as f:
-                lines = [line for line in f if json.loads(line)["step"] <= ckpt["step"]]
-            with open(log_path, "w") as f:
-                f.writelines(lines)
-    os.makedirs(args.out_dir, exist_ok=True)
+        check_options(args)
+        if rank == 0:
+            print(f"resuming {ckpt_path}: continuing from step {ckpt['step']} of {args.max_steps}"
+                  f"{' (the VAE phase is done)' if ckpt['step'] == 0 else ''}", file=sys.stderr)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -560,6 +615,12 @@ def main(argv=None):
     handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         trainee, frozen, dataset, vgg = setup(args, ckpt, ranks, rank, device)
+        log_path = os.path.join(args.out_dir, "log.jsonl")
+        if ckpt is not None and rank == 0 and os.path.exists(log_path):  # the steps after the checkpoint are redone:
+            with open(log_path) as f:                                     # drop their lines (once setup has worked)
+                lines = [line for line in f if json.loads(line)["step"] <= ckpt["step"]]
+            with open(log_path, "w") as f:
+                f.writelines(lines)
         train(args, trainee, frozen, vgg, dataset, ckpt, ranks, rank, device)
     finally:
         for s, h in handlers.items():
@@ -580,5 +641,5 @@ if __name__ == "__main__":
     try:
         main()
     except (DataError, CheckpointError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        tqdm.write(f"error: {one_line(e)}", file=sys.stderr)  # on a line of its own, even below a progress bar
         sys.exit(1)
