@@ -13,6 +13,8 @@ Evaluate a DTC checkpoint (or a folder of results of any method) in one of two w
                own frozen encoder, --dinov2, or the encoder of --features_from)
   fd_dino      Frechet distance of the same features between generated and target regions; only for
                >= --fd_min images, because a covariance from a few samples is meaningless
+  --fill=flat|hint|vae scores a trivial baseline instead of the model (trivial_fill), --zero_hint the model with
+  its hint zeroed, --bootstrap=N adds 95 % intervals of the means (<metric>_lo, <metric>_hi).
 
 2. A VITON-HD or DressCode release, with the paper's and the try-on field's metrics (the optional libraries of
    requirements-eval.txt; README, "Evaluating like the paper"):
@@ -46,7 +48,7 @@ from tqdm import tqdm
 from checkpoint import CheckpointError
 from data import (DRESSCODE_CATEGORIES, DataError, DressCodeDataset, TripletDataset, VitonHDDataset, load_image,
                   resize_image, to_pil, to_tensor)
-from dtc import Schedule, encode_image_tokens, load_dtc, prepare, sample_latents
+from dtc import Schedule, encode_image_tokens, largest_rectangle, load_dtc, make_hint, prepare, sample_latents
 from dinov2 import load_dinov2
 from vae import LATENT_SCALE
 
@@ -202,6 +204,11 @@ def parse_args(argv=None):
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--fill", default="model", choices=["model", "flat", "hint", "vae"],
+                   help="triplet folders: what fills the region: the model's samples, or a trivial baseline (the "
+                   "reference's mean colour, the pasted hint, the target through the VAE); see trivial_fill")
+    p.add_argument("--zero_hint", action="store_true", help="sample with the hint image zeroed")
+    p.add_argument("--bootstrap", type=int, default=0, help="triplet folders: N resamples for 95 %% intervals; 0 = off")
     p.add_argument("--fd_min", type=int, default=200, help="fewest images for which fd_dino is reported")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g = p.add_argument_group("releases (VITON-HD, DressCode)")
@@ -234,11 +241,43 @@ def load_generator(args):
 
 @torch.no_grad()
 def generate(model, frozen, source, mask, reference, args, b):
-    """Batch b sampled with its own seed -> (B,3,H,W) in [-1,1] (no paste-back)."""
+    """Batch b sampled with its own seed -> (B,3,H,W) in [-1,1] (no paste-back). --zero_hint: with the hint
+    image all zeros (an empty canvas), to measure what the hint contributes."""
     g = torch.Generator().manual_seed(args.seed + b)
     cond = prepare(frozen, source, mask, reference, model.cfg.image_size, g)
+    if args.zero_hint:
+        cond["hint"] = torch.zeros_like(cond["hint"])
     z = sample_latents(model, Schedule(), cond, args.steps, args.guidance, generator=g, progress=False)
     return frozen.vae.decode(z / LATENT_SCALE).clamp(-1, 1)
+
+
+@torch.no_grad()
+def trivial_fill(kind, vae, source, mask, reference, target):
+    """What a method without a model gets, (B,3,H,W) in [-1,1], for the rows a model's number must stand beside:
+    "flat" the reference's mean colour over its non-white pixels (the product, not its background); "hint" the
+    hint's pixels inside its rectangle where they show the product, the flat colour elsewhere (pasting the
+    hint); "vae" the target encoded and decoded (posterior mean), the ceiling of any latent model."""
+    if kind == "vae":
+        return vae.decode(vae.encode(target.to(next(vae.parameters()).dtype)).mean).float().clamp(-1, 1)
+    product = (reference < 0.96).any(1, keepdim=True).float()  # (B,1,h,w): not the white background
+    flat = ((reference * product).sum((2, 3), keepdim=True) / product.sum((2, 3), keepdim=True).clamp(min=1))
+    flat = flat.expand_as(source).clone()
+    if kind == "flat":
+        return flat
+    hint = make_hint(reference, mask) * 2 - 1
+    for i in range(len(hint)):
+        top, left, bottom, right = largest_rectangle(mask[i, 0])
+        shows = torch.zeros_like(mask[i], dtype=torch.bool)
+        shows[:, top:bottom, left:right] = (hint[i, :, top:bottom, left:right] < 0.9).any(0)
+        flat[i] = torch.where(shows, hint[i], flat[i])
+    return flat
+
+
+def bootstrap_interval(values, resamples, seed=0):
+    """95 % interval of the mean of per-image values (N,) over `resamples` resamplings of the images."""
+    idx = torch.randint(0, len(values), (resamples, len(values)), generator=torch.Generator().manual_seed(seed))
+    means = values.double()[idx].mean(1)
+    return means.quantile(0.025).item(), means.quantile(0.975).item()
 
 
 def save_images(out_dir, images, names):
@@ -284,7 +323,8 @@ def main(argv=None, fid_feature=None):
             pred = torch.stack([to_tensor(load_image(find(args.pred_dir, n)).resize((size, size))) for n in batch["name"]])
             pred = pred.to(device)
         else:
-            pred = generate(model, frozen, source, mask, reference, args, b)
+            pred = generate(model, frozen, source, mask, reference, args, b) if args.fill == "model" else \
+                trivial_fill(args.fill, frozen.vae, source, mask, reference, target)
         pred = pred * (1 - mask) + source * mask  # paste back: only the region is judged
         fill = 1 - mask
         p01, t01 = (pred + 1) / 2, (target + 1) / 2
@@ -300,6 +340,10 @@ def main(argv=None, fid_feature=None):
 
     n = len(data)
     result = {k: torch.cat(v).mean().item() for k, v in scores.items()}
+    if args.bootstrap:  # how much the means depend on which images were drawn
+        for k, v in scores.items():
+            result[f"{k}_lo"], result[f"{k}_hi"] = bootstrap_interval(torch.cat(v), args.bootstrap)
+        print(f"the _lo/_hi values: 95 % bootstrap interval of the mean over {args.bootstrap} resamples of the images")
     if n >= args.fd_min:
         result["fd_dino"] = frechet_distance(torch.cat(gen_feats), torch.cat(target_feats)).item()
     else:

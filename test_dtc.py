@@ -1873,6 +1873,49 @@ def test_eval_ssim_formula_on_constant_images():
     torch.testing.assert_close(evaluate.ssim_map(a, b), torch.full_like(a, (2 * 0.18 + c1) / (0.09 + 0.36 + c1)))
 
 
+def test_eval_trivial_fills_and_bootstrap():
+    """--fill: flat is the product's mean colour (the reference's white ignored); hint pastes the hint's product
+    pixels inside its rectangle and the flat colour elsewhere; vae is the target through the VAE. The bootstrap
+    interval brackets the mean, and is a point for constant values."""
+    reference = torch.ones(1, 3, 16, 16)
+    reference[:, :, 4:12, 2:14] = torch.tensor([0.2, -0.4, 0.6])[:, None, None]
+    reference[:, 0, 4:12, 8:14] = -0.2  # two colours: the flat fill is their mean
+    mask = torch.ones(1, 1, 20, 20)
+    mask[:, :, 5:15, 3:17] = 0
+    source = torch.zeros(1, 3, 20, 20)
+    flat = evaluate.trivial_fill("flat", None, source, mask, reference, source)
+    torch.testing.assert_close(flat[0, :, 0, 0], torch.tensor([0.0, -0.4, 0.6]))
+    pasted = evaluate.trivial_fill("hint", None, source, mask, reference, source)
+    hint = dtc.make_hint(reference, mask) * 2 - 1
+    assert torch.equal(pasted[0, :, 10, 6], hint[0, :, 10, 6]) and torch.equal(pasted[0, :, 0, 0], flat[0, :, 0, 0])
+    assert torch.equal(pasted[0, :, 5, 3], flat[0, :, 5, 3])  # the hint's white margin: the flat colour
+    vae = randomise_vae(AutoencoderKL(TINY_VAE)).eval()
+    target = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        expect = vae.decode(vae.encode(target).mean).clamp(-1, 1)
+    torch.testing.assert_close(evaluate.trivial_fill("vae", vae, target, mask, reference, target), expect)
+    assert evaluate.bootstrap_interval(torch.full((50,), 3.0), 200) == (3.0, 3.0)
+    values = torch.randn(200, generator=torch.Generator().manual_seed(0))
+    lo, hi = evaluate.bootstrap_interval(values, 500)
+    assert lo < values.mean().item() < hi and hi - lo < 0.5
+
+
+def test_eval_zero_hint_changes_the_samples(sample_inputs):
+    """--zero_hint samples with an empty hint canvas: other results than with the hint, from the same noise."""
+    import argparse
+    d, _, _ = sample_inputs
+    model, frozen = load_dtc(d / "dtc.safetensors")
+    g = torch.Generator().manual_seed(3)
+    source, reference = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1, torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
+    mask = torch.ones(2, 1, 16, 16)
+    mask[:, :, 4:12, 4:12] = 0
+    args = argparse.Namespace(seed=0, steps=2, guidance=5.0, zero_hint=False)
+    with_hint = evaluate.generate(model, frozen, source, mask, reference, args, 0)
+    assert torch.equal(with_hint, evaluate.generate(model, frozen, source, mask, reference, args, 0))
+    args.zero_hint = True
+    assert not torch.equal(with_hint, evaluate.generate(model, frozen, source, mask, reference, args, 0))
+
+
 def test_eval_frechet_distance_closed_form():
     """Diagonal covariances: FD = |mu_a - mu_b|^2 + sum (s_a + s_b - 2 sqrt(s_a s_b))."""
     g = torch.Generator().manual_seed(0)
