@@ -13,16 +13,18 @@ Conventions (every function here keeps them):
   come from the files opened, never from constants.
 - A sample is a dict: "source" (3,H,W) the photo (masked later by the model code), "target" (3,H,W)
   what the region should become (= source when the layout has no target), "mask" (1,H,W) 1 = keep,
-  "reference" (3,h,w) the product image, "name" str. Sources are resized to the dataset's `size`
-  (bilinear with antialias; masks and parse maps NEAREST) and references to `ref_size`, so the default
+  "reference" (3,h,w) the product image, "encoder_reference" (3,h,w) what the image encoder sees, "name"
+  str. Sources are resized to the dataset's `size` (bilinear with antialias; masks and parse maps
+  NEAREST) and references to `ref_size`, so the default
   collate batches them; the model resizes the reference again for its image encoder and its hint.
 - Randomness never touches a global RNG: sample i of epoch e draws only from
   `sample_rng(seed, e, i)`, so a resumed run sees exactly the samples it would have seen. With
   DataLoader workers, call `set_epoch` before each epoch's iterator and do not use persistent workers
   (they keep the dataset copy of the epoch they were started in).
 - Training randomness (train=True), as in the paper: per sample the fine mask or its bounding box,
-  50/50 (supplement 5.1), and for the reference only a horizontal flip (p=0.5) and a rotation uniform
-  in +-20 degrees with white fill (4.1). With train=False nothing is random.
+  50/50 (supplement 5.1), a horizontal flip (p=0.5) of the whole sample and a rotation uniform in
+  +-20 degrees with white fill of the image encoder's copy of the reference, "encoder_reference" (4.1;
+  `augment` says why). With train=False nothing is random.
 - Bad data raises DataError, one line naming the file and the problem. With skip_bad=True a dataset
   drops bad samples up front (one warning with the count) and replaces samples that fail to decode
   later by the next good index (counted in `skipped`).
