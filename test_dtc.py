@@ -1805,38 +1805,27 @@ def test_sample_explain_writes_its_picture(sample_inputs, tmp_path):
     assert big.height == small.height == 2 * (128 + 14) and big.width == small.width + 2 * 128
 
 
-@pytest.mark.parametrize("case,expect", [
-    (dict(dtc="baseline.safetensors"), "no hint branch"),
-    (dict(target="missing.png"), "missing.png"),
-    (dict(baseline="sd15.ckpt"), "not a DTC checkpoint"),
+@pytest.mark.parametrize("case,expect,flags", [
+    (dict(source="missing.png"), "missing.png", ()),
+    (dict(reference="broken.png"), "broken.png", ()),
+    (dict(mask="empty_mask.png"), "empty", ()),
+    (dict(mask="full_mask.png"), "whole image", ()),
+    (dict(dtc="sd15.ckpt"), "not a DTC checkpoint", ()),
+    (dict(dtc="missing.safetensors"), "missing.safetensors", ()),
+    (dict(dtc="baseline.safetensors"), "no hint branch", ("--explain",)),
+    (dict(target="missing.png"), "missing.png", ("--explain",)),
+    (dict(baseline="sd15.ckpt"), "not a DTC checkpoint", ("--explain",)),
 ])
-def test_sample_explain_bad_input(sample_inputs, tmp_path, capsys, case, expect):
-    import sample
-    d, _, _ = sample_inputs
-    out = tmp_path / "result.png"
-    out.write_bytes(b"earlier result")
-    assert sample.cli([*sample_args(d, out, **{k: d / v for k, v in case.items()}), "--explain"]) == 1
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and expect in err and "Traceback" not in err
-    assert out.read_bytes() == b"earlier result" and not (tmp_path / "result_explain.png").exists()
-
-
-@pytest.mark.parametrize("case,expect", [
-    (dict(source="missing.png"), "missing.png"),
-    (dict(reference="broken.png"), "broken.png"),
-    (dict(mask="empty_mask.png"), "empty"),
-    (dict(mask="full_mask.png"), "whole image"),
-    (dict(dtc="sd15.ckpt"), "not a DTC checkpoint"),
-    (dict(dtc="missing.safetensors"), "missing.safetensors"),
-])
-def test_sample_bad_input_exits_with_one_line(sample_inputs, tmp_path, capsys, case, expect):
-    """Each bad input: exit status 1, one line naming the problem, no traceback, the existing output untouched."""
+def test_sample_bad_input_exits_with_one_line(sample_inputs, tmp_path, capsys, case, expect, flags):
+    """Each bad input: exit status 1, one line naming the problem, no traceback, the existing output untouched
+    (and with --explain no picture written)."""
     import sample
     d, _, _ = sample_inputs
     out = tmp_path / "result.png"
     out.write_bytes(b"earlier result")
     kw = {k: d / v for k, v in case.items()}
-    assert sample.cli(sample_args(d, out, **kw)) == 1
+    assert sample.cli([*sample_args(d, out, **kw), *flags]) == 1
+    assert not (tmp_path / "result_explain.png").exists()
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expect in err and "Traceback" not in err
     assert out.read_bytes() == b"earlier result"
