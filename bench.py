@@ -470,7 +470,7 @@ def references(model, frozen, notes):
     name = "vit_giant_patch14_dinov2" if ours.cfg.ffn == "swiglu" else "vit_small_patch14_dinov2"
     with torch.device("meta"):
         vit = timm.create_model(name, pretrained=False, **kw)
-    # timm built at the benchmark's size, pos_embed resampled by the original rule beforehand (references.md 2)
+    # timm built at the benchmark's size, pos_embed resampled by the original rule beforehand (dinov2.py)
     sd = dict(ours.state_dict(), pos_embed=ours.resized_pos_embed(grid, grid).detach())
     vit.load_state_dict(checkpoint_filter_fn(sd, vit), strict=True, assign=True)
     refs["dino"] = Tokens(vit).eval()

@@ -408,7 +408,7 @@ def write_triplets(root, samples):
 
 # ----------------------------------------------------------------------------------------------
 # 4. VITON-HD: root/{train,test}_pairs.txt and root/<split>/{image,cloth,image-parse-v3}/
-#    (the layout and its traps: README, "Evaluating like the paper")
+#    (the layout and its traps: docs/datasets.md §2)
 
 UPPER_BODY_IDS = (5, 6, 7, 10, 14, 15)  # CIHP upper-clothes, dress, coat, neck (torso-skin), left arm, right arm
 FLIP_PAIRS = ((14, 15), (16, 17), (18, 19))  # left/right arm, leg, shoe: a mirror swaps them (CIHP_PGN's flip tool)

@@ -6,7 +6,7 @@ DTC is Paint-by-Example (PBE) style image-conditioned inpainting on Stable Diffu
   - a hint branch: the reference pasted into the largest rectangle of the mask, a 4-layer conv adapter to
     latent size, added to the masked-source latent, encoded by a trainable copy of the U-Net encoder, and
     fused into the main U-Net's 13 skip taps with FiLM (paper §3.2, Fig. 2, Fig. 4).
-Choices the paper leaves open follow ../shared/paper-spec.md and are marked UNSTATED where made.
+Choices the paper leaves open are marked UNSTATED where made; docs/method.md gives each one and its reason.
 
 Conventions: images are (B,3,H,W) in [-1,1]; masks are PBE's, (B,1,H,W) with 1 = keep, 0 = region to fill;
 latents are VAE latents times LATENT_SCALE.
@@ -61,7 +61,7 @@ def largest_rectangle(mask):
 def make_hint(reference, mask):
     """The hint image: a black canvas the size of the source, the reference stretched into the largest
     rectangle of the region to fill (paper supplement §5.1). (B,3,h,w) [-1,1], (B,1,H,W) -> (B,3,H,W) in [0,1].
-    UNSTATED: value range and aspect; we follow paper-spec §2.5 (black [0,1] canvas, stretch resize)."""
+    UNSTATED: value range and aspect; docs/method.md §2.1 (black [0,1] canvas, stretch resize)."""
     B, _, H, W = mask.shape
     hint = reference.new_zeros(B, 3, H, W)
     for i in range(B):
@@ -81,7 +81,7 @@ def make_hint(reference, mask):
 
 class HintAdapter(nn.Module):
     """One stride-2 conv per factor of 2 of the VAE (3 for SD's 8x), then a conv to the latent channels:
-    (B,3,H,W) -> (B,C_lat,H/f,W/f). Ordinary (non-zero) init: FiLM is already zero-initialised (paper-spec §2.5)."""
+    (B,3,H,W) -> (B,C_lat,H/f,W/f). Ordinary (non-zero) init: FiLM is already zero-initialised (docs/method.md §2.2)."""
 
     def __init__(self, latent_channels=4, downsample_factor=8, width=32):
         super().__init__()
@@ -170,7 +170,7 @@ class DiffuseToChoose(nn.Module):
 
     def hint_features(self, z_hint, z_t=None, t=None, mask_lat=None, context=None):
         """The hint encoder's 13 taps (12 skips + middle). z_hint = z_masked + adapter(hint), (B,4,h,w).
-        "full" (UNSTATED; paper-spec §2.5, as ControlNet): input [z_t, z_hint, mask] with t and the context.
+        "full" (UNSTATED; docs/method.md §2.3, as ControlNet): input [z_t, z_hint, mask] with t and the context.
         "latent_only": z_hint alone at t = 0 with the null context, so it can be computed once per image."""
         enc = self.hint_encoder
         if self.cfg.hint_input == "full":
@@ -182,7 +182,7 @@ class DiffuseToChoose(nn.Module):
         return skips + [h]
 
     def fuse(self, skips, h, feats):
-        """FiLM (paper §3.2, UNSTATED form, paper-spec §2.6): gamma, beta = conv(f); s * (1 + gamma) + beta,
+        """FiLM (paper §3.2, UNSTATED form, docs/method.md §2.4): gamma, beta = conv(f); s * (1 + gamma) + beta,
         at the 12 skips and the middle block output. "add": s + conv(f). "xattn": s + attention(s -> f)."""
         fused = []
         for s, f, layer in zip(skips + [h], feats, self.fusion):
@@ -272,7 +272,7 @@ class Frozen:
 
 
 def encode_image_tokens(image_encoder, reference, image_size):
-    """Reference (B,3,h,w) [-1,1] -> DINOv2 tokens (B,1+R+N,D). UNSTATED preprocessing; paper-spec §2.4:
+    """Reference (B,3,h,w) [-1,1] -> DINOv2 tokens (B,1+R+N,D). UNSTATED preprocessing; docs/method.md §2.5:
     a direct resize (no crop, the whole product stays visible), ImageNet normalisation."""
     x = F.interpolate(reference.float(), size=(image_size, image_size), mode="bicubic", antialias=True,
                       align_corners=False)
@@ -284,7 +284,7 @@ def encode_image_tokens(image_encoder, reference, image_size):
 
 
 def latent_mask(mask, size):
-    """Mask at latent size. UNSTATED; paper-spec §7: PBE's bilinear Resize, not re-binarised."""
+    """Mask at latent size. UNSTATED; docs/method.md §2.6: PBE's bilinear Resize, not re-binarised."""
     return F.interpolate(mask, size=size, mode="bilinear", align_corners=False)
 
 
@@ -393,7 +393,7 @@ def sample_latents(model, schedule, cond, steps=40, guidance=5.0, eta=0.0, sampl
                    progress=True, trace=None):
     """Denoise from pure noise. Paper §4.1 / supp. §5.2: DDIM, 40 steps, guidance 5, eta UNSTATED (0).
     Classifier-free guidance eps = eps(null) + s (eps(c) - eps(null)), the hint kept in both branches
-    (paper-spec §4), both branches in one batched forward. trace: a list that receives (t, z_t, guided x0
+    (docs/method.md §4), both branches in one batched forward. trace: a list that receives (t, z_t, guided x0
     estimate) at every step (sample.py --explain shows them)."""
     z_masked, mask_lat = cond["z_masked"], cond["mask_lat"]
     dtype = z_masked.dtype
@@ -433,7 +433,7 @@ def sample_latents(model, schedule, cond, steps=40, guidance=5.0, eta=0.0, sampl
 
 class VGGLoss(nn.Module):
     """VGG-19 relu1_2, relu2_2, relu3_2, relu4_2, relu5_2 with weights 1/32 ... 1 and L1 distance
-    (UNSTATED layers and weights; paper-spec §3.1 copies DCI-VTON). Weights from a local torchvision file."""
+    (UNSTATED layers and weights; docs/method.md §3.1: DCI-VTON's). Weights from a local torchvision file."""
 
     TAPS = (3, 8, 13, 22, 31)
     WEIGHTS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0)
@@ -528,7 +528,7 @@ def init_new_parts(cfg, unet_sd, full_sd):
         w = enc["input_blocks.0.0.weight"]
         if cfg.hint_input == "latent_only":  # a 4-channel conv_in reading latents: the pretrained z_t channels
             enc["input_blocks.0.0.weight"] = w[:, :4].clone()
-        elif w[:, 4:8].abs().sum() == 0:  # SD text-to-image init: give the hint a path (paper-spec §2.5)
+        elif w[:, 4:8].abs().sum() == 0:  # SD text-to-image init: give the hint a path (docs/method.md §2.3)
             enc["input_blocks.0.0.weight"] = torch.cat([w[:, :4], w[:, :4], w[:, 8:]], 1)
         sd.update({"hint_encoder." + k: v for k, v in enc.items()})
         adapter = HintAdapter(cfg.latent_channels, cfg.vae_factor)

@@ -109,7 +109,7 @@ def parse_args(argv=None):
     p.add_argument("--sd", help="sd15: SD 1.5, SD 1.5-inpainting or Paint-by-Example single file")
     p.add_argument("--dinov2", help="sd15: DINOv2 hub file, e.g. dinov2_vitg14_pretrain.pth")
     p.add_argument("--vgg_weights", help="torchvision vgg19 file; without it the perceptual loss is off")
-    p.add_argument("--vgg_weight", type=float, default=1e-3, help="lambda of the VGG loss (paper-spec §3.1)")
+    p.add_argument("--vgg_weight", type=float, default=1e-3, help="lambda of the VGG loss (docs/method.md §3.1)")
     p.add_argument("--p_uncond", type=float, default=0.2, help="guidance dropout per sample (the hint is kept)")
     p.add_argument("--max_steps", type=int, help="optimizer steps (preset default)")
     p.add_argument("--vae_steps", type=int, help="tiny: autoencoder steps first (default scales with max_steps)")
