@@ -201,6 +201,18 @@ def mask_to_pil(mask):
     return TF.to_pil_image(((1 - mask.detach().float().cpu()) * 255).round().to(torch.uint8))
 
 
+def grid(images, height=256):
+    """Images side by side, each scaled to `height`."""
+    images = [im.convert("RGB").resize((max(1, round(im.width * height / im.height)), height), Image.BICUBIC)
+              for im in images]
+    out = Image.new("RGB", (sum(im.width for im in images), height), "white")
+    x = 0
+    for im in images:
+        out.paste(im, (x, 0))
+        x += im.width
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. What every dataset shares: per-sample RNG, resizing, the training randomness, skip_bad
 
@@ -215,7 +227,10 @@ def _mix(*values):
     return h
 
 
-def _generator(*values):
+def keyed_generator(*values):
+    """A torch CPU generator seeded by a tuple of integers: the same tuple gives the same stream on every run and
+    machine, and different tuples independent streams. Every random draw here and in train.py takes one, keyed by
+    what it is for (a stream's name constant, the seed, the step...), so no draw depends on what was drawn before."""
     # torch's CPU generator seeds its Mersenne Twister from the low 32 bits only: fold the high half in
     h = _mix(*values)
     return torch.Generator().manual_seed((h ^ (h >> 32)) & 0xFFFFFFFF)
@@ -223,7 +238,7 @@ def _generator(*values):
 
 def sample_rng(seed, epoch, index):
     """The only source of randomness for sample `index` of `epoch`."""
-    return _generator(seed, epoch, index)
+    return keyed_generator(seed, epoch, index)
 
 
 def _uniform(g, lo=0.0, hi=1.0):
@@ -672,7 +687,7 @@ def _hsv(h, s, v):
 
 def make_product(pid):
     """The product with integer id `pid`: its parameters depend on the id alone."""
-    g = _generator(0x9E0D, pid)
+    g = keyed_generator(0x9E0D, pid)
     category = "top" if _uniform(g) < 0.5 else "cushion"
     pattern = PATTERNS[int(_uniform(g) * len(PATTERNS))]
     h = _uniform(g)
@@ -868,7 +883,7 @@ class TeachingWorld(SampleDataset):
             return self._scene(i, product, box)
 
     def _scene(self, i, product, box):
-        g = _generator(self.seed, ("train", "heldout").index(self.split), i, 0x5CE9E)  # the content stream
+        g = keyed_generator(self.seed, ("train", "heldout").index(self.split), i, 0x5CE9E)  # the content stream
         shape_of = make_product(self.product_id(i))  # the scene is drawn for its own product's shape
         S = SS * self.size
         x, y = _grid(S, S)
@@ -978,7 +993,7 @@ def write_heldout(root, n, size, seed=0):
     samples = []
     for i in range(n):
         product = make_product(world.product_id(i))
-        g = _generator(seed, i, 0xD15, 0)  # the distractor's own stream (4 values: not a sample_rng stream)
+        g = keyed_generator(seed, i, 0xD15, 0)  # the distractor's own stream (4 values: not a sample_rng stream)
         other = make_product(int(_uniform(g) * world.n_products))
         while other.category != product.category:  # train ids until one of the same category
             other = make_product(int(_uniform(g) * world.n_products))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from checkpoint import CheckpointError
-from data import DataError, check_output_image, load_image, load_mask, to_pil, to_tensor, write_images
+from data import DataError, check_output_image, grid, load_image, load_mask, to_pil, to_tensor, write_images
 from dtc import Schedule, from_original, load_dtc, make_hint, prepare, sample_latents
 from vae import LATENT_SCALE
 
@@ -136,18 +136,6 @@ def working_size(w, h, longer, multiple):
     """Source size scaled so its longer side is `longer`, each side rounded to a multiple the model needs."""
     s = longer / max(w, h)
     return max(multiple, round(w * s / multiple) * multiple), max(multiple, round(h * s / multiple) * multiple)
-
-
-def grid(images, height=256):
-    """Images side by side, each scaled to `height`."""
-    images = [im.convert("RGB").resize((max(1, round(im.width * height / im.height)), height), Image.BICUBIC)
-              for im in images]
-    out = Image.new("RGB", (sum(im.width for im in images), height), "white")
-    x = 0
-    for im in images:
-        out.paste(im, (x, 0))
-        x += im.width
-    return out
 
 
 @torch.no_grad()

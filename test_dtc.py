@@ -2,6 +2,7 @@
 
 Run: python -m pytest -q test_dtc.py
 """
+import ast
 import itertools
 import json
 import math
@@ -3067,3 +3068,43 @@ def test_no_citation_outside_the_repository():
             if not (path.parent / rel).resolve().is_relative_to(root.resolve()) or not (path.parent / rel).exists():
                 bad.append(f"{name}: {rel}")
     assert not bad, bad
+
+
+# The layers, lowest first: a module imports only from layers below its own, and no file imports another's
+# private (_underscore) name. The README states the rule in one sentence.
+LAYERS = (("checkpoint",), ("unet", "vae", "dinov2"), ("dtc",), ("data",), ("sample", "train", "evaluate", "bench"))
+
+
+def project_imports(path):
+    """[(module imported, [names imported from it]), ...] of a file's import statements, the project's modules only."""
+    ours = {m for layer in LAYERS for m in layer}
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(a.name, []) for a in node.names if a.name in ours]
+        elif isinstance(node, ast.ImportFrom) and node.module in ours:
+            found.append((node.module, [a.name for a in node.names]))
+    return found
+
+
+def test_layering_from_the_import_statements():
+    """Scripts import modules, never each other; dtc.py imports the backbones; the backbones import only
+    checkpoint.py; nothing imports another module's private name (also as module._name)."""
+    root = Path(__file__).parent
+    level = {m: i for i, layer in enumerate(LAYERS) for m in layer}
+    bad = []
+    for module, i in level.items():
+        path = root / f"{module}.py"
+        for imported, names in project_imports(path):
+            if level[imported] >= i:
+                bad.append(f"{module}.py imports {imported}")
+            bad += [f"{module}.py imports {imported}.{n}" for n in names if n.startswith("_")]
+    for path in [root / f"{m}.py" for m in level] + [Path(__file__)]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in level
+                    and node.attr.startswith("_") and not node.attr.startswith("__")):
+                bad.append(f"{path.name}:{node.lineno} uses {node.value.id}.{node.attr}")
+    for imported, names in project_imports(Path(__file__)):
+        bad += [f"test_dtc.py imports {imported}.{n}" for n in names if n.startswith("_")]
+    assert not bad, bad
+    assert sorted(level) == sorted(p.stem for p in root.glob("*.py") if p.name != "test_dtc.py")  # every module placed

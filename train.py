@@ -54,13 +54,22 @@ from tqdm import tqdm
 
 from checkpoint import CheckpointError, first_sentence, load_pickle
 from data import (DRESSCODE_CATEGORIES, DataError, DressCodeDataset, TeachingWorld, TripletDataset, VitonHDDataset,
-                  _generator, mask_to_pil, to_pil)
+                  grid, keyed_generator, mask_to_pil, to_pil)
 from dinov2 import DINOv2, DINOv2Config
 from dtc import (DiffuseToChoose, DTCConfig, Frozen, Schedule, VGGLoss, diffusion_loss, encode_image_tokens,
                  from_original, load_dtc, prepare, sample_latents, save_dtc)
-from sample import grid
 from unet import UNetConfig
 from vae import LATENT_SCALE, AutoencoderKL, VAEConfig
+
+# Keys of the random streams (data.keyed_generator): each draw of a run has a stream of its own, keyed by one of
+# these and the seed (and where it varies, the epoch, step or micro-batch), so resuming or changing one part of a
+# run never shifts the draws of another. The values are arbitrary; changing one changes the runs it seeds.
+STREAM_DTC_INIT = 0x1418        # the tiny DTC's from-scratch weights (main U-Net, hint encoder)
+STREAM_VAE_INIT = 0x1417        # the tiny VAE's from-scratch weights
+STREAM_EPOCH_ORDER = 0x0D       # each epoch's sample order (with the epoch)
+STREAM_VAE_POSTERIOR = 0x7AE    # the VAE phase's posterior samples (with the step)
+STREAM_DTC_STEP = 0x57E9        # a DTC step's latents, noise, timesteps and guidance drops (with step, micro-batch)
+
 
 # -----------------------------------------------------------------------------
 # 1. Options and presets
@@ -214,7 +223,7 @@ def build_model(args):
     # to the main encoder's (ControlNet's copy; with latent_only its 4-channel conv_in shifts the draws after it).
     # The VAE's init is in train_vae
     for part in (model.unet, model.hint_encoder) if cfg.hint else (model.unet,):
-        init_from_scratch(part, _generator(0x1418, args.seed))
+        init_from_scratch(part, keyed_generator(STREAM_DTC_INIT, args.seed))
     return Trainee(model, encoder), Frozen(vae=AutoencoderKL(TINY_VAE), image_encoder=encoder)
 
 
@@ -253,7 +262,7 @@ def micro_batches(dataset, args, b, accum, ranks=1, rank=0, epoch=0, position=0)
     G = check_enough_samples(dataset, args, b, accum, ranks)
     per_epoch = len(dataset) // G
     while True:
-        order = torch.randperm(len(dataset), generator=_generator(0x0D, args.seed, epoch)).tolist()
+        order = torch.randperm(len(dataset), generator=keyed_generator(STREAM_EPOCH_ORDER, args.seed, epoch)).tolist()
         mine = [order[s * G + m * b + i] for s in range(position, per_epoch)
                 for m in range(rank * accum, (rank + 1) * accum) for i in range(b)]
         dataset.set_epoch(epoch)  # a fresh loader (and workers) per epoch, as data.py asks
@@ -274,7 +283,7 @@ def train_vae(vae, dataset, args, device, show):
     LPIPS and GAN terms). Then rescaled so that latents x LATENT_SCALE have unit variance, as SD's scale factor
     makes them for SD's VAE. Every process trains the same copy on the same batches: no communication."""
     preset = PRESETS[args.preset]
-    init_from_scratch(vae, _generator(0x1417, args.seed))
+    init_from_scratch(vae, keyed_generator(STREAM_VAE_INIT, args.seed))
     opt = torch.optim.AdamW(vae.parameters(), lr=preset.vae_lr, weight_decay=0.0)
     stream = micro_batches(dataset, args, min(preset.vae_batch_size, args.batch_size), 1)
     bar = tqdm(range(args.vae_steps), desc="vae", disable=not show, dynamic_ncols=True)
@@ -283,7 +292,7 @@ def train_vae(vae, dataset, args, device, show):
             group["lr"] = preset.vae_lr * min(1.0, (step + 1) / 50)
         x = next(stream)[2][0]["target"].to(device)
         posterior = vae.encode(x)
-        recon = vae.decode(posterior.sample(_generator(0x7AE, args.seed, step)))
+        recon = vae.decode(posterior.sample(keyed_generator(STREAM_VAE_POSTERIOR, args.seed, step)))
         l1 = F.l1_loss(recon, x)
         kl = 0.5 * (posterior.mean ** 2 + posterior.std ** 2 - 1 - posterior.logvar).mean()
         (l1 + preset.vae_kl * kl).backward()
@@ -332,7 +341,7 @@ def dtc_step(trainee, ddp, frozen, vgg, batches, step, args, rank, device, autoc
     totals = torch.zeros(3, device=device)
     for j, batch in enumerate(batches):
         m = rank * len(batches) + j  # the micro-batch's index within the global batch
-        g = _generator(0x57E9, args.seed, 0 if args.overfit_batch else step, m)
+        g = keyed_generator(STREAM_DTC_STEP, args.seed, 0 if args.overfit_batch else step, m)
         source, mask, reference, encoder_reference, target = (
             batch[k].to(device, non_blocking=True) for k in ("source", "mask", "reference", "encoder_reference", "target"))
         # DDP all-reduces the gradients in the backward of the last micro-batch only
