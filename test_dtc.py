@@ -2151,7 +2151,7 @@ def test_train_vae_rescale_is_exact():
     before = vae.encode(x)
     z = before.mean
     decoded = vae.decode(z)
-    train.fold_latent_scale(vae, 3.0)
+    dtc.fold_latent_scale(vae, 3.0)
     after = vae.encode(x)
     torch.testing.assert_close(after.mean, 3.0 * before.mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(after.std, 3.0 * before.std, rtol=1e-5, atol=1e-6)
@@ -2171,15 +2171,15 @@ def test_train_init_from_scratch_carries_colour():
 
     for seed in range(3):
         torch.manual_seed(seed)
-        vae = AutoencoderKL(train.TINY_VAE)
+        vae = AutoencoderKL(dtc.TINY_VAE)
         default = colour_gain(vae)
-        train.init_from_scratch(vae, torch.Generator().manual_seed(seed))
+        dtc.init_from_scratch(vae, torch.Generator().manual_seed(seed))
         branches = [m for n, m in vae.named_modules() if n.endswith(("conv2", "proj_out"))]
         assert branches and all(m.weight.abs().max() == 0 for m in branches)
         assert colour_gain(vae) > max(0.25, 1.4 * default)
         first = vae.state_dict()
         torch.manual_seed(seed + 100)
-        train.init_from_scratch(vae, torch.Generator().manual_seed(seed))
+        dtc.init_from_scratch(vae, torch.Generator().manual_seed(seed))
         assert all(torch.equal(first[k], v) for k, v in vae.state_dict().items())
     # the tiny DTC: every residual branch and the U-Net's output start at zero; the fusion convs stay zero
     model = train.build_model(train.parse_args(SMALL))[0].model
@@ -2210,13 +2210,13 @@ def test_train_vgg_loss_backpropagates_through_the_decoder(one_thread):
 def test_train_sd15_preset_on_tiny_original_files(tmp_path, one_thread):
     """The sd15 preset path (dtc.from_original, frozen VAE and DINOv2, only the DTC parts trained and exported),
     on a tiny SD-1.5-layout file and a tiny DINOv2 hub file."""
-    from dinov2 import DINOv2, DINOv2Config
-    from unet import UNet, UNetConfig
-    from vae import AutoencoderKL, VAEConfig
+    from dinov2 import DINOv2
+    from unet import UNet
+    from vae import AutoencoderKL
     torch.manual_seed(0)
-    unet = UNet(UNetConfig(in_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                           attention_levels=(1,), context_dim=32))
-    vae = AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1))
+    # SD 1.x's 8 heads: a file does not record the head count, and the loader assumes SD's
+    unet = UNet(UNetConfig(in_channels=4, **{**TINY_UNET, "num_heads": 8}))
+    vae = AutoencoderKL(TINY_VAE)
     sd = {**{"model.diffusion_model." + k: v for k, v in unet.state_dict().items()},
           **{"first_stage_model." + k: v for k, v in vae.state_dict().items()}}
     torch.save({"state_dict": sd}, tmp_path / "sd.ckpt")
@@ -2370,8 +2370,9 @@ def test_bench_two_forward_cfg_equals_batched(one_thread_bench):
     model = tiny_dtc()
     g = torch.Generator().manual_seed(3)
     z, zm = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
-    mask, ctx = torch.rand(4, 1, 8, 8, generator=g), torch.randn(4, 5, 32, generator=g)
-    t, hint = torch.tensor([10, 10, 700, 700]), torch.rand(4, 3, 16, 16, generator=g)
+    f, width = model.cfg.vae_factor, model.cfg.unet.context_dim
+    mask, ctx = torch.rand(4, 1, 8, 8, generator=g), torch.randn(4, 5, width, generator=g)
+    t, hint = torch.tensor([10, 10, 700, 700]), torch.rand(4, 3, 8 * f, 8 * f, generator=g)
     two = bench.TwoForwardCFG(model)
     assert two.cfg is model.cfg
     torch.testing.assert_close(two(z, t, zm, mask, ctx, hint=hint), model(z, t, zm, mask, ctx, hint=hint),

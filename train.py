@@ -55,11 +55,11 @@ from tqdm import tqdm
 from checkpoint import CheckpointError, first_sentence, load_pickle
 from data import (DRESSCODE_CATEGORIES, DataError, DressCodeDataset, TeachingWorld, TripletDataset, VitonHDDataset,
                   grid, keyed_generator, mask_to_pil, to_pil)
-from dinov2 import DINOv2, DINOv2Config
-from dtc import (DiffuseToChoose, DTCConfig, Frozen, Schedule, VGGLoss, diffusion_loss, encode_image_tokens,
-                 from_original, load_dtc, prepare, sample_latents, save_dtc)
-from unet import UNetConfig
-from vae import LATENT_SCALE, AutoencoderKL, VAEConfig
+from dinov2 import DINOv2
+from dtc import (TINY_ENCODER, TINY_VAE, DiffuseToChoose, Frozen, Schedule, VGGLoss, diffusion_loss,
+                 encode_image_tokens, fold_latent_scale, from_original, init_from_scratch, load_dtc, prepare,
+                 sample_latents, save_dtc, tiny_config)
+from vae import LATENT_SCALE, AutoencoderKL
 
 # Keys of the random streams (data.keyed_generator): each draw of a run has a stream of its own, keyed by one of
 # these and the seed (and where it varies, the epoch, step or micro-batch), so resuming or changing one part of a
@@ -96,13 +96,6 @@ PRESETS = {
     "tiny": Preset(size=64, batch_size=32, lr=1e-3, max_steps=1500, save_every=250, sample_every=250, num_workers=0,
                    vae_steps=1000, vae_batch_size=8, vae_lr=1e-3, vae_kl=1e-4),
 }
-# The tiny architecture: DTC's, narrow. The encoder's img_size and DTC's image_size follow --size.
-TINY_UNET = UNetConfig(in_channels=9, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
-                       attention_levels=(1, 2), num_heads=4, context_dim=64)
-# 4x downsampling: 64x64 -> 16x16. One norm group: a narrow VAE with SD's 32 groups normalises colour away
-TINY_VAE = VAEConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=1)
-TINY_ENCODER = DINOv2Config(embed_dim=64, depth=3, num_heads=4, ffn="mlp", patch_size=8, img_size=64,
-                            interpolate_offset=0.0)
 # what a resumed run may change (files may have moved); every other option comes from the checkpoint
 CHANGEABLE = {"max_steps", "save_every", "sample_every", "log_every", "num_workers", "device", "data", "sd", "dinov2",
               "vgg_weights"}
@@ -216,8 +209,7 @@ def build_model(args):
         return Trainee(model), frozen
     encoder = DINOv2(replace(TINY_ENCODER, img_size=args.size))
     encoder.mask_token.requires_grad_(False)  # for DINOv2's own masked-patch training: unused here
-    cfg = DTCConfig(unet=TINY_UNET, image_encoder_dim=TINY_ENCODER.embed_dim, image_size=args.size, prediction="v",
-                    latent_channels=TINY_VAE.embed_dim, vae_factor=TINY_VAE.downsample_factor, **variant)
+    cfg = tiny_config(args.size, **variant)
     model = DiffuseToChoose(cfg)
     # one fresh generator per part, on the same key: with the full hint input the hint encoder's convs start equal
     # to the main encoder's (ControlNet's copy; with latent_only its 4-channel conv_in shifts the draws after it).
@@ -305,34 +297,6 @@ def train_vae(vae, dataset, args, device, show):
         std = vae.encode(next(stream)[2][0]["target"].to(device)).mean.std().item()
         fold_latent_scale(vae, 1 / (LATENT_SCALE * std))
     return vae.requires_grad_(False).eval()
-
-
-@torch.no_grad()
-def init_from_scratch(module, generator):
-    """The tiny preset's init for the SD-shaped networks it trains from scratch (the VAE, the U-Net and the hint
-    encoder). With PyTorch's default init (each conv shrinks a signal by about sqrt(3)) and random residual
-    branches, a fresh tiny VAE passes a flat colour to its output at 2-19% of its size (seed-dependent), and
-    training spends its first thousand steps finding the colours: reconstructions stay grey. Here every conv is
-    variance-preserving, N(0, 1/fan_in), and the last conv of every residual branch starts at zero, as ldm's
-    zero_module does in its U-Net (ResBlock out_layers, SpatialTransformer proj_out, the output conv): a fresh
-    network is a short chain of convs that passes its input through. On the teaching world the VAE reaches
-    25.0 dB PSNR after 750 steps instead of 21.6 dB."""
-    for name, m in module.named_modules():
-        if isinstance(m, nn.Conv2d):
-            zero = name.endswith(("conv2", "proj_out", "out_layers.3")) or name == "out.2"
-            nn.init.normal_(m.weight, std=0.0 if zero else m.weight[0].numel() ** -0.5, generator=generator)
-            nn.init.zeros_(m.bias)
-
-
-@torch.no_grad()
-def fold_latent_scale(vae, s):
-    """Makes the VAE's latents s times larger, exactly: the posterior's mean x s (logvar + 2 log s) in quant_conv,
-    and post_quant_conv / s, so decode(s z) is the old decode(z)."""
-    E = vae.cfg.embed_dim  # quant_conv's outputs: E means, then E logvars
-    vae.quant_conv.weight[:E] *= s
-    vae.quant_conv.bias[:E] *= s
-    vae.quant_conv.bias[E:] += 2 * math.log(s)
-    vae.post_quant_conv.weight /= s
 
 
 def dtc_step(trainee, ddp, frozen, vgg, batches, step, args, rank, device, autocast):
