@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import CheckpointError
+from cli import pick_device, run
 from data import (DRESSCODE_CATEGORIES, DataError, DressCodeDataset, TripletDataset, VitonHDDataset, load_image,
                   resize_image, to_pil, to_tensor)
 from dtc import Schedule, encode_image_tokens, largest_rectangle, load_dtc, make_hint, prepare, sample_latents
@@ -291,7 +292,7 @@ def save_images(out_dir, images, names):
 def main(argv=None, fid_feature=None):
     """fid_feature: see field_metrics (tests pass a small random one)."""
     args = parse_args(argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = pick_device(args.device)
     layout = release_layout(args.data)
     if layout is not None:
         return evaluate_release(args, layout, device, fid_feature)
@@ -458,8 +459,4 @@ def find(folder, name, fallback=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (CheckpointError, DataError, ImportError) as e:
-        print(f"error: {'; '.join(line.strip() for line in str(e).splitlines())}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(run(main, errors=(CheckpointError, DataError, ImportError)))

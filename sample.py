@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from checkpoint import CheckpointError
+from cli import pick_device, pick_dtype, run
 from data import DataError, check_output_image, grid, load_image, load_mask, to_pil, to_tensor, write_images
 from dtc import Schedule, from_original, load_dtc, make_hint, prepare, sample_latents
 from vae import LATENT_SCALE
@@ -196,11 +197,8 @@ def explain(model, frozen, baseline, source, mask, reference, target, args, tile
 def main(argv=None):
     args = parse_args(argv)
     check_options(args)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if args.dtype == "auto":
-        dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    else:
-        dtype = getattr(torch, args.dtype)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
 
     # read and check every input before any model work, so bad input costs nothing and writes nothing
     source_pil = load_image(args.source)
@@ -277,12 +275,7 @@ def main(argv=None):
 
 def cli(argv=None):
     """Bad input ends with exit status 1 and one line naming the file and the problem, no traceback."""
-    try:
-        main(argv)
-    except (CheckpointError, DataError) as e:
-        print(f"error: {'; '.join(line.strip() for line in str(e).splitlines())}", file=sys.stderr)
-        return 1
-    return 0
+    return run(main, argv)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, first_sentence, load_pickle
+from cli import pick_device, run
 from data import (DRESSCODE_CATEGORIES, DataError, DressCodeDataset, TeachingWorld, TripletDataset, VitonHDDataset,
                   grid, keyed_generator, mask_to_pil, to_pil)
 from dinov2 import DINOv2
@@ -579,7 +580,7 @@ def main(argv=None):
         if rank == 0:
             print(f"resuming {ckpt_path}: continuing from step {ckpt['step']} of {args.max_steps}"
                   f"{' (the VAE phase is done)' if ckpt['step'] == 0 else ''}", file=sys.stderr)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = torch.device(pick_device(args.device))
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -602,17 +603,5 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
-def one_line(error):
-    """The message of a DataError or CheckpointError on one line; from a DataLoader worker, the original one."""
-    text = str(error).strip()
-    if "Original Traceback" in text:
-        text = text.splitlines()[-1].split(": ", 1)[-1]
-    return "; ".join(line.strip() for line in text.splitlines())
-
-
 if __name__ == "__main__":
-    try:
-        main()
-    except (DataError, CheckpointError) as e:
-        tqdm.write(f"error: {one_line(e)}", file=sys.stderr)  # on a line of its own, even below a progress bar
-        sys.exit(1)
+    sys.exit(run(main))
