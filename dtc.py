@@ -117,11 +117,15 @@ class DTCConfig:
     # Ho 2022). The tiny preset uses v: at high noise v is about -z0, so a network trained for minutes can carry
     # z_masked into its prediction; an eps network must instead reproduce z_t to ~1% before its x0 means anything
     prediction: str = "eps"
+    train_size: int = 512          # the (square) image size it was trained at: sample.py and evaluate.py work at it
 
     @staticmethod
     def from_dict(d):
         d = dict(d)
-        return DTCConfig(unet=UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.pop("unet").items()}), **d)
+        unet = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.pop("unet").items()})
+        # checkpoints written before train_size was stored: SD-width U-Nets were trained at 512, the tiny one at 64
+        d.setdefault("train_size", 512 if unet.model_channels >= 320 else 64)
+        return DTCConfig(unet=unet, **d)
 
 
 def baseline_config(cfg):
@@ -553,7 +557,8 @@ TINY_ENCODER = DINOv2Config(embed_dim=64, depth=3, num_heads=4, ffn="mlp", patch
 def tiny_config(size, **variant):
     """The tiny DTC's config at a training size (square images of `size`); `variant` as DTCConfig's fields."""
     return DTCConfig(unet=TINY_UNET, image_encoder_dim=TINY_ENCODER.embed_dim, image_size=size, prediction="v",
-                     latent_channels=TINY_VAE.embed_dim, vae_factor=TINY_VAE.downsample_factor, **variant)
+                     latent_channels=TINY_VAE.embed_dim, vae_factor=TINY_VAE.downsample_factor, train_size=size,
+                     **variant)
 
 
 @torch.no_grad()

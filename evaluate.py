@@ -306,7 +306,7 @@ def main(argv=None, fid_feature=None):
         if judge_frozen is None:
             raise CheckpointError(f"{args.features_from}: holds no image encoder")
         encoder, image_size = judge_frozen.image_encoder, judge.cfg.image_size
-    size = args.size or (512 if model is None or model.cfg.unet.model_channels >= 320 else 64)
+    size = args.size or (512 if model is None else model.cfg.train_size)
     if not os.path.isdir(os.path.join(args.data, "target")):
         raise DataError(f"{args.data}: no target/ folder: evaluation needs the ground truth")
     data = TripletDataset(args.data, size=(size, size), ref_size=(image_size, image_size), train=False)
@@ -386,7 +386,7 @@ def evaluate_release(args, layout, device, fid_feature):
         model, frozen = load_generator(args)
         for m in (model, frozen.vae, frozen.image_encoder):
             m.to(device).eval()
-        size = args.size or (512 if model.cfg.unet.model_channels >= 320 else 64)
+        size = args.size or model.cfg.train_size
         sampled = reader((size, size), (model.cfg.image_size, model.cfg.image_size))  # what the model sees
     subset = lambda ds: torch.utils.data.Subset(ds, range(n))
     kid_size = min(args.kid_subset_size, n)

@@ -108,15 +108,14 @@ def load_models(args, dtype):
         print("warning: no --dtc given: sampling from an UNTRAINED DTC built from --sd (the hint branch and the token "
               "projection are fresh, drawn from --seed); useful only to check the wiring", file=sys.stderr)
         model, frozen = from_original(args.sd, args.dinov2, dtype=dtype, seed=args.seed)
-        return model.eval(), frozen, 512
+        return model.eval(), frozen, model.cfg.train_size
     model, frozen = load_dtc(args.dtc, dtype=dtype)
     if frozen is None:
         if args.sd is None or args.dinov2 is None:
             raise CheckpointError(f"{args.dtc}: holds only the trainable parts; give --sd and --dinov2 for the "
                                   "frozen VAE and image encoder")
         _, frozen = from_original(args.sd, args.dinov2, dtype=dtype)
-    # the teaching model was trained at its own small size; SD at 512
-    return model, frozen, 512 if model.cfg.unet.model_channels >= 320 else 64
+    return model, frozen, model.cfg.train_size
 
 
 def box_mask(box, size):

@@ -3,6 +3,7 @@
 Run: python -m pytest -q test_dtc.py
 """
 import ast
+import dataclasses
 import itertools
 import json
 import math
@@ -1682,6 +1683,18 @@ def test_dtc_from_original_bad_files(tmp_path):
         dtc.from_original(tmp_path / "bad_vae.ckpt", vit_path)
 
 
+def test_dtc_config_working_size_stored_and_defaulted():
+    """The working size is in the config; a config written before the field existed gets the old rule (512 for an
+    SD-width U-Net, 64 for the tiny one), so the bundled models keep loading at their size."""
+    old = {k: v for k, v in dataclasses.asdict(dtc.tiny_config(64)).items() if k != "train_size"}
+    assert dtc.DTCConfig.from_dict(old).train_size == 64
+    assert dtc.DTCConfig.from_dict({k: v for k, v in dataclasses.asdict(dtc.DTCConfig()).items()
+                                    if k != "train_size"}).train_size == 512
+    assert dtc.DTCConfig.from_dict(dataclasses.asdict(dtc.tiny_config(48))).train_size == 48
+    model, _ = load_dtc(os.path.join(HERE, "assets", "dtc_tiny.safetensors"))
+    assert model.cfg.train_size == 64
+
+
 def test_dtc_checkpoint_round_trip(tmp_path):
     cfg = tiny_dtc_config(fusion="add")
     model = randomise(dtc.DiffuseToChoose(cfg))
@@ -2077,7 +2090,7 @@ def test_train_both_dataset_layouts_run(tmp_path, one_thread):
 def test_train_checkpoint_samples_in_sample_py(tiny_run, tmp_path):
     """dtc.safetensors from train.py carries the tiny VAE and encoder: sample.py --dtc loads it and samples."""
     model, frozen = load_dtc(os.path.join(tiny_run, "dtc.safetensors"))
-    assert frozen is not None and model.cfg.image_size == 32
+    assert frozen is not None and model.cfg.image_size == 32 and model.cfg.train_size == 32  # the working size
     write_triplet_folder(tmp_path / "t", 1)
     files = {k: next((tmp_path / "t" / k).iterdir()) for k in ("source", "mask", "reference")}
     r = run_script(["sample.py", f"--dtc={tiny_run}/dtc.safetensors", f"--source={files['source']}",

@@ -206,7 +206,8 @@ def build_model(args):
     if args.preset == "sd15":
         if not args.sd or not args.dinov2:
             raise CheckpointError("the sd15 preset needs --sd (an SD 1.5 file) and --dinov2 (a DINOv2 hub file)")
-        model, frozen = from_original(args.sd, args.dinov2, dtype=torch.float32, seed=args.seed, **variant)
+        model, frozen = from_original(args.sd, args.dinov2, dtype=torch.float32, seed=args.seed,
+                                      train_size=args.size, **variant)
         return Trainee(model), frozen
     encoder = DINOv2(replace(TINY_ENCODER, img_size=args.size))
     encoder.mask_token.requires_grad_(False)  # for DINOv2's own masked-patch training: unused here
