@@ -3123,3 +3123,19 @@ def test_layering_from_the_import_statements():
         bad += [f"test_dtc.py imports {imported}.{n}" for n in names if n.startswith("_")]
     assert not bad, bad
     assert sorted(level) == sorted(p.stem for p in root.glob("*.py") if p.name != "test_dtc.py")  # every module placed
+
+
+def test_train_every_preset_field_overridable():
+    """Every Preset field is a --option: unset, the preset's value; given, the value given (vae_steps: its own rule
+    when unset, scaled with --max_steps). Bad autoencoder options are one-line errors before any work."""
+    for name, preset in train.PRESETS.items():
+        args = train.parse_args([f"--preset={name}"])
+        for f in dataclasses.fields(train.Preset):
+            assert getattr(args, f.name) == getattr(preset, f.name), (name, f.name)
+        given = {f.name: (2 * getattr(preset, f.name) if f.type in (int, "int") else 0.5 * getattr(preset, f.name) + 1e-3)
+                 for f in dataclasses.fields(train.Preset)}
+        args = train.parse_args([f"--preset={name}", *(f"--{k}={v}" for k, v in given.items())])
+        assert {k: getattr(args, k) for k in given} == given
+    for option, value in (("vae_lr", "0"), ("vae_kl", "-1"), ("vae_batch_size", "0")):
+        with pytest.raises(DataError, match=f"--{option}={value}"):
+            train.check_options(train.parse_args(["--preset=tiny", f"--{option}={value}"]))

@@ -116,6 +116,9 @@ def parse_args(argv=None):
     p.add_argument("--p_uncond", type=float, default=0.2, help="guidance dropout per sample (the hint is kept)")
     p.add_argument("--max_steps", type=int, help="optimizer steps (preset default)")
     p.add_argument("--vae_steps", type=int, help="tiny: autoencoder steps first (default scales with max_steps)")
+    p.add_argument("--vae_batch_size", type=int, help="tiny: the autoencoder phase's batch (at most --batch_size)")
+    p.add_argument("--vae_lr", type=float, help="tiny: the autoencoder phase's AdamW learning rate (preset default)")
+    p.add_argument("--vae_kl", type=float, help="tiny: weight of the autoencoder's KL term against its L1")
     p.add_argument("--init_vae", help="tiny: take the VAE of this dtc.safetensors instead of training one")
     p.add_argument("--batch_size", type=int, help="per process and micro-step (preset default)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
@@ -144,7 +147,8 @@ def parse_args(argv=None):
     p.add_argument("--hint_input", default="full", choices=["full", "latent_only"])
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
-    for key in ("size", "batch_size", "lr", "max_steps", "save_every", "sample_every", "num_workers"):
+    for key in ("size", "batch_size", "lr", "max_steps", "save_every", "sample_every", "num_workers", "vae_batch_size",
+                "vae_lr", "vae_kl"):  # every Preset field but vae_steps, which follows --max_steps
         if getattr(args, key) is None:
             setattr(args, key, getattr(preset, key))
     if args.vae_steps is None:
@@ -160,11 +164,16 @@ def check_options(args):
                           ("sample_every", 0), ("log_every", 1), ("num_workers", 0)):
         if getattr(args, option) < least:
             raise bad(option, f"must be at least {least}")
-    for option, hi in (("weight_decay", math.inf), ("clip_grad", math.inf), ("p_uncond", 1), ("vgg_weight", math.inf)):
+    for option, hi in (("weight_decay", math.inf), ("clip_grad", math.inf), ("p_uncond", 1), ("vgg_weight", math.inf),
+                       ("vae_kl", math.inf)):
         if not (math.isfinite(getattr(args, option)) and 0 <= getattr(args, option) <= hi):
             raise bad(option, f"must be a finite number >= 0{'' if hi == math.inf else f' and <= {hi}'}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise bad("lr", "must be a finite number > 0")
+    if args.vae_steps and not (math.isfinite(args.vae_lr) and args.vae_lr > 0):
+        raise bad("vae_lr", "must be a finite number > 0 (the autoencoder phase trains with it)")
+    if args.vae_steps and args.vae_batch_size < 1:
+        raise bad("vae_batch_size", "must be at least 1 (the autoencoder phase trains with it)")
     if not 0 <= args.ema < 1:
         raise bad("ema", "the EMA decay must be >= 0 and < 1 (0: off)")
     if args.size < 1:
@@ -276,20 +285,19 @@ def train_vae(vae, dataset, args, device, show):
     encoded, as conditioning): L1 on a posterior sample's reconstruction + a tiny KL (SD's VAE recipe without its
     LPIPS and GAN terms). Then rescaled so that latents x LATENT_SCALE have unit variance, as SD's scale factor
     makes them for SD's VAE. Every process trains the same copy on the same batches: no communication."""
-    preset = PRESETS[args.preset]
     init_from_scratch(vae, keyed_generator(STREAM_VAE_INIT, args.seed))
-    opt = torch.optim.AdamW(vae.parameters(), lr=preset.vae_lr, weight_decay=0.0)
-    stream = micro_batches(dataset, args, min(preset.vae_batch_size, args.batch_size), 1)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    stream = micro_batches(dataset, args, min(args.vae_batch_size, args.batch_size), 1)
     bar = tqdm(range(args.vae_steps), desc="vae", disable=not show, dynamic_ncols=True)
     for step in bar:
         for group in opt.param_groups:  # 50 warm-up steps
-            group["lr"] = preset.vae_lr * min(1.0, (step + 1) / 50)
+            group["lr"] = args.vae_lr * min(1.0, (step + 1) / 50)
         x = next(stream)[2][0]["target"].to(device)
         posterior = vae.encode(x)
         recon = vae.decode(posterior.sample(keyed_generator(STREAM_VAE_POSTERIOR, args.seed, step)))
         l1 = F.l1_loss(recon, x)
         kl = 0.5 * (posterior.mean ** 2 + posterior.std ** 2 - 1 - posterior.logvar).mean()
-        (l1 + preset.vae_kl * kl).backward()
+        (l1 + args.vae_kl * kl).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         bar.set_postfix(l1=f"{l1.item():.4f}")
