@@ -145,7 +145,7 @@ class DiffuseToChoose(nn.Module):
         # for classifier-free guidance (PBE's learnable_vector). One null token is exact for any token count:
         # attention over T identical keys/values equals attention over one of them.
         self.token_proj = nn.Linear(cfg.image_encoder_dim, cfg.unet.context_dim)
-        self.null_context = nn.Parameter(torch.randn(1, 1, cfg.unet.context_dim))
+        self.null_context = nn.Parameter(fresh_null_context(cfg.unet.context_dim))
         # 4. main U-Net, 9 input channels in PBE's order [z_t, z_masked, mask]
         self.unet = UNet(cfg.unet)
         if cfg.hint:
@@ -252,6 +252,12 @@ def fusion_layers(cfg):
             nn.init.zeros_(conv.bias)
             layers.append(conv)
     return nn.ModuleList(layers)
+
+
+def fresh_null_context(context_dim):
+    """The learned null context's first value (1,1,context_dim), N(0, 1) (the one place this is written); a
+    Paint-by-Example file's learnable_vector replaces it (init_new_parts)."""
+    return torch.randn(1, 1, context_dim)
 
 
 def tap_channels(cfg):
@@ -526,7 +532,7 @@ def init_new_parts(cfg, unet_sd, full_sd):
     sd["token_proj.weight"], sd["token_proj.bias"] = proj.weight.detach(), proj.bias.detach()
     null = full_sd.get("learnable_vector")
     sd["null_context"] = null.reshape(1, 1, -1).clone() if null is not None and null.shape[-1] == cfg.unet.context_dim \
-        else torch.randn(1, 1, cfg.unet.context_dim)
+        else fresh_null_context(cfg.unet.context_dim)
     if cfg.hint:
         enc = {k: v.clone() for k, v in unet_sd.items() if k.startswith(("time_embed.", "input_blocks.", "middle_block."))}
         w = enc["input_blocks.0.0.weight"]
