@@ -25,13 +25,13 @@ from safetensors.torch import save_file
 
 import bench, dtc, evaluate, train, unet
 from checkpoint import CheckpointError
-from data import (DataError, HELDOUT_FIRST, PATTERNS, TeachingWorld, TripletDataset, VitonHDDataset, augment,
-    bbox_mask, flip_parse, load_image, load_mask, load_parse, make_product, sample_rng, to_pil, to_tensor,
-    write_heldout, write_triplets)
+from data import (DataError, TripletDataset, VitonHDDataset, augment, bbox_mask, flip_parse, load_image, load_mask,
+    load_parse, sample_rng, to_pil, to_tensor, write_triplets)
 from dinov2 import DINOv2, DINOv2Config, PRESETS, infer_dinov2_config, load_dinov2
 from dtc import DiffuseToChoose, VGGLoss, load_dtc
 from unet import UNet, UNetConfig, infer_unet_config, ldm_prefix, load_unet
 from vae import AutoencoderKL, DiagonalGaussian, LATENT_SCALE, VAEConfig, infer_vae_config, load_vae
+from world import HELDOUT_FIRST, PATTERNS, TeachingWorld, make_product, write_heldout
 
 
 # ====================================================================================================
@@ -1947,7 +1947,7 @@ def test_eval_cli_against_itself_and_perturbed(tmp_path):
     import data, dtc
     from dinov2 import DINOv2
     from vae import AutoencoderKL
-    world = data.TeachingWorld(size=32, split="heldout", length=4, seed=0, ref_size=(32, 32))
+    world = TeachingWorld(size=32, split="heldout", length=4, seed=0, ref_size=(32, 32))
     data.write_triplets(tmp_path / "set", [dict(world[i], name=f"s{i}") for i in range(4)])
     model = randomise(dtc.DiffuseToChoose(tiny_dtc_config()), std=0.02)
     frozen = dtc.Frozen(vae=AutoencoderKL(TINY_VAE), image_encoder=randomise(DINOv2(TINY_VIT), std=0.02))
@@ -3086,7 +3086,7 @@ def test_no_citation_outside_the_repository():
 
 # The layers, lowest first: a module imports only from layers below its own, and no file imports another's
 # private (_underscore) name. The README states the rule in one sentence.
-LAYERS = (("checkpoint",), ("unet", "vae", "dinov2"), ("dtc",), ("data",), ("cli",),
+LAYERS = (("checkpoint",), ("unet", "vae", "dinov2"), ("dtc",), ("data",), ("cli", "world"),
           ("sample", "train", "evaluate", "bench"))
 
 

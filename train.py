@@ -54,13 +54,14 @@ from tqdm import tqdm
 
 from checkpoint import CheckpointError, first_sentence, load_pickle
 from cli import pick_device, run
-from data import (DRESSCODE_CATEGORIES, DataError, DressCodeDataset, TeachingWorld, TripletDataset, VitonHDDataset,
-                  grid, keyed_generator, mask_to_pil, to_pil)
+from data import (DRESSCODE_CATEGORIES, DataError, DressCodeDataset, TripletDataset, VitonHDDataset, grid,
+                  keyed_generator, mask_to_pil, to_pil)
 from dinov2 import DINOv2
 from dtc import (TINY_ENCODER, TINY_VAE, DiffuseToChoose, Frozen, Schedule, VGGLoss, diffusion_loss,
                  encode_image_tokens, fold_latent_scale, from_original, init_from_scratch, load_dtc, prepare,
                  sample_latents, save_dtc, tiny_config)
 from vae import LATENT_SCALE, AutoencoderKL
+from world import TeachingWorld
 
 # Keys of the random streams (data.keyed_generator): each draw of a run has a stream of its own, keyed by one of
 # these and the seed (and where it varies, the epoch, step or micro-batch), so resuming or changing one part of a
