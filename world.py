@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data import (SampleDataset, bbox_mask, finish_sample, grid, keyed_generator, resize_image, size_pair, to_pil,
-                  uniform, write_triplets)
+from data import (SampleDataset, bbox_mask, finish_sample, keyed_generator, resize_image, size_pair, to_pil, uniform,
+                  write_triplets)
 from dtc import largest_rectangle
 
 # A product is a flat texture (stripes, checks, dots, glyph strokes, colour blocks; 2-3 colours) with a
@@ -35,6 +35,11 @@ PATTERNS = ("stripes", "checks", "dots", "glyphs", "blocks")
 HELDOUT_FIRST = 1_000_000  # held-out product ids start here; train ids are 0 .. n_products-1
 WINDOW = (0.12, 0.88)  # the part of the texture square that the reference's canvas shows
 MARGIN = 0.03  # white around the flat product's silhouette, a fraction of the reference canvas
+# Keys of the world's random streams (data.keyed_generator), one per thing drawn, so that drawing one never shifts
+# another: a product is the same in every scene, and a scene's content does not depend on the training randomness
+STREAM_PRODUCT = 0x9E0D        # a product's pattern, colours and shape (with its id)
+STREAM_SCENE = 0x5CE9E         # a scene's content (after the seed, split and index)
+STREAM_DISTRACTOR = 0xD15      # write_heldout's other product (after seed, index; 4 values: no sample_rng stream)
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,7 @@ def _hsv(h, s, v):
 
 def make_product(pid):
     """The product with integer id `pid`: its parameters depend on the id alone."""
-    g = keyed_generator(0x9E0D, pid)
+    g = keyed_generator(STREAM_PRODUCT, pid)
     category = "top" if uniform(g) < 0.5 else "cushion"
     pattern = PATTERNS[int(uniform(g) * len(PATTERNS))]
     h = uniform(g)
@@ -257,7 +262,7 @@ class TeachingWorld(SampleDataset):
             return self._scene(i, product, box)
 
     def _scene(self, i, product, box):
-        g = keyed_generator(self.seed, ("train", "heldout").index(self.split), i, 0x5CE9E)  # the content stream
+        g = keyed_generator(self.seed, ("train", "heldout").index(self.split), i, STREAM_SCENE)
         shape_of = make_product(self.product_id(i))  # the scene is drawn for its own product's shape
         S = SS * self.size
         x, y = _grid(S, S)
@@ -367,7 +372,7 @@ def write_heldout(root, n, size, seed=0):
     samples = []
     for i in range(n):
         product = make_product(world.product_id(i))
-        g = keyed_generator(seed, i, 0xD15, 0)  # the distractor's own stream (4 values: not a sample_rng stream)
+        g = keyed_generator(seed, i, STREAM_DISTRACTOR, 0)
         other = make_product(int(uniform(g) * world.n_products))
         while other.category != product.category:  # train ids until one of the same category
             other = make_product(int(uniform(g) * world.n_products))
@@ -378,7 +383,7 @@ def write_heldout(root, n, size, seed=0):
     write_triplets(root, samples)
 
 
-if __name__ == "__main__":  # python data.py [out.png]: a preview grid of teaching-world samples
+if __name__ == "__main__":  # python world.py [out.png]: a preview grid of teaching-world samples
     world = TeachingWorld(64, "train", length=16, seed=0)
     rows = []
     for i in range(16):
