@@ -35,10 +35,9 @@ import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from dinov2 import PRESETS, DINOv2, DINOv2Config
-from dtc import (DiffuseToChoose, DTCConfig, Frozen, Schedule, diffusion_loss, encode_image_tokens, latent_mask,
-                 make_hint, prepare, sample_latents)
-from unet import UNetConfig
+from dinov2 import PRESETS, DINOv2
+from dtc import (TINY_ENCODER, TINY_VAE, DiffuseToChoose, DTCConfig, Frozen, Schedule, diffusion_loss, encode_image_tokens,
+                 latent_mask, make_hint, prepare, sample_latents, tiny_config)
 from vae import LATENT_SCALE, AutoencoderKL, VAEConfig
 
 
@@ -84,14 +83,11 @@ def parse_args(argv=None):
 
 
 def arch(name):
-    """(DTCConfig, VAEConfig, DINOv2Config)."""
+    """(DTCConfig, VAEConfig, DINOv2Config): SD 1.5 with DINOv2 g/14, or the tiny architecture train.py trains."""
     if name == "sd15":
         return DTCConfig(), VAEConfig(), PRESETS["vitg14"]
-    unet = UNetConfig(in_channels=9, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
-                      num_heads=4, context_dim=32)
-    vit = DINOv2Config(embed_dim=64, depth=2, num_heads=4, ffn="swiglu", img_size=56)
-    return (DTCConfig(unet=unet, image_encoder_dim=64, image_size=28, vae_factor=2),
-            VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1), vit)
+    # eps prediction, as the diffusers pipelines it is timed against (the cost is the same)
+    return replace(tiny_config(TINY_ENCODER.img_size), prediction="eps"), TINY_VAE, TINY_ENCODER
 
 
 def build(cfg, vae_cfg, vit_cfg, device, dtype):
@@ -443,7 +439,7 @@ def references(model, frozen, notes):
         vae = DiffusersVAE(in_channels=vcfg.in_channels, out_channels=vcfg.out_ch, latent_channels=vcfg.embed_dim,
                            block_out_channels=tuple(vcfg.ch * m for m in vcfg.ch_mult),
                            layers_per_block=vcfg.num_res_blocks, down_block_types=("DownEncoderBlock2D",) * nv,
-                           up_block_types=("UpDecoderBlock2D",) * nv)
+                           up_block_types=("UpDecoderBlock2D",) * nv, norm_num_groups=vcfg.norm_groups)
     unet.load_state_dict(convert_ldm_unet_checkpoint(
         {"model.diffusion_model." + k: v for k, v in model.unet.state_dict().items()},
         {"layers_per_block": ucfg.num_res_blocks}), strict=True, assign=True)
@@ -470,7 +466,7 @@ def references(model, frozen, notes):
     name = "vit_giant_patch14_dinov2" if ours.cfg.ffn == "swiglu" else "vit_small_patch14_dinov2"
     with torch.device("meta"):
         vit = timm.create_model(name, pretrained=False, **kw)
-    # timm built at the benchmark's size, pos_embed resampled by the original rule beforehand (references.md 2)
+    # timm built at the benchmark's size, pos_embed resampled by the original rule beforehand (dinov2.py)
     sd = dict(ours.state_dict(), pos_embed=ours.resized_pos_embed(grid, grid).detach())
     vit.load_state_dict(checkpoint_filter_fn(sd, vit), strict=True, assign=True)
     refs["dino"] = Tokens(vit).eval()

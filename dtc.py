@@ -6,7 +6,7 @@ DTC is Paint-by-Example (PBE) style image-conditioned inpainting on Stable Diffu
   - a hint branch: the reference pasted into the largest rectangle of the mask, a 4-layer conv adapter to
     latent size, added to the masked-source latent, encoded by a trainable copy of the U-Net encoder, and
     fused into the main U-Net's 13 skip taps with FiLM (paper §3.2, Fig. 2, Fig. 4).
-Choices the paper leaves open follow ../shared/paper-spec.md and are marked UNSTATED where made.
+Choices the paper leaves open are marked UNSTATED where made; docs/method.md gives each one and its reason.
 
 Conventions: images are (B,3,H,W) in [-1,1]; masks are PBE's, (B,1,H,W) with 1 = keep, 0 = region to fill;
 latents are VAE latents times LATENT_SCALE.
@@ -61,7 +61,7 @@ def largest_rectangle(mask):
 def make_hint(reference, mask):
     """The hint image: a black canvas the size of the source, the reference stretched into the largest
     rectangle of the region to fill (paper supplement §5.1). (B,3,h,w) [-1,1], (B,1,H,W) -> (B,3,H,W) in [0,1].
-    UNSTATED: value range and aspect; we follow paper-spec §2.5 (black [0,1] canvas, stretch resize)."""
+    UNSTATED: value range and aspect; docs/method.md §2.1 (black [0,1] canvas, stretch resize)."""
     B, _, H, W = mask.shape
     hint = reference.new_zeros(B, 3, H, W)
     for i in range(B):
@@ -81,7 +81,7 @@ def make_hint(reference, mask):
 
 class HintAdapter(nn.Module):
     """One stride-2 conv per factor of 2 of the VAE (3 for SD's 8x), then a conv to the latent channels:
-    (B,3,H,W) -> (B,C_lat,H/f,W/f). Ordinary (non-zero) init: FiLM is already zero-initialised (paper-spec §2.5)."""
+    (B,3,H,W) -> (B,C_lat,H/f,W/f). Ordinary (non-zero) init: FiLM is already zero-initialised (docs/method.md §2.2)."""
 
     def __init__(self, latent_channels=4, downsample_factor=8, width=32):
         super().__init__()
@@ -117,11 +117,15 @@ class DTCConfig:
     # Ho 2022). The tiny preset uses v: at high noise v is about -z0, so a network trained for minutes can carry
     # z_masked into its prediction; an eps network must instead reproduce z_t to ~1% before its x0 means anything
     prediction: str = "eps"
+    train_size: int = 512          # the (square) image size it was trained at: sample.py and evaluate.py work at it
 
     @staticmethod
     def from_dict(d):
         d = dict(d)
-        return DTCConfig(unet=UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.pop("unet").items()}), **d)
+        unet = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.pop("unet").items()})
+        # checkpoints written before train_size was stored: SD-width U-Nets were trained at 512, the tiny one at 64
+        d.setdefault("train_size", 512 if unet.model_channels >= 320 else 64)
+        return DTCConfig(unet=unet, **d)
 
 
 def baseline_config(cfg):
@@ -141,7 +145,7 @@ class DiffuseToChoose(nn.Module):
         # for classifier-free guidance (PBE's learnable_vector). One null token is exact for any token count:
         # attention over T identical keys/values equals attention over one of them.
         self.token_proj = nn.Linear(cfg.image_encoder_dim, cfg.unet.context_dim)
-        self.null_context = nn.Parameter(torch.randn(1, 1, cfg.unet.context_dim))
+        self.null_context = nn.Parameter(fresh_null_context(cfg.unet.context_dim))
         # 4. main U-Net, 9 input channels in PBE's order [z_t, z_masked, mask]
         self.unet = UNet(cfg.unet)
         if cfg.hint:
@@ -170,7 +174,7 @@ class DiffuseToChoose(nn.Module):
 
     def hint_features(self, z_hint, z_t=None, t=None, mask_lat=None, context=None):
         """The hint encoder's 13 taps (12 skips + middle). z_hint = z_masked + adapter(hint), (B,4,h,w).
-        "full" (UNSTATED; paper-spec §2.5, as ControlNet): input [z_t, z_hint, mask] with t and the context.
+        "full" (UNSTATED; docs/method.md §2.3, as ControlNet): input [z_t, z_hint, mask] with t and the context.
         "latent_only": z_hint alone at t = 0 with the null context, so it can be computed once per image."""
         enc = self.hint_encoder
         if self.cfg.hint_input == "full":
@@ -182,7 +186,7 @@ class DiffuseToChoose(nn.Module):
         return skips + [h]
 
     def fuse(self, skips, h, feats):
-        """FiLM (paper §3.2, UNSTATED form, paper-spec §2.6): gamma, beta = conv(f); s * (1 + gamma) + beta,
+        """FiLM (paper §3.2, UNSTATED form, docs/method.md §2.4): gamma, beta = conv(f); s * (1 + gamma) + beta,
         at the 12 skips and the middle block output. "add": s + conv(f). "xattn": s + attention(s -> f)."""
         fused = []
         for s, f, layer in zip(skips + [h], feats, self.fusion):
@@ -250,6 +254,12 @@ def fusion_layers(cfg):
     return nn.ModuleList(layers)
 
 
+def fresh_null_context(context_dim):
+    """The learned null context's first value (1,1,context_dim), N(0, 1) (the one place this is written); a
+    Paint-by-Example file's learnable_vector replaces it (init_new_parts)."""
+    return torch.randn(1, 1, context_dim)
+
+
 def tap_channels(cfg):
     """Channels of the 12 skips + middle output of a U-Net config (320,320,320,320,640,... for SD)."""
     chans, ch = [cfg.model_channels], cfg.model_channels
@@ -272,7 +282,7 @@ class Frozen:
 
 
 def encode_image_tokens(image_encoder, reference, image_size):
-    """Reference (B,3,h,w) [-1,1] -> DINOv2 tokens (B,1+R+N,D). UNSTATED preprocessing; paper-spec §2.4:
+    """Reference (B,3,h,w) [-1,1] -> DINOv2 tokens (B,1+R+N,D). UNSTATED preprocessing; docs/method.md §2.5:
     a direct resize (no crop, the whole product stays visible), ImageNet normalisation."""
     x = F.interpolate(reference.float(), size=(image_size, image_size), mode="bicubic", antialias=True,
                       align_corners=False)
@@ -284,7 +294,7 @@ def encode_image_tokens(image_encoder, reference, image_size):
 
 
 def latent_mask(mask, size):
-    """Mask at latent size. UNSTATED; paper-spec §7: PBE's bilinear Resize, not re-binarised."""
+    """Mask at latent size. UNSTATED; docs/method.md §2.6: PBE's bilinear Resize, not re-binarised."""
     return F.interpolate(mask, size=size, mode="bilinear", align_corners=False)
 
 
@@ -393,7 +403,7 @@ def sample_latents(model, schedule, cond, steps=40, guidance=5.0, eta=0.0, sampl
                    progress=True, trace=None):
     """Denoise from pure noise. Paper §4.1 / supp. §5.2: DDIM, 40 steps, guidance 5, eta UNSTATED (0).
     Classifier-free guidance eps = eps(null) + s (eps(c) - eps(null)), the hint kept in both branches
-    (paper-spec §4), both branches in one batched forward. trace: a list that receives (t, z_t, guided x0
+    (docs/method.md §4), both branches in one batched forward. trace: a list that receives (t, z_t, guided x0
     estimate) at every step (sample.py --explain shows them)."""
     z_masked, mask_lat = cond["z_masked"], cond["mask_lat"]
     dtype = z_masked.dtype
@@ -433,7 +443,7 @@ def sample_latents(model, schedule, cond, steps=40, guidance=5.0, eta=0.0, sampl
 
 class VGGLoss(nn.Module):
     """VGG-19 relu1_2, relu2_2, relu3_2, relu4_2, relu5_2 with weights 1/32 ... 1 and L1 distance
-    (UNSTATED layers and weights; paper-spec §3.1 copies DCI-VTON). Weights from a local torchvision file."""
+    (UNSTATED layers and weights; docs/method.md §3.1: DCI-VTON's). Weights from a local torchvision file."""
 
     TAPS = (3, 8, 13, 22, 31)
     WEIGHTS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0)
@@ -522,19 +532,67 @@ def init_new_parts(cfg, unet_sd, full_sd):
     sd["token_proj.weight"], sd["token_proj.bias"] = proj.weight.detach(), proj.bias.detach()
     null = full_sd.get("learnable_vector")
     sd["null_context"] = null.reshape(1, 1, -1).clone() if null is not None and null.shape[-1] == cfg.unet.context_dim \
-        else torch.randn(1, 1, cfg.unet.context_dim)
+        else fresh_null_context(cfg.unet.context_dim)
     if cfg.hint:
         enc = {k: v.clone() for k, v in unet_sd.items() if k.startswith(("time_embed.", "input_blocks.", "middle_block."))}
         w = enc["input_blocks.0.0.weight"]
         if cfg.hint_input == "latent_only":  # a 4-channel conv_in reading latents: the pretrained z_t channels
             enc["input_blocks.0.0.weight"] = w[:, :4].clone()
-        elif w[:, 4:8].abs().sum() == 0:  # SD text-to-image init: give the hint a path (paper-spec §2.5)
+        elif w[:, 4:8].abs().sum() == 0:  # SD text-to-image init: give the hint a path (docs/method.md §2.3)
             enc["input_blocks.0.0.weight"] = torch.cat([w[:, :4], w[:, :4], w[:, 8:]], 1)
         sd.update({"hint_encoder." + k: v for k, v in enc.items()})
         adapter = HintAdapter(cfg.latent_channels, cfg.vae_factor)
         sd.update({"adapter." + k: v.detach() for k, v in adapter.state_dict().items()})
         sd.update({"fusion." + k: v for k, v in fusion_layers(cfg).state_dict().items()})
     return {k: v.to(dtype) for k, v in sd.items()}
+
+
+# -----------------------------------------------------------------------------
+# 8b. The tiny architecture, built from scratch
+
+# The tiny architecture: DTC's, narrow, trained from scratch by train.py's tiny preset (the bundled models) and
+# timed by bench.py --arch=tiny. The encoder's img_size and DTC's image_size follow the training size.
+TINY_UNET = UNetConfig(in_channels=9, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                       attention_levels=(1, 2), num_heads=4, context_dim=64)
+# 4x downsampling: 64x64 -> 16x16. One norm group: a narrow VAE with SD's 32 groups normalises colour away
+TINY_VAE = VAEConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=1)
+TINY_ENCODER = DINOv2Config(embed_dim=64, depth=3, num_heads=4, ffn="mlp", patch_size=8, img_size=64,
+                            interpolate_offset=0.0)
+
+
+def tiny_config(size, **variant):
+    """The tiny DTC's config at a training size (square images of `size`); `variant` as DTCConfig's fields."""
+    return DTCConfig(unet=TINY_UNET, image_encoder_dim=TINY_ENCODER.embed_dim, image_size=size, prediction="v",
+                     latent_channels=TINY_VAE.embed_dim, vae_factor=TINY_VAE.downsample_factor, train_size=size,
+                     **variant)
+
+
+@torch.no_grad()
+def init_from_scratch(module, generator):
+    """The tiny preset's init for the SD-shaped networks it trains from scratch (the VAE, the U-Net and the hint
+    encoder). With PyTorch's default init (each conv shrinks a signal by about sqrt(3)) and random residual
+    branches, a fresh tiny VAE passes a flat colour to its output at 2-19% of its size (seed-dependent), and
+    training spends its first thousand steps finding the colours: reconstructions stay grey. Here every conv is
+    variance-preserving, N(0, 1/fan_in), and the last conv of every residual branch starts at zero, as ldm's
+    zero_module does in its U-Net (ResBlock out_layers, SpatialTransformer proj_out, the output conv): a fresh
+    network is a short chain of convs that passes its input through. On the teaching world the VAE reaches
+    25.0 dB PSNR after 750 steps instead of 21.6 dB."""
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Conv2d):
+            zero = name.endswith(("conv2", "proj_out", "out_layers.3")) or name == "out.2"
+            nn.init.normal_(m.weight, std=0.0 if zero else m.weight[0].numel() ** -0.5, generator=generator)
+            nn.init.zeros_(m.bias)
+
+
+@torch.no_grad()
+def fold_latent_scale(vae, s):
+    """Makes the VAE's latents s times larger, exactly: the posterior's mean x s (logvar + 2 log s) in quant_conv,
+    and post_quant_conv / s, so decode(s z) is the old decode(z)."""
+    E = vae.cfg.embed_dim  # quant_conv's outputs: E means, then E logvars
+    vae.quant_conv.weight[:E] *= s
+    vae.quant_conv.bias[:E] *= s
+    vae.quant_conv.bias[E:] += 2 * math.log(s)
+    vae.post_quant_conv.weight /= s
 
 
 # -----------------------------------------------------------------------------

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import CheckpointError
+from cli import pick_device, run
 from data import (DRESSCODE_CATEGORIES, DataError, DressCodeDataset, TripletDataset, VitonHDDataset, load_image,
                   resize_image, to_pil, to_tensor)
 from dtc import Schedule, encode_image_tokens, largest_rectangle, load_dtc, make_hint, prepare, sample_latents
@@ -291,7 +292,7 @@ def save_images(out_dir, images, names):
 def main(argv=None, fid_feature=None):
     """fid_feature: see field_metrics (tests pass a small random one)."""
     args = parse_args(argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = pick_device(args.device)
     layout = release_layout(args.data)
     if layout is not None:
         return evaluate_release(args, layout, device, fid_feature)
@@ -305,7 +306,7 @@ def main(argv=None, fid_feature=None):
         if judge_frozen is None:
             raise CheckpointError(f"{args.features_from}: holds no image encoder")
         encoder, image_size = judge_frozen.image_encoder, judge.cfg.image_size
-    size = args.size or (512 if model is None or model.cfg.unet.model_channels >= 320 else 64)
+    size = args.size or (512 if model is None else model.cfg.train_size)
     if not os.path.isdir(os.path.join(args.data, "target")):
         raise DataError(f"{args.data}: no target/ folder: evaluation needs the ground truth")
     data = TripletDataset(args.data, size=(size, size), ref_size=(image_size, image_size), train=False)
@@ -385,7 +386,7 @@ def evaluate_release(args, layout, device, fid_feature):
         model, frozen = load_generator(args)
         for m in (model, frozen.vae, frozen.image_encoder):
             m.to(device).eval()
-        size = args.size or (512 if model.cfg.unet.model_channels >= 320 else 64)
+        size = args.size or model.cfg.train_size
         sampled = reader((size, size), (model.cfg.image_size, model.cfg.image_size))  # what the model sees
     subset = lambda ds: torch.utils.data.Subset(ds, range(n))
     kid_size = min(args.kid_subset_size, n)
@@ -458,8 +459,4 @@ def find(folder, name, fallback=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (CheckpointError, DataError, ImportError) as e:
-        print(f"error: {'; '.join(line.strip() for line in str(e).splitlines())}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(run(main, errors=(CheckpointError, DataError, ImportError)))

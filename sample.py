@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from checkpoint import CheckpointError
-from data import DataError, check_output_image, load_image, load_mask, to_pil, to_tensor, write_images
+from cli import pick_device, pick_dtype, run
+from data import DataError, check_output_image, grid, load_image, load_mask, to_pil, to_tensor, write_images
 from dtc import Schedule, from_original, load_dtc, make_hint, prepare, sample_latents
 from vae import LATENT_SCALE
 
@@ -107,15 +108,14 @@ def load_models(args, dtype):
         print("warning: no --dtc given: sampling from an UNTRAINED DTC built from --sd (the hint branch and the token "
               "projection are fresh, drawn from --seed); useful only to check the wiring", file=sys.stderr)
         model, frozen = from_original(args.sd, args.dinov2, dtype=dtype, seed=args.seed)
-        return model.eval(), frozen, 512
+        return model.eval(), frozen, model.cfg.train_size
     model, frozen = load_dtc(args.dtc, dtype=dtype)
     if frozen is None:
         if args.sd is None or args.dinov2 is None:
             raise CheckpointError(f"{args.dtc}: holds only the trainable parts; give --sd and --dinov2 for the "
                                   "frozen VAE and image encoder")
         _, frozen = from_original(args.sd, args.dinov2, dtype=dtype)
-    # the teaching model was trained at its own small size; SD at 512
-    return model, frozen, 512 if model.cfg.unet.model_channels >= 320 else 64
+    return model, frozen, model.cfg.train_size
 
 
 def box_mask(box, size):
@@ -136,18 +136,6 @@ def working_size(w, h, longer, multiple):
     """Source size scaled so its longer side is `longer`, each side rounded to a multiple the model needs."""
     s = longer / max(w, h)
     return max(multiple, round(w * s / multiple) * multiple), max(multiple, round(h * s / multiple) * multiple)
-
-
-def grid(images, height=256):
-    """Images side by side, each scaled to `height`."""
-    images = [im.convert("RGB").resize((max(1, round(im.width * height / im.height)), height), Image.BICUBIC)
-              for im in images]
-    out = Image.new("RGB", (sum(im.width for im in images), height), "white")
-    x = 0
-    for im in images:
-        out.paste(im, (x, 0))
-        x += im.width
-    return out
 
 
 @torch.no_grad()
@@ -208,11 +196,8 @@ def explain(model, frozen, baseline, source, mask, reference, target, args, tile
 def main(argv=None):
     args = parse_args(argv)
     check_options(args)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if args.dtype == "auto":
-        dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    else:
-        dtype = getattr(torch, args.dtype)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
 
     # read and check every input before any model work, so bad input costs nothing and writes nothing
     source_pil = load_image(args.source)
@@ -289,12 +274,7 @@ def main(argv=None):
 
 def cli(argv=None):
     """Bad input ends with exit status 1 and one line naming the file and the problem, no traceback."""
-    try:
-        main(argv)
-    except (CheckpointError, DataError) as e:
-        print(f"error: {'; '.join(line.strip() for line in str(e).splitlines())}", file=sys.stderr)
-        return 1
-    return 0
+    return run(main, argv)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 Run: python -m pytest -q test_dtc.py
 """
+import ast
+import dataclasses
 import itertools
 import json
 import math
@@ -23,13 +25,13 @@ from safetensors.torch import save_file
 
 import bench, dtc, evaluate, train, unet
 from checkpoint import CheckpointError
-from data import (DataError, HELDOUT_FIRST, PATTERNS, TeachingWorld, TripletDataset, VitonHDDataset, augment,
-    bbox_mask, flip_parse, load_image, load_mask, load_parse, make_product, sample_rng, to_pil, to_tensor,
-    write_heldout, write_triplets)
+from data import (DataError, TripletDataset, VitonHDDataset, augment, bbox_mask, flip_parse, load_image, load_mask,
+    load_parse, sample_rng, to_pil, to_tensor, write_triplets)
 from dinov2 import DINOv2, DINOv2Config, PRESETS, infer_dinov2_config, load_dinov2
 from dtc import DiffuseToChoose, VGGLoss, load_dtc
 from unet import UNet, UNetConfig, infer_unet_config, ldm_prefix, load_unet
 from vae import AutoencoderKL, DiagonalGaussian, LATENT_SCALE, VAEConfig, infer_vae_config, load_vae
+from world import HELDOUT_FIRST, PATTERNS, TeachingWorld, make_product, write_heldout
 
 
 # ====================================================================================================
@@ -60,7 +62,7 @@ def inputs(cfg, batch=2, hw=(16, 16), tokens=7, seed=1):
 
 
 def diffusers_unet(cfg, **kw):
-    """diffusers' UNet2DConditionModel for an SD 1.x-topology UNetConfig (see references.md §1a)."""
+    """diffusers' UNet2DConditionModel for an SD 1.x-topology UNetConfig (block types and head count as diffusers spells SD 1.x)."""
     from diffusers import UNet2DConditionModel
     n = len(cfg.channel_mult)
     return UNet2DConditionModel(
@@ -73,7 +75,7 @@ def diffusers_unet(cfg, **kw):
 
 
 def diffusers_unet_to_ldm(sd, layers_per_block=2):
-    """diffusers U-Net keys -> original keys (bare, no prefix): the inverse of convert_ldm_unet_checkpoint (references.md §1c)."""
+    """diffusers U-Net keys -> original keys (bare, no prefix): the inverse of diffusers' convert_ldm_unet_checkpoint."""
     def res(k):
         return (k.replace("norm1", "in_layers.0").replace("conv1", "in_layers.2")
                 .replace("norm2", "out_layers.0").replace("conv2", "out_layers.3")
@@ -378,7 +380,7 @@ def diffusers_vae(cfg, device=None):
 
 
 def diffusers_vae_to_ldm(sd, n_levels):
-    """Test-only inverse of diffusers' convert_ldm_vae_checkpoint (references.md 1d), bare ldm names."""
+    """Test-only inverse of diffusers' convert_ldm_vae_checkpoint, bare ldm names."""
     attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
     out = {}
     for k, v in sd.items():
@@ -632,7 +634,7 @@ def _timm_reference(sd, cfg, x):
 
 
 def _orig_to_hf(sd):
-    """Hub keys -> transformers 5.x Dinov2WithRegistersModel keys (references.md §2)."""
+    """Hub keys -> transformers 5.x Dinov2WithRegistersModel keys."""
     out = {}
     for k, v in sd.items():
         if k in ("cls_token", "mask_token", "register_tokens"):
@@ -1681,6 +1683,18 @@ def test_dtc_from_original_bad_files(tmp_path):
         dtc.from_original(tmp_path / "bad_vae.ckpt", vit_path)
 
 
+def test_dtc_config_working_size_stored_and_defaulted():
+    """The working size is in the config; a config written before the field existed gets the old rule (512 for an
+    SD-width U-Net, 64 for the tiny one), so the bundled models keep loading at their size."""
+    old = {k: v for k, v in dataclasses.asdict(dtc.tiny_config(64)).items() if k != "train_size"}
+    assert dtc.DTCConfig.from_dict(old).train_size == 64
+    assert dtc.DTCConfig.from_dict({k: v for k, v in dataclasses.asdict(dtc.DTCConfig()).items()
+                                    if k != "train_size"}).train_size == 512
+    assert dtc.DTCConfig.from_dict(dataclasses.asdict(dtc.tiny_config(48))).train_size == 48
+    model, _ = load_dtc(os.path.join(HERE, "assets", "dtc_tiny.safetensors"))
+    assert model.cfg.train_size == 64
+
+
 def test_dtc_checkpoint_round_trip(tmp_path):
     cfg = tiny_dtc_config(fusion="add")
     model = randomise(dtc.DiffuseToChoose(cfg))
@@ -1922,7 +1936,7 @@ def test_eval_cli_against_itself_and_perturbed(tmp_path):
     import data, dtc
     from dinov2 import DINOv2
     from vae import AutoencoderKL
-    world = data.TeachingWorld(size=32, split="heldout", length=4, seed=0, ref_size=(32, 32))
+    world = TeachingWorld(size=32, split="heldout", length=4, seed=0, ref_size=(32, 32))
     data.write_triplets(tmp_path / "set", [dict(world[i], name=f"s{i}") for i in range(4)])
     model = randomise(dtc.DiffuseToChoose(tiny_dtc_config()), std=0.02)
     frozen = dtc.Frozen(vae=AutoencoderKL(TINY_VAE), image_encoder=randomise(DINOv2(TINY_VIT), std=0.02))
@@ -2065,7 +2079,7 @@ def test_train_both_dataset_layouts_run(tmp_path, one_thread):
 def test_train_checkpoint_samples_in_sample_py(tiny_run, tmp_path):
     """dtc.safetensors from train.py carries the tiny VAE and encoder: sample.py --dtc loads it and samples."""
     model, frozen = load_dtc(os.path.join(tiny_run, "dtc.safetensors"))
-    assert frozen is not None and model.cfg.image_size == 32
+    assert frozen is not None and model.cfg.image_size == 32 and model.cfg.train_size == 32  # the working size
     write_triplet_folder(tmp_path / "t", 1)
     files = {k: next((tmp_path / "t" / k).iterdir()) for k in ("source", "mask", "reference")}
     r = run_script(["sample.py", f"--dtc={tiny_run}/dtc.safetensors", f"--source={files['source']}",
@@ -2141,7 +2155,7 @@ def test_train_vae_rescale_is_exact():
     before = vae.encode(x)
     z = before.mean
     decoded = vae.decode(z)
-    train.fold_latent_scale(vae, 3.0)
+    dtc.fold_latent_scale(vae, 3.0)
     after = vae.encode(x)
     torch.testing.assert_close(after.mean, 3.0 * before.mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(after.std, 3.0 * before.std, rtol=1e-5, atol=1e-6)
@@ -2161,15 +2175,15 @@ def test_train_init_from_scratch_carries_colour():
 
     for seed in range(3):
         torch.manual_seed(seed)
-        vae = AutoencoderKL(train.TINY_VAE)
+        vae = AutoencoderKL(dtc.TINY_VAE)
         default = colour_gain(vae)
-        train.init_from_scratch(vae, torch.Generator().manual_seed(seed))
+        dtc.init_from_scratch(vae, torch.Generator().manual_seed(seed))
         branches = [m for n, m in vae.named_modules() if n.endswith(("conv2", "proj_out"))]
         assert branches and all(m.weight.abs().max() == 0 for m in branches)
         assert colour_gain(vae) > max(0.25, 1.4 * default)
         first = vae.state_dict()
         torch.manual_seed(seed + 100)
-        train.init_from_scratch(vae, torch.Generator().manual_seed(seed))
+        dtc.init_from_scratch(vae, torch.Generator().manual_seed(seed))
         assert all(torch.equal(first[k], v) for k, v in vae.state_dict().items())
     # the tiny DTC: every residual branch and the U-Net's output start at zero; the fusion convs stay zero
     model = train.build_model(train.parse_args(SMALL))[0].model
@@ -2200,13 +2214,13 @@ def test_train_vgg_loss_backpropagates_through_the_decoder(one_thread):
 def test_train_sd15_preset_on_tiny_original_files(tmp_path, one_thread):
     """The sd15 preset path (dtc.from_original, frozen VAE and DINOv2, only the DTC parts trained and exported),
     on a tiny SD-1.5-layout file and a tiny DINOv2 hub file."""
-    from dinov2 import DINOv2, DINOv2Config
-    from unet import UNet, UNetConfig
-    from vae import AutoencoderKL, VAEConfig
+    from dinov2 import DINOv2
+    from unet import UNet
+    from vae import AutoencoderKL
     torch.manual_seed(0)
-    unet = UNet(UNetConfig(in_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                           attention_levels=(1,), context_dim=32))
-    vae = AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1))
+    # SD 1.x's 8 heads: a file does not record the head count, and the loader assumes SD's
+    unet = UNet(UNetConfig(in_channels=4, **{**TINY_UNET, "num_heads": 8}))
+    vae = AutoencoderKL(TINY_VAE)
     sd = {**{"model.diffusion_model." + k: v for k, v in unet.state_dict().items()},
           **{"first_stage_model." + k: v for k, v in vae.state_dict().items()}}
     torch.save({"state_dict": sd}, tmp_path / "sd.ckpt")
@@ -2360,8 +2374,9 @@ def test_bench_two_forward_cfg_equals_batched(one_thread_bench):
     model = tiny_dtc()
     g = torch.Generator().manual_seed(3)
     z, zm = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
-    mask, ctx = torch.rand(4, 1, 8, 8, generator=g), torch.randn(4, 5, 32, generator=g)
-    t, hint = torch.tensor([10, 10, 700, 700]), torch.rand(4, 3, 16, 16, generator=g)
+    f, width = model.cfg.vae_factor, model.cfg.unet.context_dim
+    mask, ctx = torch.rand(4, 1, 8, 8, generator=g), torch.randn(4, 5, width, generator=g)
+    t, hint = torch.tensor([10, 10, 700, 700]), torch.rand(4, 3, 8 * f, 8 * f, generator=g)
     two = bench.TwoForwardCFG(model)
     assert two.cfg is model.cfg
     torch.testing.assert_close(two(z, t, zm, mask, ctx, hint=hint), model(z, t, zm, mask, ctx, hint=hint),
@@ -2385,7 +2400,7 @@ def test_bench_derived_model_shares_tensors(one_thread_bench):
 
 def test_bench_flops_count_attention(one_thread_bench):
     """FLOPs are counted on meta replicas, attention included: the SD 1.5 U-Net at 64x64 latents with 257
-    context tokens is 818.6 GFLOP (anchors.md B.2: 818.5), and our counting equals it."""
+    context tokens is 818.6 GFLOP (a by-hand count of every matmul gives 818.5), and our counting equals it."""
     with torch.device("meta"):
         unet = UNet(UNetConfig(in_channels=9))
         x, ctx = torch.empty(1, 9, 64, 64), torch.empty(1, 257, 768)
@@ -3039,3 +3054,79 @@ def test_sample_untrained_model_same_seed_same_bytes(sample_inputs, tmp_path):
     for name in ("token_proj.weight", "null_context", "adapter.layers.0.weight"):
         assert torch.equal(a.state_dict()[name], b.state_dict()[name]) and not torch.equal(a.state_dict()[name],
                                                                                          c.state_dict()[name]), name
+
+
+def test_no_citation_outside_the_repository():
+    """A clone stands alone: no tracked text file cites a file outside it (a relative path that climbs out of the
+    repository or names a file it lacks, or a team-only note). The names are split so this test does not cite them."""
+    root = Path(__file__).parent
+    tracked = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    notes = ("sha" + "red/", "paper" + "-spec", "refer" + "ences.md", "anch" + "ors.md", "-for" + "mat.md")
+    bad = []
+    for name in tracked:
+        path = root / name
+        if path.suffix not in (".py", ".md", ".txt", "") or not path.is_file():
+            continue
+        text = path.read_text(errors="replace")
+        bad += [f"{name}: {note}" for note in notes if note in text]
+        for rel in re.findall(r"(?<![\w.])((?:\.\./)+[\w./-]+)", text):
+            if not (path.parent / rel).resolve().is_relative_to(root.resolve()) or not (path.parent / rel).exists():
+                bad.append(f"{name}: {rel}")
+    assert not bad, bad
+
+
+# The layers, lowest first: a module imports only from layers below its own, and no file imports another's
+# private (_underscore) name. The README states the rule in one sentence.
+LAYERS = (("checkpoint",), ("unet", "vae", "dinov2"), ("dtc",), ("data",), ("cli", "world"),
+          ("sample", "train", "evaluate", "bench"))
+
+
+def project_imports(path):
+    """[(module imported, [names imported from it]), ...] of a file's import statements, the project's modules only."""
+    ours = {m for layer in LAYERS for m in layer}
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(a.name, []) for a in node.names if a.name in ours]
+        elif isinstance(node, ast.ImportFrom) and node.module in ours:
+            found.append((node.module, [a.name for a in node.names]))
+    return found
+
+
+def test_layering_from_the_import_statements():
+    """Scripts import modules, never each other; dtc.py imports the backbones; the backbones import only
+    checkpoint.py; nothing imports another module's private name (also as module._name)."""
+    root = Path(__file__).parent
+    level = {m: i for i, layer in enumerate(LAYERS) for m in layer}
+    bad = []
+    for module, i in level.items():
+        path = root / f"{module}.py"
+        for imported, names in project_imports(path):
+            if level[imported] >= i:
+                bad.append(f"{module}.py imports {imported}")
+            bad += [f"{module}.py imports {imported}.{n}" for n in names if n.startswith("_")]
+    for path in [root / f"{m}.py" for m in level] + [Path(__file__)]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in level
+                    and node.attr.startswith("_") and not node.attr.startswith("__")):
+                bad.append(f"{path.name}:{node.lineno} uses {node.value.id}.{node.attr}")
+    for imported, names in project_imports(Path(__file__)):
+        bad += [f"test_dtc.py imports {imported}.{n}" for n in names if n.startswith("_")]
+    assert not bad, bad
+    assert sorted(level) == sorted(p.stem for p in root.glob("*.py") if p.name != "test_dtc.py")  # every module placed
+
+
+def test_train_every_preset_field_overridable():
+    """Every Preset field is a --option: unset, the preset's value; given, the value given (vae_steps: its own rule
+    when unset, scaled with --max_steps). Bad autoencoder options are one-line errors before any work."""
+    for name, preset in train.PRESETS.items():
+        args = train.parse_args([f"--preset={name}"])
+        for f in dataclasses.fields(train.Preset):
+            assert getattr(args, f.name) == getattr(preset, f.name), (name, f.name)
+        given = {f.name: (2 * getattr(preset, f.name) if f.type in (int, "int") else 0.5 * getattr(preset, f.name) + 1e-3)
+                 for f in dataclasses.fields(train.Preset)}
+        args = train.parse_args([f"--preset={name}", *(f"--{k}={v}" for k, v in given.items())])
+        assert {k: getattr(args, k) for k in given} == given
+    for option, value in (("vae_lr", "0"), ("vae_kl", "-1"), ("vae_batch_size", "0")):
+        with pytest.raises(DataError, match=f"--{option}={value}"):
+            train.check_options(train.parse_args(["--preset=tiny", f"--{option}={value}"]))

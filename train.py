@@ -53,14 +53,25 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, first_sentence, load_pickle
-from data import (DRESSCODE_CATEGORIES, DataError, DressCodeDataset, TeachingWorld, TripletDataset, VitonHDDataset,
-                  _generator, mask_to_pil, to_pil)
-from dinov2 import DINOv2, DINOv2Config
-from dtc import (DiffuseToChoose, DTCConfig, Frozen, Schedule, VGGLoss, diffusion_loss, encode_image_tokens,
-                 from_original, load_dtc, prepare, sample_latents, save_dtc)
-from sample import grid
-from unet import UNetConfig
-from vae import LATENT_SCALE, AutoencoderKL, VAEConfig
+from cli import pick_device, run
+from data import (DRESSCODE_CATEGORIES, DataError, DressCodeDataset, TripletDataset, VitonHDDataset, grid,
+                  keyed_generator, mask_to_pil, to_pil)
+from dinov2 import DINOv2
+from dtc import (TINY_ENCODER, TINY_VAE, DiffuseToChoose, Frozen, Schedule, VGGLoss, diffusion_loss,
+                 encode_image_tokens, fold_latent_scale, from_original, init_from_scratch, load_dtc, prepare,
+                 sample_latents, save_dtc, tiny_config)
+from vae import LATENT_SCALE, AutoencoderKL
+from world import TeachingWorld
+
+# Keys of the random streams (data.keyed_generator): each draw of a run has a stream of its own, keyed by one of
+# these and the seed (and where it varies, the epoch, step or micro-batch), so resuming or changing one part of a
+# run never shifts the draws of another. The values are arbitrary; changing one changes the runs it seeds.
+STREAM_DTC_INIT = 0x1418        # the tiny DTC's from-scratch weights (main U-Net, hint encoder)
+STREAM_VAE_INIT = 0x1417        # the tiny VAE's from-scratch weights
+STREAM_EPOCH_ORDER = 0x0D       # each epoch's sample order (with the epoch)
+STREAM_VAE_POSTERIOR = 0x7AE    # the VAE phase's posterior samples (with the step)
+STREAM_DTC_STEP = 0x57E9        # a DTC step's latents, noise, timesteps and guidance drops (with step, micro-batch)
+
 
 # -----------------------------------------------------------------------------
 # 1. Options and presets
@@ -87,13 +98,6 @@ PRESETS = {
     "tiny": Preset(size=64, batch_size=32, lr=1e-3, max_steps=1500, save_every=250, sample_every=250, num_workers=0,
                    vae_steps=1000, vae_batch_size=8, vae_lr=1e-3, vae_kl=1e-4),
 }
-# The tiny architecture: DTC's, narrow. The encoder's img_size and DTC's image_size follow --size.
-TINY_UNET = UNetConfig(in_channels=9, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
-                       attention_levels=(1, 2), num_heads=4, context_dim=64)
-# 4x downsampling: 64x64 -> 16x16. One norm group: a narrow VAE with SD's 32 groups normalises colour away
-TINY_VAE = VAEConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=1)
-TINY_ENCODER = DINOv2Config(embed_dim=64, depth=3, num_heads=4, ffn="mlp", patch_size=8, img_size=64,
-                            interpolate_offset=0.0)
 # what a resumed run may change (files may have moved); every other option comes from the checkpoint
 CHANGEABLE = {"max_steps", "save_every", "sample_every", "log_every", "num_workers", "device", "data", "sd", "dinov2",
               "vgg_weights"}
@@ -109,10 +113,13 @@ def parse_args(argv=None):
     p.add_argument("--sd", help="sd15: SD 1.5, SD 1.5-inpainting or Paint-by-Example single file")
     p.add_argument("--dinov2", help="sd15: DINOv2 hub file, e.g. dinov2_vitg14_pretrain.pth")
     p.add_argument("--vgg_weights", help="torchvision vgg19 file; without it the perceptual loss is off")
-    p.add_argument("--vgg_weight", type=float, default=1e-3, help="lambda of the VGG loss (paper-spec §3.1)")
+    p.add_argument("--vgg_weight", type=float, default=1e-3, help="lambda of the VGG loss (docs/method.md §3.1)")
     p.add_argument("--p_uncond", type=float, default=0.2, help="guidance dropout per sample (the hint is kept)")
     p.add_argument("--max_steps", type=int, help="optimizer steps (preset default)")
     p.add_argument("--vae_steps", type=int, help="tiny: autoencoder steps first (default scales with max_steps)")
+    p.add_argument("--vae_batch_size", type=int, help="tiny: the autoencoder phase's batch (at most --batch_size)")
+    p.add_argument("--vae_lr", type=float, help="tiny: the autoencoder phase's AdamW learning rate (preset default)")
+    p.add_argument("--vae_kl", type=float, help="tiny: weight of the autoencoder's KL term against its L1")
     p.add_argument("--init_vae", help="tiny: take the VAE of this dtc.safetensors instead of training one")
     p.add_argument("--batch_size", type=int, help="per process and micro-step (preset default)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
@@ -141,7 +148,8 @@ def parse_args(argv=None):
     p.add_argument("--hint_input", default="full", choices=["full", "latent_only"])
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
-    for key in ("size", "batch_size", "lr", "max_steps", "save_every", "sample_every", "num_workers"):
+    for key in ("size", "batch_size", "lr", "max_steps", "save_every", "sample_every", "num_workers", "vae_batch_size",
+                "vae_lr", "vae_kl"):  # every Preset field but vae_steps, which follows --max_steps
         if getattr(args, key) is None:
             setattr(args, key, getattr(preset, key))
     if args.vae_steps is None:
@@ -157,11 +165,16 @@ def check_options(args):
                           ("sample_every", 0), ("log_every", 1), ("num_workers", 0)):
         if getattr(args, option) < least:
             raise bad(option, f"must be at least {least}")
-    for option, hi in (("weight_decay", math.inf), ("clip_grad", math.inf), ("p_uncond", 1), ("vgg_weight", math.inf)):
+    for option, hi in (("weight_decay", math.inf), ("clip_grad", math.inf), ("p_uncond", 1), ("vgg_weight", math.inf),
+                       ("vae_kl", math.inf)):
         if not (math.isfinite(getattr(args, option)) and 0 <= getattr(args, option) <= hi):
             raise bad(option, f"must be a finite number >= 0{'' if hi == math.inf else f' and <= {hi}'}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise bad("lr", "must be a finite number > 0")
+    if args.vae_steps and not (math.isfinite(args.vae_lr) and args.vae_lr > 0):
+        raise bad("vae_lr", "must be a finite number > 0 (the autoencoder phase trains with it)")
+    if args.vae_steps and args.vae_batch_size < 1:
+        raise bad("vae_batch_size", "must be at least 1 (the autoencoder phase trains with it)")
     if not 0 <= args.ema < 1:
         raise bad("ema", "the EMA decay must be >= 0 and < 1 (0: off)")
     if args.size < 1:
@@ -203,18 +216,18 @@ def build_model(args):
     if args.preset == "sd15":
         if not args.sd or not args.dinov2:
             raise CheckpointError("the sd15 preset needs --sd (an SD 1.5 file) and --dinov2 (a DINOv2 hub file)")
-        model, frozen = from_original(args.sd, args.dinov2, dtype=torch.float32, seed=args.seed, **variant)
+        model, frozen = from_original(args.sd, args.dinov2, dtype=torch.float32, seed=args.seed,
+                                      train_size=args.size, **variant)
         return Trainee(model), frozen
     encoder = DINOv2(replace(TINY_ENCODER, img_size=args.size))
     encoder.mask_token.requires_grad_(False)  # for DINOv2's own masked-patch training: unused here
-    cfg = DTCConfig(unet=TINY_UNET, image_encoder_dim=TINY_ENCODER.embed_dim, image_size=args.size, prediction="v",
-                    latent_channels=TINY_VAE.embed_dim, vae_factor=TINY_VAE.downsample_factor, **variant)
+    cfg = tiny_config(args.size, **variant)
     model = DiffuseToChoose(cfg)
     # one fresh generator per part, on the same key: with the full hint input the hint encoder's convs start equal
     # to the main encoder's (ControlNet's copy; with latent_only its 4-channel conv_in shifts the draws after it).
     # The VAE's init is in train_vae
     for part in (model.unet, model.hint_encoder) if cfg.hint else (model.unet,):
-        init_from_scratch(part, _generator(0x1418, args.seed))
+        init_from_scratch(part, keyed_generator(STREAM_DTC_INIT, args.seed))
     return Trainee(model, encoder), Frozen(vae=AutoencoderKL(TINY_VAE), image_encoder=encoder)
 
 
@@ -253,7 +266,7 @@ def micro_batches(dataset, args, b, accum, ranks=1, rank=0, epoch=0, position=0)
     G = check_enough_samples(dataset, args, b, accum, ranks)
     per_epoch = len(dataset) // G
     while True:
-        order = torch.randperm(len(dataset), generator=_generator(0x0D, args.seed, epoch)).tolist()
+        order = torch.randperm(len(dataset), generator=keyed_generator(STREAM_EPOCH_ORDER, args.seed, epoch)).tolist()
         mine = [order[s * G + m * b + i] for s in range(position, per_epoch)
                 for m in range(rank * accum, (rank + 1) * accum) for i in range(b)]
         dataset.set_epoch(epoch)  # a fresh loader (and workers) per epoch, as data.py asks
@@ -273,20 +286,19 @@ def train_vae(vae, dataset, args, device, show):
     encoded, as conditioning): L1 on a posterior sample's reconstruction + a tiny KL (SD's VAE recipe without its
     LPIPS and GAN terms). Then rescaled so that latents x LATENT_SCALE have unit variance, as SD's scale factor
     makes them for SD's VAE. Every process trains the same copy on the same batches: no communication."""
-    preset = PRESETS[args.preset]
-    init_from_scratch(vae, _generator(0x1417, args.seed))
-    opt = torch.optim.AdamW(vae.parameters(), lr=preset.vae_lr, weight_decay=0.0)
-    stream = micro_batches(dataset, args, min(preset.vae_batch_size, args.batch_size), 1)
+    init_from_scratch(vae, keyed_generator(STREAM_VAE_INIT, args.seed))
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    stream = micro_batches(dataset, args, min(args.vae_batch_size, args.batch_size), 1)
     bar = tqdm(range(args.vae_steps), desc="vae", disable=not show, dynamic_ncols=True)
     for step in bar:
         for group in opt.param_groups:  # 50 warm-up steps
-            group["lr"] = preset.vae_lr * min(1.0, (step + 1) / 50)
+            group["lr"] = args.vae_lr * min(1.0, (step + 1) / 50)
         x = next(stream)[2][0]["target"].to(device)
         posterior = vae.encode(x)
-        recon = vae.decode(posterior.sample(_generator(0x7AE, args.seed, step)))
+        recon = vae.decode(posterior.sample(keyed_generator(STREAM_VAE_POSTERIOR, args.seed, step)))
         l1 = F.l1_loss(recon, x)
         kl = 0.5 * (posterior.mean ** 2 + posterior.std ** 2 - 1 - posterior.logvar).mean()
-        (l1 + preset.vae_kl * kl).backward()
+        (l1 + args.vae_kl * kl).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         bar.set_postfix(l1=f"{l1.item():.4f}")
@@ -298,41 +310,13 @@ def train_vae(vae, dataset, args, device, show):
     return vae.requires_grad_(False).eval()
 
 
-@torch.no_grad()
-def init_from_scratch(module, generator):
-    """The tiny preset's init for the SD-shaped networks it trains from scratch (the VAE, the U-Net and the hint
-    encoder). With PyTorch's default init (each conv shrinks a signal by about sqrt(3)) and random residual
-    branches, a fresh tiny VAE passes a flat colour to its output at 2-19% of its size (seed-dependent), and
-    training spends its first thousand steps finding the colours: reconstructions stay grey. Here every conv is
-    variance-preserving, N(0, 1/fan_in), and the last conv of every residual branch starts at zero, as ldm's
-    zero_module does in its U-Net (ResBlock out_layers, SpatialTransformer proj_out, the output conv): a fresh
-    network is a short chain of convs that passes its input through. On the teaching world the VAE reaches
-    25.0 dB PSNR after 750 steps instead of 21.6 dB."""
-    for name, m in module.named_modules():
-        if isinstance(m, nn.Conv2d):
-            zero = name.endswith(("conv2", "proj_out", "out_layers.3")) or name == "out.2"
-            nn.init.normal_(m.weight, std=0.0 if zero else m.weight[0].numel() ** -0.5, generator=generator)
-            nn.init.zeros_(m.bias)
-
-
-@torch.no_grad()
-def fold_latent_scale(vae, s):
-    """Makes the VAE's latents s times larger, exactly: the posterior's mean x s (logvar + 2 log s) in quant_conv,
-    and post_quant_conv / s, so decode(s z) is the old decode(z)."""
-    E = vae.cfg.embed_dim  # quant_conv's outputs: E means, then E logvars
-    vae.quant_conv.weight[:E] *= s
-    vae.quant_conv.bias[:E] *= s
-    vae.quant_conv.bias[E:] += 2 * math.log(s)
-    vae.post_quant_conv.weight /= s
-
-
 def dtc_step(trainee, ddp, frozen, vgg, batches, step, args, rank, device, autocast):
     """Forward and backward over this rank's micro-batches, gradients accumulated (DDP averages over ranks).
     Returns the sums over the micro-batches of (loss, loss_eps, loss_vgg)."""
     totals = torch.zeros(3, device=device)
     for j, batch in enumerate(batches):
         m = rank * len(batches) + j  # the micro-batch's index within the global batch
-        g = _generator(0x57E9, args.seed, 0 if args.overfit_batch else step, m)
+        g = keyed_generator(STREAM_DTC_STEP, args.seed, 0 if args.overfit_batch else step, m)
         source, mask, reference, encoder_reference, target = (
             batch[k].to(device, non_blocking=True) for k in ("source", "mask", "reference", "encoder_reference", "target"))
         # DDP all-reduces the gradients in the backward of the last micro-batch only
@@ -606,7 +590,7 @@ def main(argv=None):
         if rank == 0:
             print(f"resuming {ckpt_path}: continuing from step {ckpt['step']} of {args.max_steps}"
                   f"{' (the VAE phase is done)' if ckpt['step'] == 0 else ''}", file=sys.stderr)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = torch.device(pick_device(args.device))
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -629,17 +613,5 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
-def one_line(error):
-    """The message of a DataError or CheckpointError on one line; from a DataLoader worker, the original one."""
-    text = str(error).strip()
-    if "Original Traceback" in text:
-        text = text.splitlines()[-1].split(": ", 1)[-1]
-    return "; ".join(line.strip() for line in text.splitlines())
-
-
 if __name__ == "__main__":
-    try:
-        main()
-    except (DataError, CheckpointError) as e:
-        tqdm.write(f"error: {one_line(e)}", file=sys.stderr)  # on a line of its own, even below a progress bar
-        sys.exit(1)
+    sys.exit(run(main))

@@ -1,0 +1,42 @@
+"""
+What the commands (sample.py, train.py, evaluate.py) share: the device and dtype they run on, and how bad input
+ends: exit status 1 and one line naming the file or option and the problem, no traceback.
+"""
+import sys
+
+import torch
+from tqdm import tqdm
+
+from checkpoint import CheckpointError
+from data import DataError
+
+
+def pick_device(name):
+    """--device: "auto" is CUDA when there is one, else the CPU; "cpu" and "cuda" as given."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def pick_dtype(name, device):
+    """--dtype: "auto" is bfloat16 on a GPU that has it, else float32; the others as named."""
+    if name == "auto":
+        return torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+def one_line(error):
+    """An error's message on one line; from a DataLoader worker, the original one."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return "; ".join(line.strip() for line in text.splitlines())
+
+
+def run(main, argv=None, errors=(CheckpointError, DataError)):
+    """Runs a command's main(argv); returns the exit status: 0, or 1 after printing an error of `errors` as one
+    line (on a line of its own, even below a progress bar)."""
+    try:
+        main(argv)
+    except errors as e:
+        tqdm.write(f"error: {one_line(e)}", file=sys.stderr)
+        return 1
+    return 0
