@@ -31,7 +31,7 @@ from dinov2 import DINOv2, DINOv2Config, PRESETS, infer_dinov2_config, load_dino
 from dtc import DiffuseToChoose, VGGLoss, load_dtc
 from unet import UNet, UNetConfig, infer_unet_config, ldm_prefix, load_unet
 from vae import AutoencoderKL, DiagonalGaussian, LATENT_SCALE, VAEConfig, infer_vae_config, load_vae
-from world import HELDOUT_FIRST, PATTERNS, TeachingWorld, make_product, write_heldout
+from world import HELDOUT_FIRST, PATTERNS, Product, TeachingWorld, make_product, texture, write_heldout
 
 
 # ====================================================================================================
@@ -1343,6 +1343,16 @@ def test_data_teaching_world_augmentation_keeps_the_hint():
         assert not torch.equal(s["encoder_reference"], s["reference"])
         flips, boxes = flips + flipped, boxes + box
     assert 4 < flips < 20 and 4 < boxes < 20
+
+
+def test_data_teaching_world_texture_just_below_a_band_edge():
+    """A point just below a stripe period's end is in the last band: x - floor(x) rounds to 1.0 there in float32, which
+    indexed past the 3 colours (a training run crashed on it)."""
+    colours = ((0.9, 0.9, 0.9), (0.1, 0.1, 0.1), (0.8, 0.2, 0.2))
+    stripes = Product("cushion", "stripes", colours, freq=1.0, angle=0.0, duty=0.5, phase=0.0, strokes=(), shape=(1.0,))
+    u = torch.tensor([0.5]).nextafter(torch.tensor([0.0]))  # the float32 just below 0.5: t = u - 0.5 = -3e-8
+    assert ((u - 0.5) - (u - 0.5).floor()).item() == 1.0  # the rounding this guards against
+    torch.testing.assert_close(texture(stripes, u, torch.full_like(u, 0.5))[:, 0], torch.tensor(colours[2]))
 
 
 def test_data_write_heldout(tmp_path):

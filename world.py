@@ -100,7 +100,9 @@ def _segment_distance(u, v, strokes):
 
 
 def _frac(x):
-    return x - x.floor()  # in [0,1) for negative x too (torch.frac keeps the sign)
+    """In [0,1) for negative x too (torch.frac keeps the sign). The clamp: for x just below an integer, x - floor(x)
+    rounds to exactly 1.0 in float32, which would index past the last colour band."""
+    return (x - x.floor()).clamp(max=1 - 2 ** -24)
 
 
 def texture(product, u, v):
