@@ -169,8 +169,10 @@ class DiffuseToChoose(nn.Module):
     def uncond_context(self, context):
         return self.null_context.to(context.dtype).expand(context.shape[0], 1, -1)
 
-    def _mask_input(self, mask_lat):
-        return mask_lat if self.cfg.mask_channel == "keep" else 1 - mask_lat
+    def unet_input(self, z_t, z, mask_lat):
+        """[z_t, z, mask]: the main U-Net's input (z = z_masked) and the full hint input (z = z_masked + A(hint)),
+        the mask channel in the polarity the weights expect (cfg.mask_channel)."""
+        return torch.cat([z_t, z, mask_lat if self.cfg.mask_channel == "keep" else 1 - mask_lat], 1)
 
     def hint_features(self, z_hint, z_t=None, t=None, mask_lat=None, context=None):
         """The hint encoder's 13 taps (12 skips + middle). z_hint = z_masked + adapter(hint), (B,4,h,w).
@@ -178,7 +180,7 @@ class DiffuseToChoose(nn.Module):
         "latent_only": z_hint alone at t = 0 with the null context, so it can be computed once per image."""
         enc = self.hint_encoder
         if self.cfg.hint_input == "full":
-            x = torch.cat([z_t, z_hint, self._mask_input(mask_lat)], 1)
+            x = self.unet_input(z_t, z_hint, mask_lat)
         else:
             x, context = z_hint, self.null_context.to(z_hint.dtype).expand(z_hint.shape[0], 1, -1)
             t = torch.zeros(z_hint.shape[0], dtype=torch.long, device=z_hint.device)
@@ -201,7 +203,7 @@ class DiffuseToChoose(nn.Module):
         """The U-Net's prediction (B,4,h,w): eps, or v with cfg.prediction = "v". z_t, z_masked (B,4,h,w); mask_lat (B,1,h,w) 1 = keep; context (B,T,ctx);
         hint (B,3,H,W) the [0,1] hint image, or hint_feats precomputed by `hint_features`."""
         emb = self.unet.time_embedding(t).to(z_t.dtype)
-        h, skips = self.unet.encode(torch.cat([z_t, z_masked, self._mask_input(mask_lat)], 1), emb, context)
+        h, skips = self.unet.encode(self.unet_input(z_t, z_masked, mask_lat), emb, context)
         if self.cfg.hint:
             if hint_feats is None:
                 z_hint = z_masked + self.adapter(hint.to(z_t.dtype))
@@ -435,6 +437,19 @@ def sample_latents(model, schedule, cond, steps=40, guidance=5.0, eta=0.0, sampl
         else:
             z = schedule.ddpm_step(z, eps, t, generator)
     return z
+
+
+@torch.no_grad()
+def generate(model, frozen, source, mask, reference, generator, steps=40, guidance=5.0, eta=0.0, zero_hint=False,
+             trace=None, progress=True):
+    """One call from images to results: prepare, sample_latents, VAE decode. Returns the results (B,3,H,W) in [-1,1],
+    float32, before any paste-back, and the conditioning. zero_hint: the hint image all zeros (an empty canvas), to
+    measure what the hint contributes; trace: see sample_latents."""
+    cond = prepare(frozen, source, mask, reference, model.cfg.image_size, generator)
+    if zero_hint:
+        cond["hint"] = torch.zeros_like(cond["hint"])
+    z = sample_latents(model, Schedule(), cond, steps, guidance, eta, generator=generator, progress=progress, trace=trace)
+    return frozen.vae.decode(z / LATENT_SCALE).float().clamp(-1, 1), cond
 
 
 # -----------------------------------------------------------------------------

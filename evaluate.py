@@ -49,9 +49,8 @@ from checkpoint import CheckpointError
 from cli import pick_device, run
 from data import (DRESSCODE_CATEGORIES, DataError, DressCodeDataset, TripletDataset, VitonHDDataset, load_image,
                   resize_image, to_pil, to_tensor)
-from dtc import Schedule, encode_image_tokens, largest_rectangle, load_dtc, make_hint, prepare, sample_latents
+from dtc import encode_image_tokens, generate, largest_rectangle, load_dtc, make_hint
 from dinov2 import load_dinov2
-from vae import LATENT_SCALE
 
 
 def psnr_masked(pred, target, fill):
@@ -241,15 +240,12 @@ def load_generator(args):
 
 
 @torch.no_grad()
-def generate(model, frozen, source, mask, reference, args, b):
+def sample_batch(model, frozen, source, mask, reference, args, b):
     """Batch b sampled with its own seed -> (B,3,H,W) in [-1,1] (no paste-back). --zero_hint: with the hint
     image all zeros (an empty canvas), to measure what the hint contributes."""
     g = torch.Generator().manual_seed(args.seed + b)
-    cond = prepare(frozen, source, mask, reference, model.cfg.image_size, g)
-    if args.zero_hint:
-        cond["hint"] = torch.zeros_like(cond["hint"])
-    z = sample_latents(model, Schedule(), cond, args.steps, args.guidance, generator=g, progress=False)
-    return frozen.vae.decode(z / LATENT_SCALE).clamp(-1, 1)
+    return generate(model, frozen, source, mask, reference, g, args.steps, args.guidance,
+                    zero_hint=args.zero_hint, progress=False)[0]
 
 
 @torch.no_grad()
@@ -324,7 +320,7 @@ def main(argv=None, fid_feature=None):
             pred = torch.stack([to_tensor(load_image(find(args.pred_dir, n)).resize((size, size))) for n in batch["name"]])
             pred = pred.to(device)
         else:
-            pred = generate(model, frozen, source, mask, reference, args, b) if args.fill == "model" else \
+            pred = sample_batch(model, frozen, source, mask, reference, args, b) if args.fill == "model" else \
                 trivial_fill(args.fill, frozen.vae, source, mask, reference, target)
         pred = pred * (1 - mask) + source * mask  # paste back: only the region is judged
         fill = 1 - mask
@@ -402,7 +398,7 @@ def evaluate_release(args, layout, device, fid_feature):
             pred = torch.stack([resize_image(to_tensor(load_image(f)), args.eval_size) for f in files]).to(device)
         else:
             s = batches[1]
-            pred = generate(model, frozen, s["source"].to(device), s["mask"].to(device), s["reference"].to(device), args, b)
+            pred = sample_batch(model, frozen, s["source"].to(device), s["mask"].to(device), s["reference"].to(device), args, b)
             pred = torch.stack([resize_image(x, args.eval_size) for x in pred])
         if not args.no_repaint:
             pred = pred * (1 - mask) + real * mask  # the field's "repaint": the person's own pixels outside the mask

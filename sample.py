@@ -21,7 +21,7 @@ from PIL import Image
 from checkpoint import CheckpointError
 from cli import pick_device, pick_dtype, run
 from data import DataError, check_output_image, grid, load_image, load_mask, to_pil, to_tensor, write_images
-from dtc import Schedule, from_original, load_dtc, make_hint, prepare, sample_latents
+from dtc import Schedule, from_original, generate, load_dtc, make_hint
 from vae import LATENT_SCALE
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -147,19 +147,14 @@ def explain(model, frozen, baseline, source, mask, reference, target, args, tile
     each map scaled to its own maximum, which is printed on it. Same seed and noise for every result."""
     from PIL import ImageDraw  # only --explain draws text
 
-    def run(m, fr, hint=None, trace=None):
-        g = torch.Generator().manual_seed(args.seed)
-        cond = prepare(fr, source, mask, reference, m.cfg.image_size, g)
-        if hint is not None:
-            cond["hint"] = hint
-        z = sample_latents(m, Schedule(), cond, args.steps, args.guidance, args.eta, generator=g, progress=False,
-                           trace=trace)
-        x = fr.vae.decode(z / LATENT_SCALE).float().clamp(-1, 1)
-        return cond, x * (1 - mask) + source * mask  # pasted back, as the results are
+    def run(m, fr, zero_hint=False, trace=None):  # the same seed and noise for every result, pasted back as they are
+        x, cond = generate(m, fr, source, mask, reference, torch.Generator().manual_seed(args.seed), args.steps,
+                           args.guidance, args.eta, zero_hint, trace, progress=False)
+        return cond, x * (1 - mask) + source * mask
 
     trace = []
     cond, dtc = run(model, frozen, trace=trace)
-    _, zeroed = run(model, frozen, hint=torch.zeros_like(cond["hint"]))
+    _, zeroed = run(model, frozen, zero_hint=True)
     row1 = [("reference", reference), ("hint", cond["hint"] * 2 - 1)]
     if baseline is not None:
         row1.append(("baseline", run(*baseline)[1]))
@@ -176,7 +171,7 @@ def explain(model, frozen, baseline, source, mask, reference, target, args, tile
         maps = [("mean |gamma|", gamma.abs().mean(1, keepdim=True)), ("mean |beta|", beta.abs().mean(1, keepdim=True))]
     else:
         emb = model.unet.time_embedding(tt).to(z_t.dtype)
-        _, skips = model.unet.encode(torch.cat([z_t, cond["z_masked"], model._mask_input(cond["mask_lat"])], 1), emb, context)
+        _, skips = model.unet.encode(model.unet_input(z_t, cond["z_masked"], cond["mask_lat"]), emb, context)
         change = model.fusion[0](feats[0]) if model.cfg.fusion == "add" else model.fusion[0](skips[0], feats[0])
         maps = [("mean |change|", change.abs().mean(1, keepdim=True))]
     for name, m in maps:
@@ -237,15 +232,12 @@ def main(argv=None):
         raise DataError(f"{mask_name}: at {w}x{h} the mask is {'all' if mask.max() < 0.5 else 'no'} region to fill; "
                         "use a larger --size or a different mask")
     reference = to_tensor(reference_pil)[None].to(device)
-    schedule = Schedule()
     results = []
     autocast = torch.autocast(device, dtype=dtype, enabled=device == "cuda" and dtype != torch.float32)
     for i in range(args.num_samples):
         generator = torch.Generator().manual_seed(args.seed + i)  # CPU generator: same noise on every device
         with autocast:
-            cond = prepare(frozen, source, mask, reference, cfg.image_size, generator)
-            z = sample_latents(model, schedule, cond, args.steps, args.guidance, args.eta, generator=generator)
-            x = frozen.vae.decode(z / LATENT_SCALE).float().clamp(-1, 1)
+            x, _ = generate(model, frozen, source, mask, reference, generator, args.steps, args.guidance, args.eta)
         result = to_pil(x[0].cpu()).resize((W, H), Image.BICUBIC)
         if not args.no_paste_back:  # every pixel outside the region to fill is the source's own
             result = Image.composite(source_pil, result, keep_pil)

@@ -1923,10 +1923,10 @@ def test_eval_zero_hint_changes_the_samples(sample_inputs):
     mask = torch.ones(2, 1, 16, 16)
     mask[:, :, 4:12, 4:12] = 0
     args = argparse.Namespace(seed=0, steps=2, guidance=5.0, zero_hint=False)
-    with_hint = evaluate.generate(model, frozen, source, mask, reference, args, 0)
-    assert torch.equal(with_hint, evaluate.generate(model, frozen, source, mask, reference, args, 0))
+    with_hint = evaluate.sample_batch(model, frozen, source, mask, reference, args, 0)
+    assert torch.equal(with_hint, evaluate.sample_batch(model, frozen, source, mask, reference, args, 0))
     args.zero_hint = True
-    assert not torch.equal(with_hint, evaluate.generate(model, frozen, source, mask, reference, args, 0))
+    assert not torch.equal(with_hint, evaluate.sample_batch(model, frozen, source, mask, reference, args, 0))
 
 
 def test_eval_frechet_distance_closed_form():

@@ -58,8 +58,8 @@ from data import (DRESSCODE_CATEGORIES, DataError, DressCodeDataset, TripletData
                   keyed_generator, mask_to_pil, to_pil)
 from dinov2 import DINOv2
 from dtc import (TINY_ENCODER, TINY_VAE, DiffuseToChoose, Frozen, Schedule, VGGLoss, diffusion_loss,
-                 encode_image_tokens, fold_latent_scale, from_original, init_from_scratch, load_dtc, prepare,
-                 sample_latents, save_dtc, tiny_config)
+                 encode_image_tokens, fold_latent_scale, from_original, generate, init_from_scratch, load_dtc,
+                 prepare, save_dtc, tiny_config)
 from vae import LATENT_SCALE, AutoencoderKL
 from world import TeachingWorld
 
@@ -468,9 +468,7 @@ def save_samples(trainee, frozen, fixed, path, seed, device, autocast, steps=20)
     source, mask, reference = (fixed[k].to(device) for k in ("source", "mask", "reference"))
     g = torch.Generator().manual_seed(seed)
     with autocast:
-        cond = prepare(frozen, source, mask, reference, trainee.model.cfg.image_size, g)
-        z = sample_latents(trainee.model, trainee.schedule, cond, steps=steps, generator=g, progress=False)
-        x = frozen.vae.decode(z / LATENT_SCALE)
+        x, cond = generate(trainee.model, frozen, source, mask, reference, g, steps, progress=False)
     T = max(128, source.shape[-1])  # rows at least 128 px high, so 64 px images stay visible
     rows = [grid([to_pil(source[i]), mask_to_pil(mask[i]), to_pil(reference[i]), to_pil(cond["hint"][i] * 2 - 1),
                   to_pil(x[i])], T) for i in range(len(source))]
