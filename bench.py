@@ -35,8 +35,9 @@ import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from diffusion import Schedule
 from dinov2 import PRESETS, DINOv2
-from dtc import (TINY_ENCODER, TINY_VAE, DiffuseToChoose, DTCConfig, Frozen, Schedule, diffusion_loss, encode_image_tokens,
+from dtc import (TINY_ENCODER, TINY_VAE, DiffuseToChoose, DTCConfig, Frozen, diffusion_loss, encode_image_tokens,
                  latent_mask, make_hint, prepare, sample_latents, tiny_config)
 from vae import LATENT_SCALE, AutoencoderKL, VAEConfig
 

@@ -8,8 +8,14 @@ DTC is Paint-by-Example (PBE) style image-conditioned inpainting on Stable Diffu
     fused into the main U-Net's 13 skip taps with FiLM (paper §3.2, Fig. 2, Fig. 4).
 Choices the paper leaves open are marked UNSTATED where made; docs/method.md gives each one and its reason.
 
+Sections, in the order a reader of the paper meets them: 1 the hint image, 2 the hint adapter, 3 the image tokens
+and the rest of what is computed once per image, 4 the model, 5 the fusion, 6 the losses, 7 sampling, 8 building
+from the original files (8b: from scratch, the tiny architecture), 9 DTC checkpoints. The SD 1.5 schedule and the
+DDIM / DDPM steps, which are not DTC's, are diffusion.py.
+
 Conventions: images are (B,3,H,W) in [-1,1]; masks are PBE's, (B,1,H,W) with 1 = keep, 0 = region to fill;
-latents are VAE latents times LATENT_SCALE.
+latents are VAE latents times LATENT_SCALE. The U-Net predicts eps (SD 1.5 and the paper) or v (cfg.prediction, the
+teaching model); the loss trains it against its own target, and everything after it converts its output to eps.
 """
 import json
 import math
@@ -24,9 +30,11 @@ from tqdm import tqdm
 
 from checkpoint import (CheckpointError, cast_floats, config_from_metadata, likely_cause, load_strict, read_state_dict,
                         strip_prefix)
+from diffusion import Schedule
 from dinov2 import IMAGENET_MEAN, IMAGENET_STD, DINOv2, DINOv2Config, load_dinov2
 from unet import UNet, UNetConfig, infer_unet_config
 from vae import LATENT_SCALE, AutoencoderKL, VAEConfig, load_vae
+
 
 # -----------------------------------------------------------------------------
 # 1. Masks and the hint image (paper §3.2 and supplement §5.1)
@@ -97,7 +105,59 @@ class HintAdapter(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# 3-6. The model: image tokens, main U-Net, hint U-Net encoder, fusion
+# 3. Image tokens, and the conditioning computed once per image by the frozen VAE and image encoder
+
+
+def encode_image_tokens(image_encoder, reference, image_size):
+    """Reference (B,3,h,w) [-1,1] -> DINOv2 tokens (B,1+R+N,D). UNSTATED preprocessing; docs/method.md §2.5:
+    a direct resize (no crop, the whole product stays visible), ImageNet normalisation."""
+    x = F.interpolate(reference.float(), size=(image_size, image_size), mode="bicubic", antialias=True,
+                      align_corners=False)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    x = ((x + 1) / 2 - mean) / std
+    dtype = next(image_encoder.parameters()).dtype
+    return image_encoder(x.to(dtype))
+
+
+def fresh_null_context(context_dim):
+    """The learned null context's first value (1,1,context_dim), N(0, 1) (the one place this is written); a
+    Paint-by-Example file's learnable_vector replaces it (init_new_parts)."""
+    return torch.randn(1, 1, context_dim)
+
+
+@dataclass
+class Frozen:
+    vae: AutoencoderKL
+    image_encoder: DINOv2
+
+
+def latent_mask(mask, size):
+    """Mask at latent size. UNSTATED; docs/method.md §2.6: PBE's bilinear Resize, not re-binarised."""
+    return F.interpolate(mask, size=size, mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def prepare(frozen, source, mask, reference, image_size, generator=None, target=None, encoder_reference=None):
+    """Everything computed once per image, without gradients (the VAE and the image encoder are frozen).
+    Returns a dict of z0 (latents of the target, for training), z_masked, mask_lat, tokens, hint.
+    encoder_reference: what the image encoder sees instead of `reference` (training: the rotated copy,
+    data.augment); the hint is always built from `reference`."""
+    vae = frozen.vae
+    dtype = next(vae.parameters()).dtype
+    masked = source * mask  # PBE: the hole becomes 0, mid-grey
+    z_masked = vae.encode(masked.to(dtype)).sample(generator) * LATENT_SCALE
+    out = dict(z_masked=z_masked, mask_lat=latent_mask(mask, z_masked.shape[-2:]).to(dtype),
+               tokens=encode_image_tokens(frozen.image_encoder, reference if encoder_reference is None
+                                          else encoder_reference, image_size),
+               hint=make_hint(reference, mask).to(dtype))
+    if target is not None:  # PBE: the latents of the training target are a posterior sample too
+        out["z0"] = vae.encode(target.to(dtype)).sample(generator) * LATENT_SCALE
+    return out
+
+
+# -----------------------------------------------------------------------------
+# 4. The model: image tokens to context, main U-Net, hint U-Net encoder (paper §3.2, Fig. 2)
 
 
 @dataclass
@@ -141,19 +201,19 @@ class DiffuseToChoose(nn.Module):
         # the main U-Net takes [z_t, z_masked, mask]: 9 channels for SD's 4-channel latents
         assert cfg.unet.in_channels == 2 * cfg.latent_channels + 1, "U-Net input must be [z_t, z_masked, mask]"
         self.cfg = cfg
-        # 3. image tokens -> context (supp. §5.2: one Linear trained from scratch) and the learned null context
+        # image tokens -> context (supp. §5.2: one Linear trained from scratch) and the learned null context
         # for classifier-free guidance (PBE's learnable_vector). One null token is exact for any token count:
         # attention over T identical keys/values equals attention over one of them.
         self.token_proj = nn.Linear(cfg.image_encoder_dim, cfg.unet.context_dim)
         self.null_context = nn.Parameter(fresh_null_context(cfg.unet.context_dim))
-        # 4. main U-Net, 9 input channels in PBE's order [z_t, z_masked, mask]
+        # main U-Net, 9 input channels in PBE's order [z_t, z_masked, mask]
         self.unet = UNet(cfg.unet)
         if cfg.hint:
-            # 5. hint encoder: a trainable copy of input blocks + middle block (13 taps for SD)
+            # hint encoder: a trainable copy of input blocks + middle block (13 taps for SD)
             hint_in = cfg.unet.in_channels if cfg.hint_input == "full" else cfg.latent_channels
             self.hint_encoder = UNet(replace(cfg.unet, in_channels=hint_in), encoder_only=True)
             self.adapter = HintAdapter(cfg.latent_channels, cfg.vae_factor)
-            # 6. fusion at the 13 taps, zero-initialised so that a fresh DTC computes exactly its base U-Net
+            # fusion at the 13 taps (section 5), zero-initialised so that a fresh DTC computes exactly its base U-Net
             self.fusion = fusion_layers(cfg)
 
     def context(self, features, drop=None):
@@ -200,8 +260,9 @@ class DiffuseToChoose(nn.Module):
         return fused[:-1], fused[-1]
 
     def forward(self, z_t, t, z_masked, mask_lat, context, hint=None, hint_feats=None):
-        """The U-Net's prediction (B,4,h,w): eps, or v with cfg.prediction = "v". z_t, z_masked (B,4,h,w); mask_lat (B,1,h,w) 1 = keep; context (B,T,ctx);
-        hint (B,3,H,W) the [0,1] hint image, or hint_feats precomputed by `hint_features`."""
+        """The U-Net's prediction (B,4,h,w): eps, or v with cfg.prediction = "v". z_t, z_masked (B,4,h,w);
+        mask_lat (B,1,h,w) 1 = keep; context (B,T,ctx); hint (B,3,H,W) the [0,1] hint image, or hint_feats
+        precomputed by `hint_features`."""
         emb = self.unet.time_embedding(t).to(z_t.dtype)
         h, skips = self.unet.encode(self.unet_input(z_t, z_masked, mask_lat), emb, context)
         if self.cfg.hint:
@@ -210,6 +271,25 @@ class DiffuseToChoose(nn.Module):
                 hint_feats = self.hint_features(z_hint, z_t, t, mask_lat, context)
             skips, h = self.fuse(skips, h, hint_feats)
         return self.unet.decode(h, skips, emb, context)
+
+
+# -----------------------------------------------------------------------------
+# 5. Fusion: the hint encoder's features into the main U-Net's 13 skip taps (paper §3.2, Fig. 4, Table 1)
+
+
+def fusion_layers(cfg):
+    """The 13 fusion layers of a config, their outputs zero-initialised (the one place this is written):
+    FiLM a 1x1 conv to (gamma, beta), add a 1x1 conv, xattn a CrossAttentionFusion."""
+    layers = []
+    for c in tap_channels(cfg.unet):
+        if cfg.fusion == "xattn":
+            layers.append(CrossAttentionFusion(c))
+        else:
+            conv = nn.Conv2d(c, (2 if cfg.fusion == "film" else 1) * c, 1)
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+            layers.append(conv)
+    return nn.ModuleList(layers)
 
 
 class CrossAttentionFusion(nn.Module):
@@ -241,27 +321,6 @@ class CrossAttentionFusion(nn.Module):
         return self.proj_out(out.transpose(1, 2).reshape(B, H * W, C)).transpose(1, 2).reshape(B, C, H, W)
 
 
-def fusion_layers(cfg):
-    """The 13 fusion layers of a config, their outputs zero-initialised (the one place this is written):
-    FiLM a 1x1 conv to (gamma, beta), add a 1x1 conv, xattn a CrossAttentionFusion."""
-    layers = []
-    for c in tap_channels(cfg.unet):
-        if cfg.fusion == "xattn":
-            layers.append(CrossAttentionFusion(c))
-        else:
-            conv = nn.Conv2d(c, (2 if cfg.fusion == "film" else 1) * c, 1)
-            nn.init.zeros_(conv.weight)
-            nn.init.zeros_(conv.bias)
-            layers.append(conv)
-    return nn.ModuleList(layers)
-
-
-def fresh_null_context(context_dim):
-    """The learned null context's first value (1,1,context_dim), N(0, 1) (the one place this is written); a
-    Paint-by-Example file's learnable_vector replaces it (init_new_parts)."""
-    return torch.randn(1, 1, context_dim)
-
-
 def tap_channels(cfg):
     """Channels of the 12 skips + middle output of a U-Net config (320,320,320,320,640,... for SD)."""
     chans, ch = [cfg.model_channels], cfg.model_channels
@@ -274,115 +333,8 @@ def tap_channels(cfg):
 
 
 # -----------------------------------------------------------------------------
-# The frozen parts and the conditioning they compute once per image
-
-
-@dataclass
-class Frozen:
-    vae: AutoencoderKL
-    image_encoder: DINOv2
-
-
-def encode_image_tokens(image_encoder, reference, image_size):
-    """Reference (B,3,h,w) [-1,1] -> DINOv2 tokens (B,1+R+N,D). UNSTATED preprocessing; docs/method.md §2.5:
-    a direct resize (no crop, the whole product stays visible), ImageNet normalisation."""
-    x = F.interpolate(reference.float(), size=(image_size, image_size), mode="bicubic", antialias=True,
-                      align_corners=False)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    x = ((x + 1) / 2 - mean) / std
-    dtype = next(image_encoder.parameters()).dtype
-    return image_encoder(x.to(dtype))
-
-
-def latent_mask(mask, size):
-    """Mask at latent size. UNSTATED; docs/method.md §2.6: PBE's bilinear Resize, not re-binarised."""
-    return F.interpolate(mask, size=size, mode="bilinear", align_corners=False)
-
-
-@torch.no_grad()
-def prepare(frozen, source, mask, reference, image_size, generator=None, target=None, encoder_reference=None):
-    """Everything computed once per image, without gradients (the VAE and the image encoder are frozen).
-    Returns a dict of z0 (latents of the target, for training), z_masked, mask_lat, tokens, hint.
-    encoder_reference: what the image encoder sees instead of `reference` (training: the rotated copy,
-    data.augment); the hint is always built from `reference`."""
-    vae = frozen.vae
-    dtype = next(vae.parameters()).dtype
-    masked = source * mask  # PBE: the hole becomes 0, mid-grey
-    z_masked = vae.encode(masked.to(dtype)).sample(generator) * LATENT_SCALE
-    out = dict(z_masked=z_masked, mask_lat=latent_mask(mask, z_masked.shape[-2:]).to(dtype),
-               tokens=encode_image_tokens(frozen.image_encoder, reference if encoder_reference is None
-                                          else encoder_reference, image_size),
-               hint=make_hint(reference, mask).to(dtype))
-    if target is not None:  # PBE: the latents of the training target are a posterior sample too
-        out["z0"] = vae.encode(target.to(dtype)).sample(generator) * LATENT_SCALE
-    return out
-
-
-# -----------------------------------------------------------------------------
-# 9. Diffusion: SD 1.5's DDPM schedule, noising, DDIM and DDPM sampling, classifier-free guidance
-
-
-class Schedule:
-    """SD 1.5 / PBE configs/v1.yaml: 1000 steps, betas = linspace(sqrt(0.00085), sqrt(0.012))^2 ("scaled_linear").
-    Computed in float32 as diffusers does, so our DDIM steps equal DDIMScheduler's exactly."""
-
-    def __init__(self, num_steps=1000, beta_start=0.00085, beta_end=0.012):
-        self.num_steps = num_steps
-        self.betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_steps, dtype=torch.float32) ** 2
-        self.alphas_cumprod = torch.cumprod(1 - self.betas, 0)
-
-    def _a(self, t, x):
-        return self.alphas_cumprod.to(x.device)[t].view(-1, *[1] * (x.ndim - 1)).to(torch.float32)
-
-    def add_noise(self, z0, noise, t):
-        """Forward process q(z_t | z0) (DDPM Eq. 4): sqrt(a_t) z0 + sqrt(1 - a_t) eps."""
-        a = self._a(t, z0)
-        return (a.sqrt() * z0.float() + (1 - a).sqrt() * noise.float()).to(z0.dtype)
-
-    def predict_x0(self, z_t, eps, t):
-        """x0 from eps (DDPM Eq. 15): (z_t - sqrt(1 - a_t) eps) / sqrt(a_t)."""
-        a = self._a(t, z_t)
-        return ((z_t.float() - (1 - a).sqrt() * eps.float()) / a.sqrt()).to(z_t.dtype)
-
-    def eps_from(self, out, z_t, t, prediction):
-        """The U-Net's output as eps: itself, or from v (eps = sqrt(a_t) v + sqrt(1 - a_t) z_t)."""
-        if prediction == "eps":
-            return out
-        a = self._a(t, z_t)
-        return (a.sqrt() * out.float() + (1 - a).sqrt() * z_t.float()).to(out.dtype)
-
-    def v_target(self, z0, eps, t):
-        """v = sqrt(a_t) eps - sqrt(1 - a_t) z0, the target of a v-prediction network."""
-        a = self._a(t, z0)
-        return (a.sqrt() * eps.float() - (1 - a).sqrt() * z0.float()).to(z0.dtype)
-
-    def ddim_timesteps(self, steps):
-        """SD's "leading" spacing with offset 1: 50 steps -> 981, 961, ..., 1."""
-        return (torch.arange(steps) * (self.num_steps // steps)).flip(0) + 1
-
-    def ddim_step(self, z_t, eps, t, t_prev, eta=0.0, generator=None):
-        """DDIM (Song et al. 2021, Eq. 12). t_prev < 0 uses alphas_cumprod[0] (SD: set_alpha_to_one=False)."""
-        ac = self.alphas_cumprod
-        a_t, a_prev = ac[t], ac[max(t_prev, 0)]
-        x0 = (z_t.float() - (1 - a_t).sqrt() * eps.float()) / a_t.sqrt()
-        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
-        z = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).sqrt() * eps.float()
-        if eta > 0:
-            z = z + sigma * torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device)
-        return z.to(z_t.dtype)
-
-    def ddpm_step(self, z_t, eps, t, generator=None):
-        """Ancestral DDPM step (Ho et al. 2020, Eq. 6-7) with the posterior variance ("fixed_small")."""
-        ac = self.alphas_cumprod
-        a_t, a_prev = ac[t], (ac[t - 1] if t > 0 else torch.tensor(1.0))
-        beta_t = 1 - a_t / a_prev
-        x0 = (z_t.float() - (1 - a_t).sqrt() * eps.float()) / a_t.sqrt()
-        mean = (a_prev.sqrt() * beta_t / (1 - a_t)) * x0 + ((1 - beta_t).sqrt() * (1 - a_prev) / (1 - a_t)) * z_t.float()
-        if t > 0:
-            var = (1 - a_prev) / (1 - a_t) * beta_t
-            mean = mean + var.clamp(min=1e-20).sqrt() * torch.randn(z_t.shape, generator=generator).to(z_t.device)
-        return mean.to(z_t.dtype)
+# 6. Losses: the diffusion loss (paper Eq. 1), and the VGG perceptual loss on the decoded x0 (paper §3.1:
+# "a refinement loss similar to DCI-VTON")
 
 
 def diffusion_loss(model, schedule, cond, generator=None, drop=None):
@@ -400,11 +352,51 @@ def diffusion_loss(model, schedule, cond, generator=None, drop=None):
     return F.mse_loss(out.float(), target.float()), schedule.eps_from(out, z_t, t, model.cfg.prediction), z_t, t
 
 
+class VGGLoss(nn.Module):
+    """VGG-19 relu1_2, relu2_2, relu3_2, relu4_2, relu5_2 with weights 1/32 ... 1 and L1 distance
+    (UNSTATED layers and weights; docs/method.md §3.1: DCI-VTON's). Weights from a local torchvision file."""
+
+    TAPS = (3, 8, 13, 22, 31)
+    WEIGHTS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0)
+
+    def __init__(self, weights_path=None):
+        super().__init__()
+        import torchvision
+        features = torchvision.models.vgg19(weights=None).features[:self.TAPS[-1] + 1]
+        for layer in features:
+            if isinstance(layer, nn.ReLU):
+                layer.inplace = False  # the taps must survive the next layer
+        if weights_path is not None:
+            sd, source = read_state_dict(weights_path)
+            sd = {k: v for k, v in strip_prefix(sd, "features.").items() if int(k.split(".")[0]) <= self.TAPS[-1]}
+            load_strict(features, cast_floats(sd, torch.float32), source,
+                        "expected torchvision's vgg19 file (vgg19-dcbb9e9d.pth)")
+        self.features = features.requires_grad_(False).eval()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x, y):
+        h = torch.cat([x, y]).float()
+        h = ((h + 1) / 2 - self.mean) / self.std
+        loss, taps = 0.0, dict(zip(self.TAPS, self.WEIGHTS))
+        for i, layer in enumerate(self.features):
+            h = layer(h)
+            if i in taps:
+                a, b = h.chunk(2)
+                loss = loss + taps[i] * F.l1_loss(a, b.detach())
+        return loss
+
+
+# -----------------------------------------------------------------------------
+# 7. Diffusion: sampling with classifier-free guidance (the schedule and the DDIM / DDPM steps are diffusion.py)
+
+
 @torch.no_grad()
 def sample_latents(model, schedule, cond, steps=40, guidance=5.0, eta=0.0, sampler="ddim", generator=None,
                    progress=True, trace=None):
     """Denoise from pure noise. Paper §4.1 / supp. §5.2: DDIM, 40 steps, guidance 5, eta UNSTATED (0).
-    Classifier-free guidance eps = eps(null) + s (eps(c) - eps(null)), the hint kept in both branches
+    The U-Net's output converted to eps (either prediction), then classifier-free guidance
+    eps = eps(null) + s (eps(c) - eps(null)), the hint kept in both branches
     (docs/method.md §4), both branches in one batched forward. trace: a list that receives (t, z_t, guided x0
     estimate) at every step (sample.py --explain shows them)."""
     z_masked, mask_lat = cond["z_masked"], cond["mask_lat"]
@@ -450,45 +442,6 @@ def generate(model, frozen, source, mask, reference, generator, steps=40, guidan
         cond["hint"] = torch.zeros_like(cond["hint"])
     z = sample_latents(model, Schedule(), cond, steps, guidance, eta, generator=generator, progress=progress, trace=trace)
     return frozen.vae.decode(z / LATENT_SCALE).float().clamp(-1, 1), cond
-
-
-# -----------------------------------------------------------------------------
-# Losses: the VGG perceptual loss on the decoded x0 (paper §3.1: "a refinement loss similar to DCI-VTON")
-
-
-class VGGLoss(nn.Module):
-    """VGG-19 relu1_2, relu2_2, relu3_2, relu4_2, relu5_2 with weights 1/32 ... 1 and L1 distance
-    (UNSTATED layers and weights; docs/method.md §3.1: DCI-VTON's). Weights from a local torchvision file."""
-
-    TAPS = (3, 8, 13, 22, 31)
-    WEIGHTS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0)
-
-    def __init__(self, weights_path=None):
-        super().__init__()
-        import torchvision
-        features = torchvision.models.vgg19(weights=None).features[:self.TAPS[-1] + 1]
-        for layer in features:
-            if isinstance(layer, nn.ReLU):
-                layer.inplace = False  # the taps must survive the next layer
-        if weights_path is not None:
-            sd, source = read_state_dict(weights_path)
-            sd = {k: v for k, v in strip_prefix(sd, "features.").items() if int(k.split(".")[0]) <= self.TAPS[-1]}
-            load_strict(features, cast_floats(sd, torch.float32), source,
-                        "expected torchvision's vgg19 file (vgg19-dcbb9e9d.pth)")
-        self.features = features.requires_grad_(False).eval()
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-
-    def forward(self, x, y):
-        h = torch.cat([x, y]).float()
-        h = ((h + 1) / 2 - self.mean) / self.std
-        loss, taps = 0.0, dict(zip(self.TAPS, self.WEIGHTS))
-        for i, layer in enumerate(self.features):
-            h = layer(h)
-            if i in taps:
-                a, b = h.chunk(2)
-                loss = loss + taps[i] * F.l1_loss(a, b.detach())
-        return loss
 
 
 # -----------------------------------------------------------------------------
@@ -563,7 +516,7 @@ def init_new_parts(cfg, unet_sd, full_sd):
 
 
 # -----------------------------------------------------------------------------
-# 8b. The tiny architecture, built from scratch
+# 8b. Building from scratch: the tiny architecture
 
 # The tiny architecture: DTC's, narrow, trained from scratch by train.py's tiny preset (the bundled models) and
 # timed by bench.py --arch=tiny. The encoder's img_size and DTC's image_size follow the training size.
@@ -611,7 +564,7 @@ def fold_latent_scale(vae, s):
 
 
 # -----------------------------------------------------------------------------
-# 10. DTC checkpoints: the trainable parts as safetensors, the config in the metadata
+# 9. DTC checkpoints: the trainable parts as safetensors, the config in the metadata
 
 
 def save_dtc(model, path, frozen=None):

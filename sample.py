@@ -20,8 +20,9 @@ from PIL import Image
 
 from checkpoint import CheckpointError
 from cli import pick_device, pick_dtype, run
+from diffusion import Schedule
 from data import DataError, check_output_image, grid, load_image, load_mask, to_pil, to_tensor, write_images
-from dtc import Schedule, from_original, generate, load_dtc, make_hint
+from dtc import from_original, generate, load_dtc, make_hint
 from vae import LATENT_SCALE
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFile
 from safetensors.torch import save_file
 
-import bench, dtc, evaluate, train, unet
+import bench, diffusion, dtc, evaluate, train, unet
 from checkpoint import CheckpointError
 from data import (DataError, TripletDataset, VitonHDDataset, augment, bbox_mask, flip_parse, load_image, load_mask,
     load_parse, sample_rng, to_pil, to_tensor, write_triplets)
@@ -1453,7 +1453,7 @@ SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.0
 def test_dtc_ddim_equals_diffusers(steps):
     """Timesteps and every update (eta 0 and eta 1 with the same generator) equal DDIMScheduler's."""
     from diffusers import DDIMScheduler
-    sched, ours = DDIMScheduler(**SD15_SCHEDULER), dtc.Schedule()
+    sched, ours = DDIMScheduler(**SD15_SCHEDULER), diffusion.Schedule()
     sched.set_timesteps(steps)
     ts = ours.ddim_timesteps(steps)
     assert torch.equal(sched.timesteps, ts)
@@ -1473,7 +1473,7 @@ def test_dtc_ddpm_noising_and_step_equal_diffusers():
     from diffusers import DDPMScheduler
     # the full 1000-step ancestral chain: no offset (timesteps 999 ... 0)
     cfg = {k: v for k, v in SD15_SCHEDULER.items() if k not in ("set_alpha_to_one", "steps_offset")}
-    sched, ours = DDPMScheduler(**cfg), dtc.Schedule()
+    sched, ours = DDPMScheduler(**cfg), diffusion.Schedule()
     x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
     t = torch.tensor([0, 500, 999])
     torch.testing.assert_close(ours.add_noise(x0, noise, t), sched.add_noise(x0, noise, t), rtol=0, atol=1e-6)
@@ -1491,7 +1491,7 @@ def test_dtc_v_prediction_equals_diffusers():
     """prediction="v": the training target is diffusers' get_velocity, and DDIM steps on a v output (converted to
     eps) equal DDIMScheduler(prediction_type="v_prediction")'s; "eps" leaves the output as it is."""
     from diffusers import DDIMScheduler
-    sched, ours = DDIMScheduler(**dict(SD15_SCHEDULER, prediction_type="v_prediction")), dtc.Schedule()
+    sched, ours = DDIMScheduler(**dict(SD15_SCHEDULER, prediction_type="v_prediction")), diffusion.Schedule()
     x0, noise, t = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([1, 500, 999])
     torch.testing.assert_close(ours.v_target(x0, noise, t), sched.get_velocity(x0, noise, t), rtol=0, atol=1e-6)
     z_t = ours.add_noise(x0, noise, t)
@@ -1514,7 +1514,7 @@ def test_dtc_v_prediction_loss_and_sampling_use_v():
     A stand-in network that outputs the true v of a known z0 gives eps exactly; sampling with it ends at z0 (up to
     DDIM's last step to alphas_cumprod[0], not 1); read as eps, the same output samples something else."""
     cfg = tiny_dtc_config(prediction="v", hint=False)
-    ours, z0 = dtc.Schedule(), torch.randn(2, 4, 8, 8)
+    ours, z0 = diffusion.Schedule(), torch.randn(2, 4, 8, 8)
 
     class TrueV(dtc.DiffuseToChoose):  # knows z0: v = (sqrt(a) z_t - z0) / sqrt(1 - a)
         def forward(self, z_t, t, *args, **kwargs):
@@ -1585,7 +1585,7 @@ def test_dtc_guided_sampling_step_equals_two_forwards():
     """One batched forward for both guidance branches equals two separate forwards combined by the CFG rule."""
     torch.manual_seed(0)
     model = randomise(dtc.DiffuseToChoose(tiny_dtc_config())).eval()
-    sch = dtc.Schedule()
+    sch = diffusion.Schedule()
     cond = dict(z_masked=torch.randn(1, 4, 8, 8), mask_lat=torch.rand(1, 1, 8, 8), tokens=torch.randn(1, 5, 64),
                 hint=torch.rand(1, 3, 16, 16))
     z = dtc.sample_latents(model, sch, cond, steps=1, guidance=3.0, generator=torch.Generator().manual_seed(1),
@@ -1609,13 +1609,13 @@ def test_dtc_latent_only_hint_computed_once():
     model.hint_encoder.encode = lambda *a: calls.append(1) or encode(*a)
     cond = dict(z_masked=torch.randn(2, 4, 8, 8), mask_lat=torch.rand(2, 1, 8, 8), tokens=torch.randn(2, 5, 64),
                 hint=torch.rand(2, 3, 16, 16))
-    dtc.sample_latents(model, dtc.Schedule(), cond, steps=4, progress=False)
+    dtc.sample_latents(model, diffusion.Schedule(), cond, steps=4, progress=False)
     assert len(calls) == 1
     calls.clear()
     model.cfg.hint_input = "full"
     model.hint_encoder = UNet(UNetConfig(in_channels=9, **TINY_UNET), encoder_only=True)
     model.hint_encoder.encode = lambda *a: calls.append(1) or UNet.encode(model.hint_encoder, *a)
-    dtc.sample_latents(model, dtc.Schedule(), cond, steps=4, progress=False)
+    dtc.sample_latents(model, diffusion.Schedule(), cond, steps=4, progress=False)
     assert len(calls) == 4
 
 
@@ -1630,7 +1630,7 @@ def write_original_files(tmp_path, kind):
     sd = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
     sd.update({"first_stage_model." + k: v for k, v in vae.state_dict().items()})
     sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
-    sd["alphas_cumprod"] = dtc.Schedule().alphas_cumprod
+    sd["alphas_cumprod"] = diffusion.Schedule().alphas_cumprod
     if kind == "pbe":
         sd["learnable_vector"] = torch.randn(1, 1, 32)
         sd["proj_out.weight"], sd["proj_out.bias"] = torch.randn(32, 48), torch.randn(32)
@@ -3087,7 +3087,7 @@ def test_no_citation_outside_the_repository():
 
 # The layers, lowest first: a module imports only from layers below its own, and no file imports another's
 # private (_underscore) name. The README states the rule in one sentence.
-LAYERS = (("checkpoint",), ("unet", "vae", "dinov2"), ("dtc",), ("data",), ("cli", "world"),
+LAYERS = (("checkpoint", "diffusion"), ("unet", "vae", "dinov2"), ("dtc",), ("data",), ("cli", "world"),
           ("sample", "train", "evaluate", "bench"))
 
 

@@ -56,8 +56,9 @@ from checkpoint import CheckpointError, first_sentence, load_pickle
 from cli import pick_device, run
 from data import (DRESSCODE_CATEGORIES, DataError, DressCodeDataset, TripletDataset, VitonHDDataset, grid,
                   keyed_generator, mask_to_pil, to_pil)
+from diffusion import Schedule
 from dinov2 import DINOv2
-from dtc import (TINY_ENCODER, TINY_VAE, DiffuseToChoose, Frozen, Schedule, VGGLoss, diffusion_loss,
+from dtc import (TINY_ENCODER, TINY_VAE, DiffuseToChoose, Frozen, VGGLoss, diffusion_loss,
                  encode_image_tokens, fold_latent_scale, from_original, generate, init_from_scratch, load_dtc,
                  prepare, save_dtc, tiny_config)
 from vae import LATENT_SCALE, AutoencoderKL
