@@ -25,8 +25,8 @@ from safetensors.torch import save_file
 
 import bench, diffusion, dtc, evaluate, train, unet
 from checkpoint import CheckpointError
-from data import (DataError, TripletDataset, VitonHDDataset, augment, bbox_mask, flip_parse, load_image, load_mask,
-    load_parse, sample_rng, to_pil, to_tensor, write_triplets)
+from data import (DRESSCODE_CATEGORIES, DataError, DressCodeDataset, TripletDataset, VitonHDDataset, augment,
+    bbox_mask, flip_parse, load_image, load_mask, load_parse, sample_rng, to_pil, to_tensor, write_triplets)
 from dinov2 import DINOv2, DINOv2Config, PRESETS, infer_dinov2_config, load_dinov2
 from dtc import DiffuseToChoose, VGGLoss, load_dtc
 from unet import UNet, UNetConfig, infer_unet_config, ldm_prefix, load_unet
@@ -35,7 +35,7 @@ from world import HELDOUT_FIRST, PATTERNS, Product, TeachingWorld, make_product,
 
 
 # ====================================================================================================
-# unet.py: parity with diffusers, the encode/decode split, gradient checkpointing, the full-size
+# unet.py: parity with diffusers, the encode/decode split, gradient checkpointing, the full-size layout, loading
 # ====================================================================================================
 
 def tiny_cfg(**kw):
@@ -343,7 +343,7 @@ def test_unet_load_errors(tmp_path):
 
 
 # ====================================================================================================
-# vae.py: parity with diffusers' AutoencoderKL, the posterior, the full-size key layout, and loading.
+# vae.py: parity with diffusers' AutoencoderKL, the posterior, the full-size key layout, loading, tiled decoding
 # ====================================================================================================
 
 TINY = VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2)  # 32x32 images <-> 8x8 latents
@@ -555,8 +555,99 @@ def test_vae_load_errors(tmp_path):
         load_vae(tmp_path / "unet.safetensors")
 
 
+BENCH_VAE = VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)  # 4x: 16x12 latents <-> 64x48 images
+
+
+@pytest.fixture
+def one_thread_bench():
+    """Tiny models gain nothing from a second thread, and on a machine shared with other jobs OpenMP threads
+    wait on each other (measured: up to 60x slower); one thread keeps this file fast."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def random_vae(seed=0):
+    """Every parameter random (conv weights ~ N(0, 1/fan_in), norm weights around 1, biases non-zero)."""
+    vae = AutoencoderKL(BENCH_VAE).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in vae.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            p.copy_(r / math.sqrt(p[0].numel()) if p.ndim > 1 else 1 + 0.2 * r if "norm" in name and "weight" in name
+                    else 0.2 * r)
+    return vae
+
+
+def latents(seed=1):
+    return torch.randn(2, 4, 16, 12, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def test_bench_decode_tiled_one_tile_is_decode(one_thread_bench):
+    """A latent no larger than one tile is decoded in one piece: bit-identical to decode()."""
+    vae, z = random_vae(), latents()
+    assert torch.equal(vae.decode_tiled(z, tile=16, overlap=4), vae.decode(z))
+    assert torch.equal(vae.decode_tiled(z, tile=64), vae.decode(z))
+
+
+@pytest.mark.parametrize("tile,overlap", [(8, 4), (8, 2), (5, 3), (6, 0), (7, 6)])
+@torch.no_grad()
+def test_bench_decode_tiled_blending_is_a_partition_of_unity(one_thread_bench, tile, overlap):
+    """With a decoder that has no global parts (nearest upsampling of a pointwise map), tiling must change
+    nothing: tiles land where they belong and the ramp weights of the tiles covering each pixel sum to 1,
+    including uneven last tiles (flush with the end) and zero overlap."""
+    vae, z = random_vae(), latents()
+    f = vae.cfg.downsample_factor
+    vae.decode = lambda z: F.interpolate(torch.tanh(z[:, :3] * 2 + z[:, 3:]), scale_factor=f, mode="nearest")
+    out = vae.decode_tiled(z, tile=tile, overlap=overlap)
+    assert out.shape == (2, 3, 16 * f, 12 * f)
+    assert (out - vae.decode(z)).abs().max() < 1e-6
+
+
+@torch.no_grad()
+def test_bench_decode_tiled_cross_fades_seams(one_thread_bench):
+    """Where tiles disagree, the overlap is a linear cross-fade, not a seam. A decoder whose output is one value
+    per tile (the mean of the tile's latents) shows it: three tiles along the width overlapping by 4 latents
+    (16 pixels) step by at most |a - b| / 16 between neighbouring pixels, and hold their own value outside the
+    overlaps; with no overlap the step is the whole |a - b|."""
+    vae = random_vae()
+    f = vae.cfg.downsample_factor
+    z = torch.linspace(0, 3, 16).expand(1, 4, 4, 16) ** 2  # tiles [0,8), [4,12), [8,16): different means
+    vae.decode = lambda z: z.mean().expand(1, 3, z.shape[2] * f, z.shape[3] * f)
+    row = vae.decode_tiled(z, tile=8, overlap=4)[0, 0, 0]  # (64,) pixels along the width
+    a, b, c = (z[..., s:s + 8].mean() for s in (0, 4, 8))
+    assert torch.allclose(row[:16], a) and torch.allclose(row[-16:], c)  # outside the overlaps
+    steps = row.diff().abs()
+    assert steps.max() <= max(abs(a - b), abs(b - c)) / 16 * 1.001
+    assert torch.allclose(row[16:32].mean(), (a + b) / 2)  # the middle of a linear fade
+    hard = vae.decode_tiled(z, tile=8, overlap=0)[0, 0, 0]
+    assert torch.isclose(hard.diff().abs().max(), abs(z[..., :8].mean() - z[..., 8:].mean()))
+
+
+@torch.no_grad()
+def test_bench_decode_tiled_close_to_decode(one_thread_bench):
+    """Small tiles of the real decoder: right shape, close to decode() but not equal (the mid-block attention and
+    every GroupNorm see one tile). Measured on this random VAE, 16x12 latents, relative RMS error (max |d|):
+    tile 10 / overlap 4: 0.216 (0.67); tile 8 / overlap 4: 0.321 (1.07); tile 8, no overlap: 0.461 (2.57).
+    The bounds are loose, and the overlap's cross-fade must beat hard seams."""
+    vae, z = random_vae(), latents()
+    full = vae.decode(z)
+
+    def rel_rms(tile, overlap):
+        out = vae.decode_tiled(z, tile=tile, overlap=overlap)
+        assert out.shape == full.shape == (2, 3, 64, 48) and out.dtype == full.dtype
+        return ((out - full).pow(2).mean().sqrt() / full.std()).item(), (out - full).abs().max().item()
+
+    err, worst = rel_rms(10, 4)
+    print(f"decode_tiled tile 10 overlap 4: relative RMS {err:.3f}, max |d| {worst:.3f}")
+    assert err < 0.3 and worst < 1.0
+    assert rel_rms(8, 4)[0] < rel_rms(8, 0)[0]
+
+
 # ====================================================================================================
-# dinov2.py: parity with timm and transformers, hub-file structure, loading.
+# dinov2.py: parity with timm and transformers, hub-file structure, loading
 # ====================================================================================================
 
 def _tiny(ffn="mlp", registers=0, embed_dim=64, num_heads=4):
@@ -809,7 +900,395 @@ def test_dinov2_load_errors(tmp_path):
 
 
 # ====================================================================================================
-# data.py: image reading, triplet folders, the VITON-HD layout, the teaching world.
+# diffusion.py: the schedule and the DDIM / DDPM steps against diffusers' schedulers
+# ====================================================================================================
+
+SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
+                      prediction_type="epsilon")
+
+
+@pytest.mark.parametrize("steps", [50, 25, 20])
+def test_dtc_ddim_equals_diffusers(steps):
+    """Timesteps and every update (eta 0 and eta 1 with the same generator) equal DDIMScheduler's."""
+    from diffusers import DDIMScheduler
+    sched, ours = DDIMScheduler(**SD15_SCHEDULER), diffusion.Schedule()
+    sched.set_timesteps(steps)
+    ts = ours.ddim_timesteps(steps)
+    assert torch.equal(sched.timesteps, ts)
+    x = torch.randn(2, 4, 8, 8)
+    for eta in (0.0, 1.0):
+        z = x.clone()
+        for i, t in enumerate(ts.tolist()):
+            eps = torch.sin(z * (i + 1))  # any deterministic function of z
+            t_prev = ts[i + 1].item() if i + 1 < len(ts) else -1
+            mine = ours.ddim_step(z, eps, t, t_prev, eta, torch.Generator().manual_seed(i))
+            ref = sched.step(eps, t, z, eta=eta, generator=torch.Generator().manual_seed(i)).prev_sample
+            torch.testing.assert_close(mine, ref, rtol=0, atol=1e-6)
+            z = ref
+
+
+def test_dtc_ddpm_noising_and_step_equal_diffusers():
+    from diffusers import DDPMScheduler
+    # the full 1000-step ancestral chain: no offset (timesteps 999 ... 0)
+    cfg = {k: v for k, v in SD15_SCHEDULER.items() if k not in ("set_alpha_to_one", "steps_offset")}
+    sched, ours = DDPMScheduler(**cfg), diffusion.Schedule()
+    x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([0, 500, 999])
+    torch.testing.assert_close(ours.add_noise(x0, noise, t), sched.add_noise(x0, noise, t), rtol=0, atol=1e-6)
+    sched.set_timesteps(1000)
+    for t in (999, 500, 1, 0):
+        eps = torch.randn(3, 4, 8, 8)
+        mine = ours.ddpm_step(x0, eps, t, torch.Generator().manual_seed(t))
+        ref = sched.step(eps, t, x0, generator=torch.Generator().manual_seed(t)).prev_sample
+        torch.testing.assert_close(mine, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours.predict_x0(ours.add_noise(x0, noise, t), noise, torch.tensor([t] * 3)), x0,
+                               rtol=0, atol=1e-4)
+
+
+def test_dtc_v_prediction_equals_diffusers():
+    """prediction="v": the training target is diffusers' get_velocity, and DDIM steps on a v output (converted to
+    eps) equal DDIMScheduler(prediction_type="v_prediction")'s; "eps" leaves the output as it is."""
+    from diffusers import DDIMScheduler
+    sched, ours = DDIMScheduler(**dict(SD15_SCHEDULER, prediction_type="v_prediction")), diffusion.Schedule()
+    x0, noise, t = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([1, 500, 999])
+    torch.testing.assert_close(ours.v_target(x0, noise, t), sched.get_velocity(x0, noise, t), rtol=0, atol=1e-6)
+    z_t = ours.add_noise(x0, noise, t)
+    torch.testing.assert_close(ours.eps_from(ours.v_target(x0, noise, t), z_t, t, "v"), noise, rtol=0, atol=1e-5)
+    assert ours.eps_from(noise, z_t, t, "eps") is noise
+    sched.set_timesteps(20)
+    ts = ours.ddim_timesteps(20).tolist()
+    z = torch.randn(2, 4, 8, 8)
+    for i, t in enumerate(ts):
+        v = torch.cos(z * (i + 1))
+        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+        mine = ours.ddim_step(z, ours.eps_from(v, z, torch.tensor([t] * 2), "v"), t, t_prev)
+        ref = sched.step(v, t, z).prev_sample
+        torch.testing.assert_close(mine, ref, rtol=0, atol=1e-5)
+        z = ref
+
+
+# ====================================================================================================
+# dtc.py: the hint image, the model, fusion, losses, sampling, building from the original files, checkpoints
+# ====================================================================================================
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+TINY_UNET = dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=4,
+                 context_dim=32)
+
+
+TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)  # 2x downsampling
+
+
+TINY_VIT = DINOv2Config(embed_dim=64, depth=1, num_heads=1,  # 64-wide heads, as the loader assumes
+                         ffn="mlp", patch_size=14, img_size=56)
+
+
+def tiny_dtc_config(**kw):
+    return dtc.DTCConfig(unet=UNetConfig(in_channels=9, **TINY_UNET), image_encoder_dim=64, image_size=28,
+                         vae_factor=2, **kw)
+
+
+def randomise(module, std=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return module
+
+
+def brute_largest_rectangle(fill):
+    H, W = fill.shape
+    best = 0
+    for t, b in itertools.combinations_with_replacement(range(H), 2):
+        for l, r in itertools.combinations_with_replacement(range(W), 2):
+            if fill[t:b + 1, l:r + 1].all():
+                best = max(best, (b + 1 - t) * (r + 1 - l))
+    return best
+
+
+def test_dtc_largest_rectangle_matches_brute_force():
+    """Random, box and free-form masks: the found rectangle is inside the region and as large as brute force."""
+    g = torch.Generator().manual_seed(0)
+    masks = [torch.rand(9, 11, generator=g) < p for p in (0.3, 0.6, 0.85) for _ in range(15)]
+    box = torch.zeros(12, 10, dtype=torch.bool)
+    box[2:9, 3:8] = True
+    masks.append(box)
+    yy, xx = torch.meshgrid(torch.arange(14), torch.arange(13), indexing="ij")
+    masks.append(((yy - 7) ** 2 / 30 + (xx - 6) ** 2 / 12) < 1)  # an ellipse
+    masks.append((xx > yy // 2) & (xx < 10))                       # a slanted band
+    for fill in masks:
+        keep = (~fill).float()
+        rect = dtc.largest_rectangle(keep)
+        area = brute_largest_rectangle(fill)
+        if area == 0:
+            assert rect is None
+            continue
+        t, l, b, r = rect
+        assert fill[t:b, l:r].all() and (b - t) * (r - l) == area
+    assert dtc.largest_rectangle((~box).float()) == (2, 3, 9, 8)
+
+
+def test_dtc_make_hint_places_reference_in_rectangle():
+    ref = torch.rand(2, 3, 20, 16) * 2 - 1
+    mask = torch.ones(2, 1, 32, 24)
+    mask[0, :, 4:14, 5:20] = 0
+    mask[1, :, 10:30, 2:9] = 0
+    hint = dtc.make_hint(ref, mask)
+    for i, (t, l, b, r) in enumerate([(4, 5, 14, 20), (10, 2, 30, 9)]):
+        inside = torch.nn.functional.interpolate(ref[i:i + 1], size=(b - t, r - l), mode="bilinear",
+                                                 antialias=True, align_corners=False)[0]
+        torch.testing.assert_close(hint[i, :, t:b, l:r], ((inside + 1) / 2).clamp(0, 1))
+        outside = hint[i].clone()
+        outside[:, t:b, l:r] = 0
+        assert outside.abs().max() == 0
+    with pytest.raises(ValueError):
+        dtc.make_hint(ref[:1], torch.ones(1, 1, 8, 8))
+
+
+def test_dtc_v_prediction_loss_and_sampling_use_v():
+    """A v model: the loss is against v, the returned prediction is eps, and sampling converts before guidance.
+    A stand-in network that outputs the true v of a known z0 gives eps exactly; sampling with it ends at z0 (up to
+    DDIM's last step to alphas_cumprod[0], not 1); read as eps, the same output samples something else."""
+    cfg = tiny_dtc_config(prediction="v", hint=False)
+    ours, z0 = diffusion.Schedule(), torch.randn(2, 4, 8, 8)
+
+    class TrueV(dtc.DiffuseToChoose):  # knows z0: v = (sqrt(a) z_t - z0) / sqrt(1 - a)
+        def forward(self, z_t, t, *args, **kwargs):
+            a = ours.alphas_cumprod[t].view(-1, 1, 1, 1)
+            return (a.sqrt() * z_t - z0.repeat(len(z_t) // len(z0), 1, 1, 1)) / (1 - a).sqrt()
+
+    model = TrueV(cfg)
+    cond = dict(z0=z0, z_masked=torch.zeros_like(z0), mask_lat=torch.ones(2, 1, 8, 8), hint=torch.zeros(2, 3, 16, 16),
+                tokens=torch.randn(2, 5, cfg.image_encoder_dim))
+    loss, eps, z_t, t = dtc.diffusion_loss(model, ours, cond, torch.Generator().manual_seed(0))
+    assert loss.item() < 1e-8
+    torch.testing.assert_close(ours.predict_x0(z_t, eps, t), z0, rtol=0, atol=1e-3)
+    z = dtc.sample_latents(model, ours, cond, steps=10, guidance=3.0, generator=torch.Generator().manual_seed(0),
+                           progress=False)
+    assert (z - z0).abs().max() < 0.15
+    model.cfg = replace(cfg, prediction="eps")
+    z = dtc.sample_latents(model, ours, cond, steps=10, guidance=3.0, generator=torch.Generator().manual_seed(0),
+                           progress=False)
+    assert (z - z0).abs().max() > 1
+
+
+@pytest.mark.parametrize("fusion,hint_input", [("film", "full"), ("add", "full"), ("xattn", "full"), ("film", "latent_only")])
+def test_dtc_fresh_model_equals_base_unet(fusion, hint_input):
+    """Zero-initialised fusion: a fresh DTC computes exactly its main U-Net; perturbing the fusion convs changes it."""
+    torch.manual_seed(0)
+    model = dtc.DiffuseToChoose(tiny_dtc_config(fusion=fusion, hint_input=hint_input))
+    fusion_params = {id(p) for p in model.fusion.parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            if id(p) not in fusion_params:
+                p.normal_(0, 0.05)
+    z, zm = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    mask = torch.rand(2, 1, 8, 8)
+    ctx = model.context(torch.randn(2, 5, 64))
+    hint, t = torch.rand(2, 3, 16, 16), torch.tensor([10, 900])
+    base = model.unet(torch.cat([z, zm, mask], 1), t, ctx)
+    assert torch.equal(model(z, t, zm, mask, ctx, hint=hint), base)
+    with torch.no_grad():
+        for p in model.fusion.parameters():  # (xattn's LayerNorm weights start at 1: kept at that scale)
+            p.normal_(0, 0.5 if fusion == "xattn" else 0.05)
+    assert (model(z, t, zm, mask, ctx, hint=hint) - base).abs().max() > 1e-3
+
+
+def test_dtc_film_formula_and_taps():
+    """FiLM is s * (1 + gamma) + beta at 13 taps (12 skips + middle for SD); the baseline has no hint branch."""
+    assert len(dtc.tap_channels(UNetConfig())) == 13
+    assert dtc.tap_channels(UNetConfig()) == [320] * 4 + [640] * 3 + [1280] * 6
+    model = randomise(dtc.DiffuseToChoose(tiny_dtc_config()))
+    skips = [torch.randn(1, c, 4, 4) for c in dtc.tap_channels(model.cfg.unet)]
+    feats = [torch.randn_like(s) for s in skips]
+    fused, h = model.fuse(skips[:-1], skips[-1], feats)
+    for s, f, conv, out in zip(skips, feats, model.fusion, fused + [h]):
+        gamma, beta = conv(f).chunk(2, 1)
+        torch.testing.assert_close(out, s * (1 + gamma) + beta)
+    base = dtc.DiffuseToChoose(dtc.baseline_config(tiny_dtc_config()))
+    assert not hasattr(base, "hint_encoder") and base.context(torch.randn(2, 5, 64)).shape == (2, 1, 32)
+
+
+def test_dtc_guidance_dropout_and_null_context():
+    model = randomise(dtc.DiffuseToChoose(tiny_dtc_config()))
+    feats = torch.randn(3, 5, 64)
+    ctx = model.context(feats, drop=torch.tensor([True, False, True]))
+    torch.testing.assert_close(ctx[1], model.token_proj(feats[1]))
+    assert torch.equal(ctx[0], model.null_context[0].expand(5, -1)) and torch.equal(ctx[2], ctx[0])
+
+
+def test_dtc_guided_sampling_step_equals_two_forwards():
+    """One batched forward for both guidance branches equals two separate forwards combined by the CFG rule."""
+    torch.manual_seed(0)
+    model = randomise(dtc.DiffuseToChoose(tiny_dtc_config())).eval()
+    sch = diffusion.Schedule()
+    cond = dict(z_masked=torch.randn(1, 4, 8, 8), mask_lat=torch.rand(1, 1, 8, 8), tokens=torch.randn(1, 5, 64),
+                hint=torch.rand(1, 3, 16, 16))
+    z = dtc.sample_latents(model, sch, cond, steps=1, guidance=3.0, generator=torch.Generator().manual_seed(1),
+                           progress=False)
+    z_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([1])
+    with torch.no_grad():
+        ctx = model.context(cond["tokens"])
+        args = (cond["z_masked"], cond["mask_lat"])
+        e_c = model(z_T, t, *args, ctx, hint=cond["hint"])
+        e_u = model(z_T, t, *args, model.uncond_context(ctx), hint=cond["hint"])
+    ref = sch.ddim_step(z_T, e_u + 3.0 * (e_c - e_u), 1, -1)
+    torch.testing.assert_close(z, ref, rtol=0, atol=1e-5)
+
+
+def test_dtc_latent_only_hint_computed_once():
+    """With hint_input='latent_only' the hint encoder runs once per sampling call, not once per step."""
+    model = randomise(dtc.DiffuseToChoose(tiny_dtc_config(hint_input="latent_only"))).eval()
+    calls = []
+    encode = model.hint_encoder.encode
+    model.hint_encoder.encode = lambda *a: calls.append(1) or encode(*a)
+    cond = dict(z_masked=torch.randn(2, 4, 8, 8), mask_lat=torch.rand(2, 1, 8, 8), tokens=torch.randn(2, 5, 64),
+                hint=torch.rand(2, 3, 16, 16))
+    dtc.sample_latents(model, diffusion.Schedule(), cond, steps=4, progress=False)
+    assert len(calls) == 1
+    calls.clear()
+    model.cfg.hint_input = "full"
+    model.hint_encoder = UNet(UNetConfig(in_channels=9, **TINY_UNET), encoder_only=True)
+    model.hint_encoder.encode = lambda *a: calls.append(1) or UNet.encode(model.hint_encoder, *a)
+    dtc.sample_latents(model, diffusion.Schedule(), cond, steps=4, progress=False)
+    assert len(calls) == 4
+
+
+def write_original_files(tmp_path, kind):
+    """A tiny single-file SD checkpoint of `kind` ('sd15', 'inpaint', 'pbe') and a tiny DINOv2 hub file."""
+    torch.manual_seed({"sd15": 1, "inpaint": 2, "pbe": 3}[kind])
+    unet = randomise(UNet(UNetConfig(in_channels=4 if kind == "sd15" else 9, **TINY_UNET)), seed=5)
+    vae = randomise(AutoencoderKL(TINY_VAE), std=0.02, seed=6)
+    sd = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
+    sd.update({"first_stage_model." + k: v for k, v in vae.state_dict().items()})
+    sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    sd["alphas_cumprod"] = diffusion.Schedule().alphas_cumprod
+    if kind == "pbe":
+        sd["learnable_vector"] = torch.randn(1, 1, 32)
+        sd["proj_out.weight"], sd["proj_out.bias"] = torch.randn(32, 48), torch.randn(32)
+        sd["cond_stage_model.mapper.resblocks.0.ln_1.weight"] = torch.ones(48)
+    sd_path = tmp_path / f"{kind}.ckpt"
+    torch.save({"state_dict": sd, "global_step": 1}, sd_path)
+    vit_path = tmp_path / "dinov2_tiny.pth"
+    torch.save(randomise(DINOv2(TINY_VIT), seed=7).state_dict(), vit_path)
+    return sd_path, vit_path, unet
+
+
+def test_dtc_from_sd15_file_pads_conv_in(tmp_path):
+    sd_path, vit_path, unet = write_original_files(tmp_path, "sd15")
+    model, frozen = dtc.from_original(sd_path, vit_path)
+    w = model.unet.input_blocks[0][0].weight
+    assert w.shape[1] == 9 and w[:, 4:].abs().max() == 0 and torch.equal(w[:, :4], unet.input_blocks[0][0].weight)
+    # the hint copy gets a path for z_masked + adapter(hint): channels 4..7 from the latent channels
+    hw = model.hint_encoder.input_blocks[0][0].weight
+    assert torch.equal(hw[:, 4:8], w[:, :4])
+    for k, v in model.hint_encoder.state_dict().items():
+        if k != "input_blocks.0.0.weight":
+            assert torch.equal(v, model.unet.state_dict()[k]), k
+    assert model.cfg.image_encoder_dim == 64 and model.cfg.vae_factor == 2 and model.cfg.mask_channel == "keep"
+    assert not any(p.requires_grad for p in frozen.vae.parameters())
+
+
+def test_dtc_from_inpainting_file_permutes_conv_in(tmp_path):
+    """The SD-inpainting U-Net on [z_t, mask_fill, z_masked] equals our main U-Net on [z_t, z_masked, mask_keep]."""
+    sd_path, vit_path, unet = write_original_files(tmp_path, "inpaint")
+    model, _ = dtc.from_original(sd_path, vit_path)
+    assert model.cfg.mask_channel == "fill"
+    z, zm, ctx, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(2, 3, 32), torch.tensor([5, 700])
+    keep = (torch.rand(2, 1, 8, 8) > 0.5).float()
+    with torch.no_grad():
+        ref = unet(torch.cat([z, 1 - keep, zm], 1), t, ctx)
+        ours = model(z, t, zm, keep, ctx, hint=torch.rand(2, 3, 16, 16))
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+def test_dtc_from_pbe_file_keeps_layout_and_null(tmp_path):
+    sd_path, vit_path, unet = write_original_files(tmp_path, "pbe")
+    model, _ = dtc.from_original(sd_path, vit_path)
+    full = torch.load(sd_path, weights_only=True)["state_dict"]
+    assert torch.equal(model.unet.input_blocks[0][0].weight, unet.input_blocks[0][0].weight)
+    assert torch.equal(model.null_context, full["learnable_vector"])
+    assert model.cfg.mask_channel == "keep"
+
+
+def test_dtc_from_original_bad_files(tmp_path):
+    sd_path, vit_path, _ = write_original_files(tmp_path, "sd15")
+    with pytest.raises(CheckpointError, match="sd15.ckpt"):  # an SD file where DINOv2 is expected
+        dtc.from_original(sd_path, sd_path)
+    torch.save({"a.weight": torch.zeros(1)}, tmp_path / "junk.pth")
+    with pytest.raises(CheckpointError, match="junk.pth"):
+        dtc.from_original(tmp_path / "junk.pth", vit_path)
+    full = torch.load(sd_path, weights_only=True)["state_dict"]
+    del full["first_stage_model.decoder.conv_out.bias"]  # a damaged VAE inside the SD file: the file is named
+    torch.save({"state_dict": full}, tmp_path / "bad_vae.ckpt")
+    with pytest.raises(CheckpointError, match=r"bad_vae.ckpt: does not match AutoencoderKL(.|\n)*decoder.conv_out.bias"):
+        dtc.from_original(tmp_path / "bad_vae.ckpt", vit_path)
+
+
+def test_dtc_config_working_size_stored_and_defaulted():
+    """The working size is in the config; a config written before the field existed gets the old rule (512 for an
+    SD-width U-Net, 64 for the tiny one), so the bundled models keep loading at their size."""
+    old = {k: v for k, v in dataclasses.asdict(dtc.tiny_config(64)).items() if k != "train_size"}
+    assert dtc.DTCConfig.from_dict(old).train_size == 64
+    assert dtc.DTCConfig.from_dict({k: v for k, v in dataclasses.asdict(dtc.DTCConfig()).items()
+                                    if k != "train_size"}).train_size == 512
+    assert dtc.DTCConfig.from_dict(dataclasses.asdict(dtc.tiny_config(48))).train_size == 48
+    model, _ = load_dtc(os.path.join(HERE, "assets", "dtc_tiny.safetensors"))
+    assert model.cfg.train_size == 64
+
+
+def test_dtc_checkpoint_round_trip(tmp_path):
+    cfg = tiny_dtc_config(fusion="add")
+    model = randomise(dtc.DiffuseToChoose(cfg))
+    frozen = dtc.Frozen(vae=randomise(AutoencoderKL(TINY_VAE)), image_encoder=randomise(DINOv2(TINY_VIT)))
+    path = tmp_path / "dtc.safetensors"
+    dtc.save_dtc(model, path)
+    loaded, fz = dtc.load_dtc(path)
+    assert fz is None and loaded.cfg == cfg
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    dtc.save_dtc(model, path, frozen)  # overwrites atomically; now with the frozen parts
+    loaded, fz = dtc.load_dtc(path)
+    assert torch.equal(fz.vae.decoder.conv_out.weight, frozen.vae.decoder.conv_out.weight)
+    assert torch.equal(fz.image_encoder.pos_embed, frozen.image_encoder.pos_embed)
+    assert not (tmp_path / "dtc.safetensors.tmp").exists()
+    with pytest.raises(CheckpointError, match="not a DTC checkpoint"):
+        from safetensors.torch import save_file
+        save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
+        dtc.load_dtc(tmp_path / "other.safetensors")
+    with pytest.raises(CheckpointError, match="missing"):  # a checkpoint of another variant's config
+        from safetensors.torch import save_file
+        sd = {k: v for k, v in model.state_dict().items() if not k.startswith("fusion.0")}
+        save_file(sd, tmp_path / "cut.safetensors", metadata={"format": "dtc", "dtc_config": json.dumps(
+            __import__("dataclasses").asdict(cfg))})
+        dtc.load_dtc(tmp_path / "cut.safetensors")
+
+
+def test_dtc_vgg_loss_taps(tmp_path):
+    """The perceptual loss taps VGG-19 relu1_2..relu5_2, weights 1/32..1, L1; it loads a torchvision-format file."""
+    import torchvision
+    vgg = torchvision.models.vgg19(weights=None)
+    torch.save(vgg.state_dict(), tmp_path / "vgg19.pth")
+    loss = dtc.VGGLoss(tmp_path / "vgg19.pth")
+    names = [type(loss.features[i]).__name__ for i in dtc.VGGLoss.TAPS]
+    assert names == ["ReLU"] * 5
+    x, y = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
+    assert loss(x, x).item() == 0 and loss(x, y).item() > 0
+    feats, h, ref = vgg.features.eval(), ((torch.cat([x, y]) + 1) / 2 - loss.mean) / loss.std, 0.0
+    for i, layer in enumerate(feats[:32]):
+        h = layer(h.clone())
+        if i in dtc.VGGLoss.TAPS:
+            a, b = h.chunk(2)
+            ref += dtc.VGGLoss.WEIGHTS[dtc.VGGLoss.TAPS.index(i)] * (a - b).abs().mean()
+    torch.testing.assert_close(loss(x, y), ref)
+
+
+# ====================================================================================================
+# data.py: image and mask reading and writing, triplet folders, the VITON-HD and DressCode layouts
 # ====================================================================================================
 
 def _rand_rgb(h, w, seed):
@@ -820,8 +1299,6 @@ def _truncate(path):
     data = Path(path).read_bytes()
     Path(path).write_bytes(data[: len(data) // 2])
 
-
-# ---------------------------------------------------------------------------------------------- reading
 
 def test_data_load_image_modes(tmp_path):
     """Transparency goes on white (RGBA, LA, palette with a transparent index); grey, palette, CMYK -> RGB."""
@@ -950,8 +1427,6 @@ def test_data_bbox_and_augmentation_keep_the_correspondence():
     assert 70 < flips < 130
     assert sum(c > 0.99 for c in corners) > 150  # most rotations uncover a white corner
 
-
-# ---------------------------------------------------------------------------------------------- triplets
 
 def _write_triplet_folder(root, with_target=False):
     """Three samples of different file sizes and formats; the mask fills a rectangle."""
@@ -1089,11 +1564,11 @@ def test_data_write_triplets_round_trip(tmp_path):
     assert torch.equal(s["mask"], mask) and torch.allclose(s["source"], src, atol=1e-6)
 
 
-# ---------------------------------------------------------------------------------------------- VITON-HD
-
 # CIHP_PGN display colours: convert('L') of these is NOT the label id
 PALETTE = {0: (0, 0, 0), 2: (255, 0, 0), 5: (255, 85, 0), 9: (0, 85, 85), 10: (85, 51, 0), 13: (0, 0, 255),
            14: (51, 170, 221), 15: (0, 255, 255), 16: (85, 255, 170), 17: (170, 255, 85)}
+
+
 CLOTH_COLOURS = {"00001_00": (220, 30, 30), "00002_00": (30, 200, 30), "00003_00": (30, 30, 220),
                  "00006_00": (230, 200, 20), "00008_00": (200, 20, 200)}
 
@@ -1241,7 +1716,179 @@ def test_data_vitonhd_bad_data(tmp_path):
         VitonHDDataset(tmp_path, "test", size=(40, 30))
 
 
-# ---------------------------------------------------------------------------------------------- teaching world
+# ATR ids: 11 head, 4 upper clothes, 5 skirt, 6 pants, 7 dress, 12/13 legs, 14/15 arms (not CIHP's)
+DC_IDS = {"upper_body": ["048392", "048393", "048394"], "lower_body": ["050192", "050193", "050194"],
+          "dresses": ["051992", "051993", "051994"]}
+
+
+DC_REGION = {"upper_body": [4, 14, 15], "lower_body": [5, 6, 12, 13], "dresses": [7, 12, 13]}
+
+
+def _dc_colour(cat, k):
+    return [(200, 40, 40), (40, 200, 40), (40, 40, 200)][k] if cat != "dresses" else [(220, 220, 30), (30, 220, 220), (220, 30, 220)][k]
+
+
+def _atr_map(h, w, cat, k):
+    """A person-like ATR label map: head, a top with arms, and below it pants (or, for one lower_body person,
+    a skirt) with legs, or a dress with legs."""
+    p = np.zeros((h, w), np.uint8)
+    c = w // 2 + k - 1
+    p[1: h // 5, c - w // 8: c + w // 8] = 11
+    if cat == "dresses":
+        p[h // 5: 3 * h // 4, c - w // 4: c + w // 4] = 7
+    else:
+        p[h // 5: h // 2, c - w // 4: c + w // 4] = 4
+        p[h // 2: 3 * h // 4, c - w // 4: c + w // 4] = 5 if (cat, k) == ("lower_body", 2) else 6
+    p[h // 5: h // 2, c - w // 4 - 3: c - w // 4] = 15
+    p[h // 5: h // 2, c + w // 4: c + w // 4 + 3] = 14
+    p[3 * h // 4:, c - w // 4: c] = 13
+    p[3 * h // 4:, c: c + w // 4] = 12
+    return p
+
+
+def write_dresscode(root, h=40, w=30):
+    """A miniature DressCode release: three people per category at h x w, their garments (one colour each), ATR
+    label maps (mode L) and the three pair files (tabs in some, spaces in others; a train file whose column 2
+    names another garment, which training must ignore). Returns {id: label map}."""
+    parses = {}
+    for cat, ids in DC_IDS.items():
+        for folder in ("images", "label_maps"):
+            (root / cat / folder).mkdir(parents=True)
+        for k, i in enumerate(ids):
+            person = np.asarray(_rand_rgb(h, w, k + 10 * DRESSCODE_CATEGORIES.index(cat))).copy()
+            Image.fromarray(person).save(root / cat / "images" / f"{i}_0.jpg", quality=95)
+            garment = np.full((h, w, 3), 255, np.uint8)
+            garment[h // 5: 4 * h // 5, w // 5: 4 * w // 5] = _dc_colour(cat, k)
+            Image.fromarray(garment).save(root / cat / "images" / f"{i}_1.jpg", quality=95)
+            parses[i] = _atr_map(h, w, cat, k)
+            Image.fromarray(parses[i], "L").save(root / cat / "label_maps" / f"{i}_4.png")
+        (root / cat / "train_pairs.txt").write_text("".join(f"{a}_0.jpg\t{b}_1.jpg\n" for a, b in zip(ids, ids[1:] + ids[:1])))
+        (root / cat / "test_pairs_paired.txt").write_text("".join(f"{a}_0.jpg    {a}_1.jpg\n" for a in ids))
+        (root / cat / "test_pairs_unpaired.txt").write_text("".join(f"{a}_0.jpg {b}_1.jpg\n" for a, b in zip(ids, ids[::-1])))
+    return parses
+
+
+def _dilated_keep(parse, ids, radius):
+    """Keep-mask by plain numpy: the ids, then a square dilation by explicit shifts."""
+    fill = np.isin(parse, ids)
+    h, w = fill.shape
+    padded, out = np.pad(fill, radius), np.zeros_like(fill)
+    for dy in range(2 * radius + 1):
+        for dx in range(2 * radius + 1):
+            out |= padded[dy: dy + h, dx: dx + w]
+    return torch.from_numpy(~out).float()[None]
+
+
+def test_data_dresscode_garment_region_and_pairs(tmp_path):
+    """Each category: the region of its ATR ids dilated; training and paired take the model's own garment
+    (whatever train_pairs.txt column 2 says); unpaired takes column 2; "all" is the three in order."""
+    parses = write_dresscode(tmp_path)
+    for cat, ids in DC_IDS.items():
+        train_ds = DressCodeDataset(tmp_path, "train", (40, 30), (40, 30), train=False, category=cat, dilation=0.1)
+        paired = DressCodeDataset(tmp_path, "test", (40, 30), (40, 30), train=False, category=cat, dilation=0.1)
+        unpaired = DressCodeDataset(tmp_path, "test", (40, 30), (40, 30), train=False, category=cat, paired=False, dilation=0.1)
+        for k, i in enumerate(ids):
+            for ds in (train_ds, paired):
+                s = ds[k]
+                assert s["name"] == f"{i}_0" and np.allclose(_colour(s["reference"]), _dc_colour(cat, k), atol=12)
+                assert torch.equal(s["mask"], _dilated_keep(parses[i], DC_REGION[cat], 3))  # int(0.1 * 30)
+            s = unpaired[k]
+            assert s["name"] == f"{i}_0_{ids[2 - k]}_1"
+            assert np.allclose(_colour(s["reference"]), _dc_colour(cat, 2 - k), atol=12)
+            assert torch.equal(s["source"], paired[k]["source"]) and torch.equal(s["target"], s["source"])
+    # undilated: the skirt (label 5) of lower_body person 2 is all in its region, its top (label 4) all kept
+    keep = DressCodeDataset(tmp_path, "test", (40, 30), train=False, category="lower_body", dilation=0)[2]["mask"][0].numpy()
+    skirt, top = parses["050194"] == 5, parses["050194"] == 4
+    assert skirt.any() and top.any() and (keep[skirt] == 0).all() and (keep[top] == 1).all()
+    everything = DressCodeDataset(tmp_path, "test", (40, 30), train=False)
+    assert [n for n, _ in everything.samples] == [f"{i}_0" for ids in DC_IDS.values() for i in ids]
+    assert everything.categories == [c for c in DRESSCODE_CATEGORIES for _ in range(3)]
+    with pytest.raises(ValueError):
+        DressCodeDataset(tmp_path, "test", (40, 30), category="shoes")
+    with pytest.raises(ValueError):
+        DressCodeDataset(tmp_path, "train", (40, 30), paired=False)
+
+
+def test_data_dresscode_bad_rows(tmp_path):
+    """A missing label map names the file and the pair-file line; skip_bad drops it with one warning; a
+    label outside ATR's 0..17 and a malformed row are named too."""
+    write_dresscode(tmp_path)
+    missing = tmp_path / "dresses" / "label_maps" / "051993_4.png"
+    missing.unlink()
+    with pytest.raises(DataError, match=rf"{missing}: file not found \(needed by test_pairs_paired.txt line 2\)"):
+        DressCodeDataset(tmp_path, "test", (40, 30))
+    with pytest.warns(UserWarning, match="skipped 1 of 9 samples"):
+        ds = DressCodeDataset(tmp_path, "test", (40, 30), skip_bad=True)
+    assert len(ds) == 8 and "051993_0" not in [n for n, _ in ds.samples]
+    bad = tmp_path / "upper_body" / "label_maps" / "048392_4.png"
+    Image.fromarray(np.full((40, 30), 19, np.uint8), "L").save(bad)
+    ds = DressCodeDataset(tmp_path, "test", (40, 30), category="upper_body")
+    with pytest.raises(DataError, match=rf"{bad}: parse map has label 19; this layout's labels are 0..17"):
+        ds[0]
+    (tmp_path / "lower_body" / "test_pairs_unpaired.txt").write_text("050192_0.jpg\t050193_1.jpg\t1\n")
+    with pytest.raises(DataError, match="test_pairs_unpaired.txt line 1: expected"):
+        DressCodeDataset(tmp_path, "test", (40, 30), category="lower_body", paired=False)
+
+
+def planted_outputs(tmp_path, names=("result.png", "result_grid.png", "result_0.png", "result_1.png")):
+    """Earlier outputs with known bytes, to check that a failed run replaced none of them."""
+    for name in names:
+        (tmp_path / name).write_bytes(b"earlier " + name.encode())
+    return {name: (tmp_path / name).read_bytes() for name in names}
+
+
+def assert_nothing_lost(folder, planted):
+    assert {name: (folder / name).read_bytes() for name in planted} == planted
+    assert sorted(p.name for p in folder.iterdir()) == sorted(planted)  # no temporary file left either
+
+
+def test_write_images_all_or_nothing(tmp_path):
+    """Point 2: outputs replace the earlier ones only when every one has been written; a write that fails
+    (here: RGBA cannot be stored as JPEG) replaces nothing and leaves no temporary file."""
+    from data import write_images
+    planted = planted_outputs(tmp_path, ("result_0.png", "result_1.jpg", "result_grid.png"))
+    rgb, rgba = Image.new("RGB", (4, 4), (1, 2, 3)), Image.new("RGBA", (4, 4))
+    with pytest.raises(DataError, match=r"result_1\.jpg: cannot be written"):
+        write_images({tmp_path / "result_0.png": rgb, tmp_path / "result_1.jpg": rgba, tmp_path / "result_grid.png": rgb})
+    assert_nothing_lost(tmp_path, planted)
+    write_images({tmp_path / "result_0.png": rgb, tmp_path / "result_1.jpg": rgb, tmp_path / "result_grid.png": rgb})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(planted)
+    assert all(Image.open(tmp_path / name).getpixel((0, 0))[:3] != (0, 0, 0) for name in planted)
+
+
+def test_data_high_bit_and_other_modes_by_their_range(tmp_path):
+    """Point 3: 16-bit, 32-bit integer and float greyscale by their value range (PIL's convert clipped them at
+    255), CMYK and palette with transparency as RGB; a file PIL cannot read is the usual one-line DataError."""
+    v16 = np.array([[0, 257, 32768, 65535]], np.uint16)
+    Image.fromarray(v16).save(tmp_path / "g16.png")
+    Image.fromarray(v16.astype(np.int32)).save(tmp_path / "g32.tif")  # mode I: values up to 65535 -> 16-bit range
+    Image.fromarray(np.array([[0, 100, 200, 255]], np.int32)).save(tmp_path / "g32_8bit.tif")  # I holding 8-bit data
+    Image.fromarray(np.array([[0.0, 0.25, 0.5, 1.0]], np.float32)).save(tmp_path / "gf.tif")  # F in [0, 1]
+    grey = lambda name: np.asarray(load_image(tmp_path / name))[0, :, 0].tolist()
+    assert Image.open(tmp_path / "g16.png").mode == "I;16" and Image.open(tmp_path / "g32.tif").mode == "I"
+    assert grey("g16.png") == grey("g32.tif") == [0, 1, 128, 255]
+    assert grey("g32_8bit.tif") == [0, 100, 200, 255]
+    assert grey("gf.tif") == [0, 64, 128, 255]
+    assert all(load_image(tmp_path / n).mode == "RGB" for n in ("g16.png", "g32.tif", "gf.tif"))
+    mask = np.zeros((4, 6), np.uint16)
+    mask[1:3, 2:5] = 65535  # a 16-bit mask: white = fill, as an 8-bit one
+    Image.fromarray(mask).save(tmp_path / "m16.png")
+    assert torch.equal(load_mask(tmp_path / "m16.png")[0], torch.from_numpy(mask < 32768).float())
+    Image.new("CMYK", (2, 2), (0, 255, 255, 0)).save(tmp_path / "c.tif")  # cyan-free magenta + yellow ink = red
+    assert np.asarray(load_image(tmp_path / "c.tif"))[0, 0].tolist() == [255, 0, 0]
+    p = Image.new("P", (2, 1))
+    p.putpalette([10, 20, 30, 40, 50, 60] + [0] * 762)
+    p.putpixel((1, 0), 1)
+    p.save(tmp_path / "pt.png", transparency=1)
+    assert np.asarray(load_image(tmp_path / "pt.png"))[0].tolist() == [[10, 20, 30], [255, 255, 255]]
+    (tmp_path / "x.tif").write_bytes(b"II*\x00" + b"\x00" * 20)  # a TIFF header with nothing behind it
+    with pytest.raises(DataError, match=r"x\.tif: unreadable image"):
+        load_image(tmp_path / "x.tif")
+
+
+# ====================================================================================================
+# world.py: the teaching world
+# ====================================================================================================
 
 def test_data_teaching_world_deterministic_and_shapes():
     """Same seed -> identical tensors; another seed -> other scenes; shapes and ranges."""
@@ -1371,388 +2018,8 @@ def test_data_write_heldout(tmp_path):
 
 
 # ====================================================================================================
-# dtc.py and sample.py
+# sample.py: end to end on tiny original-format files, bad input, reproducibility
 # ====================================================================================================
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-TINY_UNET = dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=4,
-                 context_dim=32)
-TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)  # 2x downsampling
-TINY_VIT = DINOv2Config(embed_dim=64, depth=1, num_heads=1,  # 64-wide heads, as the loader assumes
-                         ffn="mlp", patch_size=14, img_size=56)
-
-
-def tiny_dtc_config(**kw):
-    return dtc.DTCConfig(unet=UNetConfig(in_channels=9, **TINY_UNET), image_encoder_dim=64, image_size=28,
-                         vae_factor=2, **kw)
-
-
-def randomise(module, std=0.05, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return module
-
-
-def brute_largest_rectangle(fill):
-    H, W = fill.shape
-    best = 0
-    for t, b in itertools.combinations_with_replacement(range(H), 2):
-        for l, r in itertools.combinations_with_replacement(range(W), 2):
-            if fill[t:b + 1, l:r + 1].all():
-                best = max(best, (b + 1 - t) * (r + 1 - l))
-    return best
-
-
-def test_dtc_largest_rectangle_matches_brute_force():
-    """Random, box and free-form masks: the found rectangle is inside the region and as large as brute force."""
-    g = torch.Generator().manual_seed(0)
-    masks = [torch.rand(9, 11, generator=g) < p for p in (0.3, 0.6, 0.85) for _ in range(15)]
-    box = torch.zeros(12, 10, dtype=torch.bool)
-    box[2:9, 3:8] = True
-    masks.append(box)
-    yy, xx = torch.meshgrid(torch.arange(14), torch.arange(13), indexing="ij")
-    masks.append(((yy - 7) ** 2 / 30 + (xx - 6) ** 2 / 12) < 1)  # an ellipse
-    masks.append((xx > yy // 2) & (xx < 10))                       # a slanted band
-    for fill in masks:
-        keep = (~fill).float()
-        rect = dtc.largest_rectangle(keep)
-        area = brute_largest_rectangle(fill)
-        if area == 0:
-            assert rect is None
-            continue
-        t, l, b, r = rect
-        assert fill[t:b, l:r].all() and (b - t) * (r - l) == area
-    assert dtc.largest_rectangle((~box).float()) == (2, 3, 9, 8)
-
-
-def test_dtc_make_hint_places_reference_in_rectangle():
-    ref = torch.rand(2, 3, 20, 16) * 2 - 1
-    mask = torch.ones(2, 1, 32, 24)
-    mask[0, :, 4:14, 5:20] = 0
-    mask[1, :, 10:30, 2:9] = 0
-    hint = dtc.make_hint(ref, mask)
-    for i, (t, l, b, r) in enumerate([(4, 5, 14, 20), (10, 2, 30, 9)]):
-        inside = torch.nn.functional.interpolate(ref[i:i + 1], size=(b - t, r - l), mode="bilinear",
-                                                 antialias=True, align_corners=False)[0]
-        torch.testing.assert_close(hint[i, :, t:b, l:r], ((inside + 1) / 2).clamp(0, 1))
-        outside = hint[i].clone()
-        outside[:, t:b, l:r] = 0
-        assert outside.abs().max() == 0
-    with pytest.raises(ValueError):
-        dtc.make_hint(ref[:1], torch.ones(1, 1, 8, 8))
-
-
-SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                      clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
-                      prediction_type="epsilon")
-
-
-@pytest.mark.parametrize("steps", [50, 25, 20])
-def test_dtc_ddim_equals_diffusers(steps):
-    """Timesteps and every update (eta 0 and eta 1 with the same generator) equal DDIMScheduler's."""
-    from diffusers import DDIMScheduler
-    sched, ours = DDIMScheduler(**SD15_SCHEDULER), diffusion.Schedule()
-    sched.set_timesteps(steps)
-    ts = ours.ddim_timesteps(steps)
-    assert torch.equal(sched.timesteps, ts)
-    x = torch.randn(2, 4, 8, 8)
-    for eta in (0.0, 1.0):
-        z = x.clone()
-        for i, t in enumerate(ts.tolist()):
-            eps = torch.sin(z * (i + 1))  # any deterministic function of z
-            t_prev = ts[i + 1].item() if i + 1 < len(ts) else -1
-            mine = ours.ddim_step(z, eps, t, t_prev, eta, torch.Generator().manual_seed(i))
-            ref = sched.step(eps, t, z, eta=eta, generator=torch.Generator().manual_seed(i)).prev_sample
-            torch.testing.assert_close(mine, ref, rtol=0, atol=1e-6)
-            z = ref
-
-
-def test_dtc_ddpm_noising_and_step_equal_diffusers():
-    from diffusers import DDPMScheduler
-    # the full 1000-step ancestral chain: no offset (timesteps 999 ... 0)
-    cfg = {k: v for k, v in SD15_SCHEDULER.items() if k not in ("set_alpha_to_one", "steps_offset")}
-    sched, ours = DDPMScheduler(**cfg), diffusion.Schedule()
-    x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
-    t = torch.tensor([0, 500, 999])
-    torch.testing.assert_close(ours.add_noise(x0, noise, t), sched.add_noise(x0, noise, t), rtol=0, atol=1e-6)
-    sched.set_timesteps(1000)
-    for t in (999, 500, 1, 0):
-        eps = torch.randn(3, 4, 8, 8)
-        mine = ours.ddpm_step(x0, eps, t, torch.Generator().manual_seed(t))
-        ref = sched.step(eps, t, x0, generator=torch.Generator().manual_seed(t)).prev_sample
-        torch.testing.assert_close(mine, ref, rtol=0, atol=1e-5)
-    torch.testing.assert_close(ours.predict_x0(ours.add_noise(x0, noise, t), noise, torch.tensor([t] * 3)), x0,
-                               rtol=0, atol=1e-4)
-
-
-def test_dtc_v_prediction_equals_diffusers():
-    """prediction="v": the training target is diffusers' get_velocity, and DDIM steps on a v output (converted to
-    eps) equal DDIMScheduler(prediction_type="v_prediction")'s; "eps" leaves the output as it is."""
-    from diffusers import DDIMScheduler
-    sched, ours = DDIMScheduler(**dict(SD15_SCHEDULER, prediction_type="v_prediction")), diffusion.Schedule()
-    x0, noise, t = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([1, 500, 999])
-    torch.testing.assert_close(ours.v_target(x0, noise, t), sched.get_velocity(x0, noise, t), rtol=0, atol=1e-6)
-    z_t = ours.add_noise(x0, noise, t)
-    torch.testing.assert_close(ours.eps_from(ours.v_target(x0, noise, t), z_t, t, "v"), noise, rtol=0, atol=1e-5)
-    assert ours.eps_from(noise, z_t, t, "eps") is noise
-    sched.set_timesteps(20)
-    ts = ours.ddim_timesteps(20).tolist()
-    z = torch.randn(2, 4, 8, 8)
-    for i, t in enumerate(ts):
-        v = torch.cos(z * (i + 1))
-        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-        mine = ours.ddim_step(z, ours.eps_from(v, z, torch.tensor([t] * 2), "v"), t, t_prev)
-        ref = sched.step(v, t, z).prev_sample
-        torch.testing.assert_close(mine, ref, rtol=0, atol=1e-5)
-        z = ref
-
-
-def test_dtc_v_prediction_loss_and_sampling_use_v():
-    """A v model: the loss is against v, the returned prediction is eps, and sampling converts before guidance.
-    A stand-in network that outputs the true v of a known z0 gives eps exactly; sampling with it ends at z0 (up to
-    DDIM's last step to alphas_cumprod[0], not 1); read as eps, the same output samples something else."""
-    cfg = tiny_dtc_config(prediction="v", hint=False)
-    ours, z0 = diffusion.Schedule(), torch.randn(2, 4, 8, 8)
-
-    class TrueV(dtc.DiffuseToChoose):  # knows z0: v = (sqrt(a) z_t - z0) / sqrt(1 - a)
-        def forward(self, z_t, t, *args, **kwargs):
-            a = ours.alphas_cumprod[t].view(-1, 1, 1, 1)
-            return (a.sqrt() * z_t - z0.repeat(len(z_t) // len(z0), 1, 1, 1)) / (1 - a).sqrt()
-
-    model = TrueV(cfg)
-    cond = dict(z0=z0, z_masked=torch.zeros_like(z0), mask_lat=torch.ones(2, 1, 8, 8), hint=torch.zeros(2, 3, 16, 16),
-                tokens=torch.randn(2, 5, cfg.image_encoder_dim))
-    loss, eps, z_t, t = dtc.diffusion_loss(model, ours, cond, torch.Generator().manual_seed(0))
-    assert loss.item() < 1e-8
-    torch.testing.assert_close(ours.predict_x0(z_t, eps, t), z0, rtol=0, atol=1e-3)
-    z = dtc.sample_latents(model, ours, cond, steps=10, guidance=3.0, generator=torch.Generator().manual_seed(0),
-                           progress=False)
-    assert (z - z0).abs().max() < 0.15
-    model.cfg = replace(cfg, prediction="eps")
-    z = dtc.sample_latents(model, ours, cond, steps=10, guidance=3.0, generator=torch.Generator().manual_seed(0),
-                           progress=False)
-    assert (z - z0).abs().max() > 1
-
-
-@pytest.mark.parametrize("fusion,hint_input", [("film", "full"), ("add", "full"), ("xattn", "full"), ("film", "latent_only")])
-def test_dtc_fresh_model_equals_base_unet(fusion, hint_input):
-    """Zero-initialised fusion: a fresh DTC computes exactly its main U-Net; perturbing the fusion convs changes it."""
-    torch.manual_seed(0)
-    model = dtc.DiffuseToChoose(tiny_dtc_config(fusion=fusion, hint_input=hint_input))
-    fusion_params = {id(p) for p in model.fusion.parameters()}
-    with torch.no_grad():
-        for p in model.parameters():
-            if id(p) not in fusion_params:
-                p.normal_(0, 0.05)
-    z, zm = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
-    mask = torch.rand(2, 1, 8, 8)
-    ctx = model.context(torch.randn(2, 5, 64))
-    hint, t = torch.rand(2, 3, 16, 16), torch.tensor([10, 900])
-    base = model.unet(torch.cat([z, zm, mask], 1), t, ctx)
-    assert torch.equal(model(z, t, zm, mask, ctx, hint=hint), base)
-    with torch.no_grad():
-        for p in model.fusion.parameters():  # (xattn's LayerNorm weights start at 1: kept at that scale)
-            p.normal_(0, 0.5 if fusion == "xattn" else 0.05)
-    assert (model(z, t, zm, mask, ctx, hint=hint) - base).abs().max() > 1e-3
-
-
-def test_dtc_film_formula_and_taps():
-    """FiLM is s * (1 + gamma) + beta at 13 taps (12 skips + middle for SD); the baseline has no hint branch."""
-    assert len(dtc.tap_channels(UNetConfig())) == 13
-    assert dtc.tap_channels(UNetConfig()) == [320] * 4 + [640] * 3 + [1280] * 6
-    model = randomise(dtc.DiffuseToChoose(tiny_dtc_config()))
-    skips = [torch.randn(1, c, 4, 4) for c in dtc.tap_channels(model.cfg.unet)]
-    feats = [torch.randn_like(s) for s in skips]
-    fused, h = model.fuse(skips[:-1], skips[-1], feats)
-    for s, f, conv, out in zip(skips, feats, model.fusion, fused + [h]):
-        gamma, beta = conv(f).chunk(2, 1)
-        torch.testing.assert_close(out, s * (1 + gamma) + beta)
-    base = dtc.DiffuseToChoose(dtc.baseline_config(tiny_dtc_config()))
-    assert not hasattr(base, "hint_encoder") and base.context(torch.randn(2, 5, 64)).shape == (2, 1, 32)
-
-
-def test_dtc_guidance_dropout_and_null_context():
-    model = randomise(dtc.DiffuseToChoose(tiny_dtc_config()))
-    feats = torch.randn(3, 5, 64)
-    ctx = model.context(feats, drop=torch.tensor([True, False, True]))
-    torch.testing.assert_close(ctx[1], model.token_proj(feats[1]))
-    assert torch.equal(ctx[0], model.null_context[0].expand(5, -1)) and torch.equal(ctx[2], ctx[0])
-
-
-def test_dtc_guided_sampling_step_equals_two_forwards():
-    """One batched forward for both guidance branches equals two separate forwards combined by the CFG rule."""
-    torch.manual_seed(0)
-    model = randomise(dtc.DiffuseToChoose(tiny_dtc_config())).eval()
-    sch = diffusion.Schedule()
-    cond = dict(z_masked=torch.randn(1, 4, 8, 8), mask_lat=torch.rand(1, 1, 8, 8), tokens=torch.randn(1, 5, 64),
-                hint=torch.rand(1, 3, 16, 16))
-    z = dtc.sample_latents(model, sch, cond, steps=1, guidance=3.0, generator=torch.Generator().manual_seed(1),
-                           progress=False)
-    z_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    t = torch.tensor([1])
-    with torch.no_grad():
-        ctx = model.context(cond["tokens"])
-        args = (cond["z_masked"], cond["mask_lat"])
-        e_c = model(z_T, t, *args, ctx, hint=cond["hint"])
-        e_u = model(z_T, t, *args, model.uncond_context(ctx), hint=cond["hint"])
-    ref = sch.ddim_step(z_T, e_u + 3.0 * (e_c - e_u), 1, -1)
-    torch.testing.assert_close(z, ref, rtol=0, atol=1e-5)
-
-
-def test_dtc_latent_only_hint_computed_once():
-    """With hint_input='latent_only' the hint encoder runs once per sampling call, not once per step."""
-    model = randomise(dtc.DiffuseToChoose(tiny_dtc_config(hint_input="latent_only"))).eval()
-    calls = []
-    encode = model.hint_encoder.encode
-    model.hint_encoder.encode = lambda *a: calls.append(1) or encode(*a)
-    cond = dict(z_masked=torch.randn(2, 4, 8, 8), mask_lat=torch.rand(2, 1, 8, 8), tokens=torch.randn(2, 5, 64),
-                hint=torch.rand(2, 3, 16, 16))
-    dtc.sample_latents(model, diffusion.Schedule(), cond, steps=4, progress=False)
-    assert len(calls) == 1
-    calls.clear()
-    model.cfg.hint_input = "full"
-    model.hint_encoder = UNet(UNetConfig(in_channels=9, **TINY_UNET), encoder_only=True)
-    model.hint_encoder.encode = lambda *a: calls.append(1) or UNet.encode(model.hint_encoder, *a)
-    dtc.sample_latents(model, diffusion.Schedule(), cond, steps=4, progress=False)
-    assert len(calls) == 4
-
-
-# --- building from the original files --------------------------------------------------------------------
-
-
-def write_original_files(tmp_path, kind):
-    """A tiny single-file SD checkpoint of `kind` ('sd15', 'inpaint', 'pbe') and a tiny DINOv2 hub file."""
-    torch.manual_seed({"sd15": 1, "inpaint": 2, "pbe": 3}[kind])
-    unet = randomise(UNet(UNetConfig(in_channels=4 if kind == "sd15" else 9, **TINY_UNET)), seed=5)
-    vae = randomise(AutoencoderKL(TINY_VAE), std=0.02, seed=6)
-    sd = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
-    sd.update({"first_stage_model." + k: v for k, v in vae.state_dict().items()})
-    sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
-    sd["alphas_cumprod"] = diffusion.Schedule().alphas_cumprod
-    if kind == "pbe":
-        sd["learnable_vector"] = torch.randn(1, 1, 32)
-        sd["proj_out.weight"], sd["proj_out.bias"] = torch.randn(32, 48), torch.randn(32)
-        sd["cond_stage_model.mapper.resblocks.0.ln_1.weight"] = torch.ones(48)
-    sd_path = tmp_path / f"{kind}.ckpt"
-    torch.save({"state_dict": sd, "global_step": 1}, sd_path)
-    vit_path = tmp_path / "dinov2_tiny.pth"
-    torch.save(randomise(DINOv2(TINY_VIT), seed=7).state_dict(), vit_path)
-    return sd_path, vit_path, unet
-
-
-def test_dtc_from_sd15_file_pads_conv_in(tmp_path):
-    sd_path, vit_path, unet = write_original_files(tmp_path, "sd15")
-    model, frozen = dtc.from_original(sd_path, vit_path)
-    w = model.unet.input_blocks[0][0].weight
-    assert w.shape[1] == 9 and w[:, 4:].abs().max() == 0 and torch.equal(w[:, :4], unet.input_blocks[0][0].weight)
-    # the hint copy gets a path for z_masked + adapter(hint): channels 4..7 from the latent channels
-    hw = model.hint_encoder.input_blocks[0][0].weight
-    assert torch.equal(hw[:, 4:8], w[:, :4])
-    for k, v in model.hint_encoder.state_dict().items():
-        if k != "input_blocks.0.0.weight":
-            assert torch.equal(v, model.unet.state_dict()[k]), k
-    assert model.cfg.image_encoder_dim == 64 and model.cfg.vae_factor == 2 and model.cfg.mask_channel == "keep"
-    assert not any(p.requires_grad for p in frozen.vae.parameters())
-
-
-def test_dtc_from_inpainting_file_permutes_conv_in(tmp_path):
-    """The SD-inpainting U-Net on [z_t, mask_fill, z_masked] equals our main U-Net on [z_t, z_masked, mask_keep]."""
-    sd_path, vit_path, unet = write_original_files(tmp_path, "inpaint")
-    model, _ = dtc.from_original(sd_path, vit_path)
-    assert model.cfg.mask_channel == "fill"
-    z, zm, ctx, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(2, 3, 32), torch.tensor([5, 700])
-    keep = (torch.rand(2, 1, 8, 8) > 0.5).float()
-    with torch.no_grad():
-        ref = unet(torch.cat([z, 1 - keep, zm], 1), t, ctx)
-        ours = model(z, t, zm, keep, ctx, hint=torch.rand(2, 3, 16, 16))
-    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
-
-
-def test_dtc_from_pbe_file_keeps_layout_and_null(tmp_path):
-    sd_path, vit_path, unet = write_original_files(tmp_path, "pbe")
-    model, _ = dtc.from_original(sd_path, vit_path)
-    full = torch.load(sd_path, weights_only=True)["state_dict"]
-    assert torch.equal(model.unet.input_blocks[0][0].weight, unet.input_blocks[0][0].weight)
-    assert torch.equal(model.null_context, full["learnable_vector"])
-    assert model.cfg.mask_channel == "keep"
-
-
-def test_dtc_from_original_bad_files(tmp_path):
-    sd_path, vit_path, _ = write_original_files(tmp_path, "sd15")
-    with pytest.raises(CheckpointError, match="sd15.ckpt"):  # an SD file where DINOv2 is expected
-        dtc.from_original(sd_path, sd_path)
-    torch.save({"a.weight": torch.zeros(1)}, tmp_path / "junk.pth")
-    with pytest.raises(CheckpointError, match="junk.pth"):
-        dtc.from_original(tmp_path / "junk.pth", vit_path)
-    full = torch.load(sd_path, weights_only=True)["state_dict"]
-    del full["first_stage_model.decoder.conv_out.bias"]  # a damaged VAE inside the SD file: the file is named
-    torch.save({"state_dict": full}, tmp_path / "bad_vae.ckpt")
-    with pytest.raises(CheckpointError, match=r"bad_vae.ckpt: does not match AutoencoderKL(.|\n)*decoder.conv_out.bias"):
-        dtc.from_original(tmp_path / "bad_vae.ckpt", vit_path)
-
-
-def test_dtc_config_working_size_stored_and_defaulted():
-    """The working size is in the config; a config written before the field existed gets the old rule (512 for an
-    SD-width U-Net, 64 for the tiny one), so the bundled models keep loading at their size."""
-    old = {k: v for k, v in dataclasses.asdict(dtc.tiny_config(64)).items() if k != "train_size"}
-    assert dtc.DTCConfig.from_dict(old).train_size == 64
-    assert dtc.DTCConfig.from_dict({k: v for k, v in dataclasses.asdict(dtc.DTCConfig()).items()
-                                    if k != "train_size"}).train_size == 512
-    assert dtc.DTCConfig.from_dict(dataclasses.asdict(dtc.tiny_config(48))).train_size == 48
-    model, _ = load_dtc(os.path.join(HERE, "assets", "dtc_tiny.safetensors"))
-    assert model.cfg.train_size == 64
-
-
-def test_dtc_checkpoint_round_trip(tmp_path):
-    cfg = tiny_dtc_config(fusion="add")
-    model = randomise(dtc.DiffuseToChoose(cfg))
-    frozen = dtc.Frozen(vae=randomise(AutoencoderKL(TINY_VAE)), image_encoder=randomise(DINOv2(TINY_VIT)))
-    path = tmp_path / "dtc.safetensors"
-    dtc.save_dtc(model, path)
-    loaded, fz = dtc.load_dtc(path)
-    assert fz is None and loaded.cfg == cfg
-    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
-        assert k == k2 and torch.equal(a, b)
-    dtc.save_dtc(model, path, frozen)  # overwrites atomically; now with the frozen parts
-    loaded, fz = dtc.load_dtc(path)
-    assert torch.equal(fz.vae.decoder.conv_out.weight, frozen.vae.decoder.conv_out.weight)
-    assert torch.equal(fz.image_encoder.pos_embed, frozen.image_encoder.pos_embed)
-    assert not (tmp_path / "dtc.safetensors.tmp").exists()
-    with pytest.raises(CheckpointError, match="not a DTC checkpoint"):
-        from safetensors.torch import save_file
-        save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
-        dtc.load_dtc(tmp_path / "other.safetensors")
-    with pytest.raises(CheckpointError, match="missing"):  # a checkpoint of another variant's config
-        from safetensors.torch import save_file
-        sd = {k: v for k, v in model.state_dict().items() if not k.startswith("fusion.0")}
-        save_file(sd, tmp_path / "cut.safetensors", metadata={"format": "dtc", "dtc_config": json.dumps(
-            __import__("dataclasses").asdict(cfg))})
-        dtc.load_dtc(tmp_path / "cut.safetensors")
-
-
-def test_dtc_vgg_loss_taps(tmp_path):
-    """The perceptual loss taps VGG-19 relu1_2..relu5_2, weights 1/32..1, L1; it loads a torchvision-format file."""
-    import torchvision
-    vgg = torchvision.models.vgg19(weights=None)
-    torch.save(vgg.state_dict(), tmp_path / "vgg19.pth")
-    loss = dtc.VGGLoss(tmp_path / "vgg19.pth")
-    names = [type(loss.features[i]).__name__ for i in dtc.VGGLoss.TAPS]
-    assert names == ["ReLU"] * 5
-    x, y = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
-    assert loss(x, x).item() == 0 and loss(x, y).item() > 0
-    feats, h, ref = vgg.features.eval(), ((torch.cat([x, y]) + 1) / 2 - loss.mean) / loss.std, 0.0
-    for i, layer in enumerate(feats[:32]):
-        h = layer(h.clone())
-        if i in dtc.VGGLoss.TAPS:
-            a, b = h.chunk(2)
-            ref += dtc.VGGLoss.WEIGHTS[dtc.VGGLoss.TAPS.index(i)] * (a - b).abs().mean()
-    torch.testing.assert_close(loss(x, y), ref)
-
-
-# --- sample.py end to end, on tiny original-format files ------------------------------------------------
-
 
 @pytest.fixture(scope="module")
 def sample_inputs(tmp_path_factory):
@@ -1855,8 +2122,196 @@ def test_sample_bad_input_exits_with_one_line(sample_inputs, tmp_path, capsys, c
     assert out.read_bytes() == b"earlier result"
 
 
+def test_sample_box_equals_mask_file(sample_inputs, tmp_path):
+    """--box=x0,y0,x1,y1 gives the same bytes as the mask file white on exactly that rectangle; bad boxes are
+    named."""
+    import sample
+    d, _, _ = sample_inputs
+    mask = Image.new("L", (50, 37), 0)
+    mask.paste(255, (10, 8, 36, 30))
+    mask.save(tmp_path / "box.png")
+    assert sample.cli(sample_args(d, tmp_path / "m.png", mask=tmp_path / "box.png")) == 0
+    assert sample.cli(sample_args(d, tmp_path / "b.png", box="10,8,36,30")) == 0
+    assert (tmp_path / "m.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    assert sample.cli(sample_args(d, tmp_path / "c.png", box="10,8,37,30")) == 0
+    assert (tmp_path / "c.png").read_bytes() != (tmp_path / "b.png").read_bytes()  # one column more: not the same
+
+
+@pytest.mark.parametrize("box,expect", [("10,8,36", "four integers"), ("36,8,10,30", "0 <= x0 < x1 <= 50"),
+                                        ("0,0,51,37", "the source is 50x37"), ("0,0,50,37", "whole image")])
+def test_sample_bad_box_one_line(sample_inputs, tmp_path, capsys, box, expect):
+    import sample
+    d, _, _ = sample_inputs
+    assert sample.cli(sample_args(d, tmp_path / "r.png", box=box)) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expect in err and "--box" in err and not (tmp_path / "r.png").exists()
+
+
+def sample_fails(sample_inputs, tmp_path, capsys, words, **kw):
+    """sample.cli with the options kw and --out in tmp_path/out: exit 1, one line naming `words`, no traceback,
+    and the planted earlier outputs as they were."""
+    import sample
+    d, _, _ = sample_inputs
+    (tmp_path / "out").mkdir()
+    planted = planted_outputs(tmp_path / "out")
+    assert sample.cli(sample_args(d, tmp_path / "out" / kw.pop("out", "result.png"), **kw)) == 1
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    assert all(w in lines[0] for w in words), lines[0]
+    assert_nothing_lost(tmp_path / "out", planted)
+
+
+@pytest.mark.parametrize("steps", [0, -1, 1001])
+def test_sample_steps_out_of_range_one_line(sample_inputs, tmp_path, capsys, steps):
+    """Row 1: --steps=0 / -1 (a ZeroDivisionError and a RuntimeError before) and past the schedule's 1000."""
+    sample_fails(sample_inputs, tmp_path, capsys, [f"--steps={steps}", "1 ... 1000"], steps=steps)
+
+
+def test_sample_no_samples_overwrites_nothing(sample_inputs, tmp_path, capsys):
+    """Row 2: --num_samples=0 used to exit 0 and overwrite the grid with no result column."""
+    sample_fails(sample_inputs, tmp_path, capsys, ["--num_samples=0"], num_samples=0)
+
+
+def test_sample_cuda_without_cuda_one_line(sample_inputs, tmp_path, capsys, monkeypatch):
+    """Row 3: --device=cuda on a machine without a GPU ("Found no NVIDIA driver" traceback before)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    sample_fails(sample_inputs, tmp_path, capsys, ["--device=cuda", "CUDA is not available"], device="cuda")
+
+
+@pytest.mark.parametrize("option,value", [("size", 0), ("size", -64), ("guidance", "nan"), ("guidance", "inf"),
+                                          ("guidance", -1), ("eta", "nan"), ("eta", 1.5), ("seed", -1),
+                                          ("out", "result.gif"), ("out", "result")])
+def test_sample_every_option_checked_before_any_work(sample_inputs, tmp_path, capsys, option, value):
+    """Point 1: meaningless values and output names that are no image format: one line naming the option."""
+    sample_fails(sample_inputs, tmp_path, capsys, [f"{value}"] if option == "out" else [f"--{option}={value}"],
+                 **{option: value})
+
+
+def test_sample_model_files_checked_before_loading(sample_inputs, tmp_path, capsys):
+    """Point 1: a missing --dinov2 is named before the --sd file is read."""
+    d, sd_path, _ = sample_inputs
+    sample_fails(sample_inputs, tmp_path, capsys, ["nope.pth", "--dinov2"], dtc=None, sd=sd_path,
+                 dinov2=tmp_path / "nope.pth")
+
+
+def test_sample_16bit_grey_images_by_their_range(sample_inputs, tmp_path):
+    """Row 4: a 16-bit greyscale source (mode I;16) and reference were clipped to flat white. Now the result's
+    pixels outside the mask (pasted back) equal the source's 8-bit conversion, round(v * 255 / 65535)."""
+    import sample
+    d, _, _ = sample_inputs
+    grey = (np.arange(37 * 50, dtype=np.int64).reshape(37, 50) * 37 % 65536).astype(np.uint16)
+    Image.fromarray(grey).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode == "I;16"
+    assert sample.cli(sample_args(d, tmp_path / "r.png", source=tmp_path / "grey16.png",
+                                  reference=tmp_path / "grey16.png")) == 0
+    eight = np.round(grey.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    keep = np.asarray(Image.open(d / "mask.png").resize((50, 37), Image.NEAREST)) < 128
+    result = np.asarray(Image.open(tmp_path / "r.png").convert("RGB"))
+    assert keep.any() and np.array_equal(result[keep], np.repeat(eight[keep][:, None], 3, 1))
+    assert np.array_equal(np.asarray(load_image(tmp_path / "grey16.png"))[..., 0], eight)  # the reference too
+
+
+@pytest.mark.parametrize("name", ["taken", "taken.png"])
+def test_sample_out_is_a_folder_one_line(sample_inputs, tmp_path, capsys, name):
+    """Row 5: --out naming an existing folder: a traceback and a left-behind result.png.tmp.png before."""
+    (tmp_path / name).mkdir()
+    import sample
+    d, _, _ = sample_inputs
+    assert sample.cli(sample_args(d, tmp_path / name)) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and name in err and "existing folder" in err and "Traceback" not in err
+    assert [p.name for p in tmp_path.iterdir()] == [name] and not any((tmp_path / name).iterdir())
+
+
+def test_sample_grid_unwritable_replaces_nothing(sample_inputs, tmp_path, capsys):
+    """Row 6: the grid's path is a folder. Before, the result was replaced and then the grid write failed."""
+    (tmp_path / "result_grid.png").mkdir()
+    import sample
+    d, _, _ = sample_inputs
+    (tmp_path / "result.png").write_bytes(b"earlier result")
+    assert sample.cli(sample_args(d, tmp_path / "result.png")) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "result_grid.png" in err and "Traceback" not in err
+    assert (tmp_path / "result.png").read_bytes() == b"earlier result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.png", "result_grid.png"]
+
+
+@pytest.mark.parametrize("ext,magic", [(".jpg", b"\xff\xd8\xff"), (".jpeg", b"\xff\xd8\xff"), (".webp", b"RIFF"),
+                                       (".png", b"\x89PNG")])
+def test_sample_output_format_follows_the_extension(sample_inputs, tmp_path, ext, magic):
+    """Row 7: --out=result.jpg held PNG bytes. Every sample (_0, _1) is in the extension's format; the grid is PNG."""
+    import sample
+    d, _, _ = sample_inputs
+    assert sample.cli(sample_args(d, tmp_path / f"result{ext}", num_samples=2)) == 0
+    for i in range(2):
+        assert (tmp_path / f"result_{i}{ext}").read_bytes().startswith(magic)
+    assert (tmp_path / "result_grid.png").read_bytes().startswith(b"\x89PNG")
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("damage,words", [
+    (lambda meta: dict(meta, dtc_config="{not json"), ["dtc_config", "not valid JSON"]),
+    (lambda meta: dict(meta, dtc_config=json.dumps({k: v for k, v in json.loads(meta["dtc_config"]).items()
+                                                    if k != "unet"})), ["dtc_config", "incomplete", "unet"]),
+    (lambda meta: dict(meta, dtc_config=json.dumps(dict(json.loads(meta["dtc_config"]), colour=1))),
+     ["dtc_config", "colour"]),
+    (lambda meta: {k: v for k, v in meta.items() if k != "image_encoder_config"}, ["no image_encoder_config"]),
+    (lambda meta: dict(meta, vae_config="[1, 2]"), ["vae_config"]),
+])
+def test_sample_dtc_broken_metadata_one_line(sample_inputs, tmp_path, capsys, damage, words):
+    """Row 8: a DTC file whose config metadata is broken JSON, lacks fields or the encoder's config
+    (JSONDecodeError / KeyError tracebacks before), through checkpoint.py's one reader."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    d, _, _ = sample_inputs
+    with safe_open(str(d / "dtc.safetensors"), "pt") as f:
+        meta = f.metadata()
+    bad = tmp_path / "bad.safetensors"
+    save_file(load_file(d / "dtc.safetensors"), bad, metadata=damage(meta))
+    sample_fails(sample_inputs, tmp_path, capsys, [str(bad), *words], dtc=bad)
+
+
+def test_sample_stretched_mask_warns_in_one_line(sample_inputs, tmp_path, capsys):
+    """Point 1: a legal but surprising input, a mask of another aspect ratio, is stretched with a one-line
+    warning; a mask at a rounded scale of the source (the fixture's 25x19 for 50x37) is not warned about."""
+    import sample
+    d, _, _ = sample_inputs
+    assert sample.cli(sample_args(d, tmp_path / "r.png")) == 0
+    assert "warning" not in capsys.readouterr().err
+    mask = Image.new("L", (40, 10), 0)
+    mask.paste(255, (10, 2, 30, 8))
+    mask.save(tmp_path / "wide.png")
+    assert sample.cli(sample_args(d, tmp_path / "r.png", mask=tmp_path / "wide.png")) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warned == [f"warning: {tmp_path / 'wide.png'}: the mask is 40x10, another aspect ratio than the "
+                      "source's 50x37: it is stretched to the source"]
+
+
+def test_sample_untrained_model_same_seed_same_bytes(sample_inputs, tmp_path):
+    """Row 11 and point 6: without --dtc the parts the SD file lacks (token projection, null context, adapter)
+    come from --seed: the same seed gives the same bytes however the process's global RNG stands, another seed
+    other bytes; from_original leaves the global RNG where it was (train.py seeds them with the run's seed)."""
+    import sample
+    d, sd_path, vit_path = sample_inputs
+    run = lambda name, seed: (sample.cli(sample_args(d, tmp_path / name, dtc=None, sd=sd_path, dinov2=vit_path,
+                                                     seed=seed)), (tmp_path / name).read_bytes())[1]
+    torch.manual_seed(1)
+    first = run("a.png", 0)
+    torch.rand(100)  # a global RNG elsewhere in the same state as before makes no difference
+    assert run("b.png", 0) == first and run("c.png", 1) != first
+    state = torch.get_rng_state()
+    a, _ = dtc.from_original(sd_path, vit_path, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    b, _ = dtc.from_original(sd_path, vit_path, seed=3)
+    c, _ = dtc.from_original(sd_path, vit_path, seed=4)
+    for name in ("token_proj.weight", "null_context", "adapter.layers.0.weight"):
+        assert torch.equal(a.state_dict()[name], b.state_dict()[name]) and not torch.equal(a.state_dict()[name],
+                                                                                         c.state_dict()[name]), name
+
+
 # ====================================================================================================
-# evaluate.py
+# evaluate.py: the metrics, the trivial fills, the release evaluation
 # ====================================================================================================
 
 def test_eval_psnr_ssim_identity_and_perturbed():
@@ -1969,11 +2424,150 @@ def test_eval_cli_against_itself_and_perturbed(tmp_path):
     assert sampled["psnr_masked"] < float("inf")
 
 
+class TinyFeatures(torch.nn.Module):
+    """In place of Inception for FID/KID: uint8 (B,3,H,W) -> (B,4), a fixed random projection of the 2x2
+    average-pooled pixels (H, W even)."""
+    num_features = 4
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("w", torch.randn(12, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+
+    def forward(self, x):
+        return F.adaptive_avg_pool2d(x.double() / 255, 2).flatten(1) @ self.w
+
+
+def numpy_features(images, w):
+    """TinyFeatures by numpy on (B,H,W,3) uint8 arrays."""
+    b, h, wd, _ = images.shape
+    pooled = (images.astype(np.float64) / 255).reshape(b, 2, h // 2, 2, wd // 2, 3).mean((2, 4))  # (B,2,2,3)
+    return pooled.transpose(0, 3, 1, 2).reshape(b, 12) @ w
+
+
+def numpy_fid(a, b):
+    """Frechet distance with the square root of S_a taken by eigh (a different route from torchmetrics')."""
+    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    wa, va = np.linalg.eigh(sa)
+    root = va @ np.diag(np.sqrt(np.clip(wa, 0, None))) @ va.T
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root @ sb @ root), 0, None)).sum()
+    return ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(sa) + np.trace(sb) - 2 * cross
+
+
+def numpy_kid(a, b):
+    """Unbiased MMD^2 with the cubic polynomial kernel (x.y / d + 1)^3, all samples in one subset."""
+    d, m = a.shape[1], len(a)
+    k = lambda x, y: (x @ y.T / d + 1) ** 3
+    kaa, kbb, kab = k(a, a), k(b, b), k(a, b)
+    off = lambda kk: (kk.sum() - np.trace(kk)) / (m * (m - 1))
+    return off(kaa) + off(kbb) - 2 * kab.mean()
+
+
+@pytest.fixture
+def eval_weights(tmp_path, monkeypatch):
+    """Small random stand-ins for the released networks, through the libraries' own loading paths: a CLIP
+    folder for transformers, a torchvision SqueezeNet in a private $TORCH_HOME cache for LPIPS."""
+    import torchvision
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=16, projection_dim=16)
+    CLIPVisionModelWithProjection(cfg).save_pretrained(tmp_path / "clip")
+    home = tmp_path / "torch_home"
+    (home / "hub" / "checkpoints").mkdir(parents=True)
+    url = torchvision.models.SqueezeNet1_1_Weights.DEFAULT.url
+    torch.save(torchvision.models.squeezenet1_1().state_dict(), home / "hub" / "checkpoints" / url.rsplit("/", 1)[1])
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    return [f"--clip={tmp_path / 'clip'}", "--lpips_net=squeeze"]
+
+
+def test_eval_release_scores_match_numpy_and_identity(tmp_path, eval_weights, capsys):
+    """DressCode, --pred_dir: predictions equal to the targets score SSIM 1, LPIPS 0, FID 0; noisy ones (no
+    paste-back) give FID and KID equal to numpy on the same features; the protocol is printed."""
+    write_dresscode(tmp_path / "dc")
+    people = sorted((tmp_path / "dc").glob("*/images/*_0.jpg"))
+    real = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in people])
+    (tmp_path / "same").mkdir()
+    (tmp_path / "noisy").mkdir()
+    g = np.random.default_rng(0)
+    fake = np.clip(real + g.normal(0, 40, real.shape), 0, 255).astype(np.uint8)
+    for p, x, y in zip(people, real, fake):
+        Image.fromarray(x).save(tmp_path / "same" / f"{p.stem}.png")
+        Image.fromarray(y).save(tmp_path / "noisy" / f"{p.stem}.png")
+    base = [f"--data={tmp_path / 'dc'}", "--eval_size=40x30", *eval_weights]
+    same = evaluate.main(base + [f"--pred_dir={tmp_path / 'same'}"], fid_feature=TinyFeatures())
+    assert abs(same["ssim"] - 1) < 1e-6 and same["lpips"] < 1e-6 and same["psnr_masked"] == float("inf")
+    assert abs(same["fid"]) < 1e-6 and -100 <= same["clip_region"] <= 100
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("protocol: DressCode (all) test, paired, 9 images") and "repaint) on" in out[1]
+    assert all(re.fullmatch(r"[a-z_]+=\S+", kv) for kv in out[-1].split()) and "pairs=paired" in out[-1]
+    noisy = evaluate.main(base + [f"--pred_dir={tmp_path / 'noisy'}", "--no_repaint"], fid_feature=TinyFeatures())
+    w = TinyFeatures().w.numpy()
+    a, b = numpy_features(real, w), numpy_features(fake, w)
+    assert noisy["fid"] == pytest.approx(numpy_fid(a, b), rel=1e-6, abs=1e-9)
+    assert noisy["kid"] == pytest.approx(numpy_kid(a, b), rel=1e-6, abs=1e-9)  # 100 subsets of all 9: one value
+    assert noisy["kid_std"] < 1e-9 and noisy["fid"] > 1e-3 and noisy["ssim"] < 0.9 and noisy["lpips"] > 0
+    # unpaired: the distribution metrics and the CLIP score against the (other) garment only
+    unpaired = evaluate.main(base + [f"--pred_dir={tmp_path / 'same'}", "--pairs=unpaired", "--category=dresses"],
+                             fid_feature=TinyFeatures())
+    assert set(unpaired) == {"clip_region", "fid", "kid", "kid_std"}
+    assert "DressCode (dresses) test, unpaired, 3 images" in capsys.readouterr().out
+    first = evaluate.main(base + [f"--pred_dir={tmp_path / 'same'}", "--limit=4"], fid_feature=TinyFeatures())
+    assert "paired, 4 images (--limit=4)" in capsys.readouterr().out and first["fid"] != noisy["fid"]
+
+
+def test_eval_region_clip_is_100_on_the_reference(eval_weights):
+    """The region crop of an image that shows the reference exactly in the mask's bounding box scores 100."""
+    clip = evaluate.RegionCLIP(eval_weights[0].split("=", 1)[1], "cpu")
+    g = torch.Generator().manual_seed(0)
+    reference = torch.rand(3, 32, 32, generator=g) * 2 - 1
+    image = torch.rand(1, 3, 50, 40, generator=g) * 2 - 1
+    image[0, :, 9:41, 4:36] = reference
+    fill = torch.zeros(1, 1, 50, 40)
+    fill[..., 9:41, 4:36] = 1
+    assert clip.score(image, fill, reference[None]).item() == pytest.approx(100, abs=1e-3)
+    assert clip.score(image, fill, -reference[None]).item() < 99
+
+
+def test_eval_release_vitonhd_sampled(sample_inputs, tmp_path, eval_weights, capsys):
+    """VITON-HD sampled with a tiny DTC, paired and unpaired: images written under the release's names at the
+    scoring size, the person's own pixels outside the mask; --pred_dir on them gives the same numbers."""
+    d, _, _ = sample_inputs
+    _write_viton(tmp_path / "viton")
+    base = [f"--data={tmp_path / 'viton'}", f"--dtc={d / 'dtc.safetensors'}", "--size=32", "--steps=2",
+            "--eval_size=40x30", *eval_weights]
+    paired = evaluate.main(base + [f"--out_dir={tmp_path / 'p'}"], fid_feature=TinyFeatures())
+    assert {"clip_region", "fid", "kid", "lpips", "ssim", "psnr_masked", "ssim_masked"} <= set(paired)
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["00006_00.png", "00008_00.png"]
+    out = np.asarray(Image.open(tmp_path / "p" / "00006_00.png"))
+    person = np.asarray(Image.open(tmp_path / "viton" / "test" / "image" / "00006_00.jpg").convert("RGB"))
+    keep = VitonHDDataset(tmp_path / "viton", "test", (40, 30), train=False)[0]["mask"][0].numpy() > 0.5
+    assert out.shape == (40, 30, 3) and np.array_equal(out[keep], person[keep]) and not np.array_equal(out, person)
+    assert "sampled at 32x32" in capsys.readouterr().out
+    rescored = evaluate.main(base[:1] + base[4:] + [f"--pred_dir={tmp_path / 'p'}"], fid_feature=TinyFeatures())
+    for k in ("ssim", "lpips", "clip_region"):
+        assert rescored[k] == pytest.approx(paired[k], abs=0.02)  # the files are the sampled images rounded to 8 bits
+    unpaired = evaluate.main(base + ["--pairs=unpaired", f"--out_dir={tmp_path / 'u'}"], fid_feature=TinyFeatures())
+    assert set(unpaired) == {"clip_region", "fid", "kid", "kid_std"}
+    assert sorted(p.name for p in (tmp_path / "u").iterdir()) == ["00006_00_00008_00.png", "00008_00_00006_00.png"]
+
+
+def test_eval_release_bad_input(tmp_path, eval_weights):
+    """No generator, fewer than 2 images, or a missing prediction: one clear error naming it."""
+    write_dresscode(tmp_path / "dc")
+    with pytest.raises(CheckpointError, match="--dtc"):
+        evaluate.main([f"--data={tmp_path / 'dc'}", *eval_weights])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="--limit=1: FID and KID need at least 2 images"):
+        evaluate.main([f"--data={tmp_path / 'dc'}", f"--pred_dir={tmp_path / 'empty'}", "--limit=1", *eval_weights])
+    with pytest.raises(DataError, match=r"no image named 048392_0\.\*"):
+        evaluate.main([f"--data={tmp_path / 'dc'}", f"--pred_dir={tmp_path / 'empty'}", "--eval_size=40x30", *eval_weights],
+                      fid_feature=TinyFeatures())
+
+
 # ====================================================================================================
-# train.py
+# train.py: runs, resumption, processes, presets, bad input
 # ====================================================================================================
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 # the smallest useful run: 32x32 images (8x8 latents), batch 2, a 2-step VAE phase, no sample grids
 SMALL = ["--size=32", "--batch_size=2", "--vae_steps=2", "--sample_every=0", "--log_every=1000"]
 
@@ -2274,336 +2868,6 @@ def test_train_init_vae_reuses_a_trained_tiny_vae(tiny_run, tmp_path, one_thread
         train.main([*SMALL, f"--out_dir={tmp_path / 'c'}", "--max_steps=1", f"--init_vae={tmp_path / 'no_vae.safetensors'}"])
 
 
-# ====================================================================================================
-# bench.py
-# ====================================================================================================
-
-BENCH_VAE = VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)  # 4x: 16x12 latents <-> 64x48 images
-
-
-@pytest.fixture
-def one_thread_bench():
-    """Tiny models gain nothing from a second thread, and on a machine shared with other jobs OpenMP threads
-    wait on each other (measured: up to 60x slower); one thread keeps this file fast."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def random_vae(seed=0):
-    """Every parameter random (conv weights ~ N(0, 1/fan_in), norm weights around 1, biases non-zero)."""
-    vae = AutoencoderKL(BENCH_VAE).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in vae.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            p.copy_(r / math.sqrt(p[0].numel()) if p.ndim > 1 else 1 + 0.2 * r if "norm" in name and "weight" in name
-                    else 0.2 * r)
-    return vae
-
-
-def latents(seed=1):
-    return torch.randn(2, 4, 16, 12, generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def test_bench_decode_tiled_one_tile_is_decode(one_thread_bench):
-    """A latent no larger than one tile is decoded in one piece: bit-identical to decode()."""
-    vae, z = random_vae(), latents()
-    assert torch.equal(vae.decode_tiled(z, tile=16, overlap=4), vae.decode(z))
-    assert torch.equal(vae.decode_tiled(z, tile=64), vae.decode(z))
-
-
-@pytest.mark.parametrize("tile,overlap", [(8, 4), (8, 2), (5, 3), (6, 0), (7, 6)])
-@torch.no_grad()
-def test_bench_decode_tiled_blending_is_a_partition_of_unity(one_thread_bench, tile, overlap):
-    """With a decoder that has no global parts (nearest upsampling of a pointwise map), tiling must change
-    nothing: tiles land where they belong and the ramp weights of the tiles covering each pixel sum to 1,
-    including uneven last tiles (flush with the end) and zero overlap."""
-    vae, z = random_vae(), latents()
-    f = vae.cfg.downsample_factor
-    vae.decode = lambda z: F.interpolate(torch.tanh(z[:, :3] * 2 + z[:, 3:]), scale_factor=f, mode="nearest")
-    out = vae.decode_tiled(z, tile=tile, overlap=overlap)
-    assert out.shape == (2, 3, 16 * f, 12 * f)
-    assert (out - vae.decode(z)).abs().max() < 1e-6
-
-
-@torch.no_grad()
-def test_bench_decode_tiled_cross_fades_seams(one_thread_bench):
-    """Where tiles disagree, the overlap is a linear cross-fade, not a seam. A decoder whose output is one value
-    per tile (the mean of the tile's latents) shows it: three tiles along the width overlapping by 4 latents
-    (16 pixels) step by at most |a - b| / 16 between neighbouring pixels, and hold their own value outside the
-    overlaps; with no overlap the step is the whole |a - b|."""
-    vae = random_vae()
-    f = vae.cfg.downsample_factor
-    z = torch.linspace(0, 3, 16).expand(1, 4, 4, 16) ** 2  # tiles [0,8), [4,12), [8,16): different means
-    vae.decode = lambda z: z.mean().expand(1, 3, z.shape[2] * f, z.shape[3] * f)
-    row = vae.decode_tiled(z, tile=8, overlap=4)[0, 0, 0]  # (64,) pixels along the width
-    a, b, c = (z[..., s:s + 8].mean() for s in (0, 4, 8))
-    assert torch.allclose(row[:16], a) and torch.allclose(row[-16:], c)  # outside the overlaps
-    steps = row.diff().abs()
-    assert steps.max() <= max(abs(a - b), abs(b - c)) / 16 * 1.001
-    assert torch.allclose(row[16:32].mean(), (a + b) / 2)  # the middle of a linear fade
-    hard = vae.decode_tiled(z, tile=8, overlap=0)[0, 0, 0]
-    assert torch.isclose(hard.diff().abs().max(), abs(z[..., :8].mean() - z[..., 8:].mean()))
-
-
-@torch.no_grad()
-def test_bench_decode_tiled_close_to_decode(one_thread_bench):
-    """Small tiles of the real decoder: right shape, close to decode() but not equal (the mid-block attention and
-    every GroupNorm see one tile). Measured on this random VAE, 16x12 latents, relative RMS error (max |d|):
-    tile 10 / overlap 4: 0.216 (0.67); tile 8 / overlap 4: 0.321 (1.07); tile 8, no overlap: 0.461 (2.57).
-    The bounds are loose, and the overlap's cross-fade must beat hard seams."""
-    vae, z = random_vae(), latents()
-    full = vae.decode(z)
-
-    def rel_rms(tile, overlap):
-        out = vae.decode_tiled(z, tile=tile, overlap=overlap)
-        assert out.shape == full.shape == (2, 3, 64, 48) and out.dtype == full.dtype
-        return ((out - full).pow(2).mean().sqrt() / full.std()).item(), (out - full).abs().max().item()
-
-    err, worst = rel_rms(10, 4)
-    print(f"decode_tiled tile 10 overlap 4: relative RMS {err:.3f}, max |d| {worst:.3f}")
-    assert err < 0.3 and worst < 1.0
-    assert rel_rms(8, 4)[0] < rel_rms(8, 0)[0]
-
-
-def tiny_dtc(**kw):
-    torch.manual_seed(0)
-    model = DiffuseToChoose(replace(bench.arch("tiny")[0], **kw)).eval()
-    with torch.no_grad():
-        for p in model.parameters():  # the fusion convs are zero-initialised: randomise, or the hint is invisible
-            p.normal_(0, 0.05)
-    return model
-
-
-@torch.no_grad()
-def test_bench_two_forward_cfg_equals_batched(one_thread_bench):
-    """The 'CFG as two forwards' row computes what the batched forward computes, with and without hint features."""
-    model = tiny_dtc()
-    g = torch.Generator().manual_seed(3)
-    z, zm = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
-    f, width = model.cfg.vae_factor, model.cfg.unet.context_dim
-    mask, ctx = torch.rand(4, 1, 8, 8, generator=g), torch.randn(4, 5, width, generator=g)
-    t, hint = torch.tensor([10, 10, 700, 700]), torch.rand(4, 3, 8 * f, 8 * f, generator=g)
-    two = bench.TwoForwardCFG(model)
-    assert two.cfg is model.cfg
-    torch.testing.assert_close(two(z, t, zm, mask, ctx, hint=hint), model(z, t, zm, mask, ctx, hint=hint),
-                               atol=1e-6, rtol=1e-5)
-    feats = model.hint_features(zm + model.adapter(hint), z, t, mask, ctx)
-    torch.testing.assert_close(two(z, t, zm, mask, ctx, hint_feats=feats), model(z, t, zm, mask, ctx, hint_feats=feats),
-                               atol=1e-6, rtol=1e-5)
-
-
-def test_bench_derived_model_shares_tensors(one_thread_bench):
-    """Variant rows reuse the base's weights without copying; only what cannot be shared is new."""
-    model = tiny_dtc()
-    nohint = bench.derived(model, hint=False)
-    assert not hasattr(nohint, "hint_encoder")
-    assert nohint.unet.out[2].weight.data_ptr() == model.unet.out[2].weight.data_ptr()
-    lo = bench.derived(model, hint_input="latent_only")
-    assert lo.hint_encoder.input_blocks[0][0].weight.shape[1] == 4  # a 4-channel conv_in: fresh
-    assert lo.hint_encoder.input_blocks[1][0].in_layers[2].weight.data_ptr() == \
-        model.hint_encoder.input_blocks[1][0].in_layers[2].weight.data_ptr()
-
-
-def test_bench_flops_count_attention(one_thread_bench):
-    """FLOPs are counted on meta replicas, attention included: the SD 1.5 U-Net at 64x64 latents with 257
-    context tokens is 818.6 GFLOP (a by-hand count of every matmul gives 818.5), and our counting equals it."""
-    with torch.device("meta"):
-        unet = UNet(UNetConfig(in_channels=9))
-        x, ctx = torch.empty(1, 9, 64, 64), torch.empty(1, 257, 768)
-    n = bench.flops(lambda: unet(x, torch.zeros(1, dtype=torch.long, device="meta"), ctx))
-    assert abs(n / 1e9 - 818.6) < 0.1
-
-
-SAMPLE_ROWS = ["DTC (base)", "CFG as two forwards", "latent_only hint features", "no hint branch (PBE-like)",
-               "math SDPA backend", "bfloat16 weights + autocast", "channels_last on", "DINOv2 offload on",
-               "tiled VAE decode on"]
-REFERENCE_ROW = "diffusers PBE-like loop (reference)"
-COMPARE_ROWS = ["U-Net forward", "DINOv2 forward", "VAE encode", "VAE decode", "sampling, s/image"]
-TRAIN_HEADER = ["batch", "variant", "s/step", "images/s", "canvas ms/step", "peak MiB", "TFLOP/s", "MFU"]
-
-
-def tables(text):
-    """Markdown tables of the output: a list of (header, rows), each row a list of cells."""
-    found, current = [], None
-    for line in text.splitlines():
-        if not line.startswith("|"):
-            current = None
-            continue
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if current is None:
-            current = (cells, [])
-            found.append(current)
-        elif set(line) - set("|-"):
-            current[1].append(cells)
-    return found
-
-
-def assert_numbers(cells):
-    for c in cells:
-        if c not in ("—", "n/a"):
-            assert float(c.rstrip("%")) >= 0, c
-
-
-def test_bench_smoke_all_tables(one_thread_bench, tmp_path, capsys):
-    """`bench.py all --arch=tiny` on the CPU prints complete tables (every row and column label, every number
-    parses) and writes them to --out. Never asserts a time."""
-    out = tmp_path / "bench.md"
-    bench.main(["all", "--arch=tiny", "--steps=1", "--repeats=1", "--batch_sizes=1,2", "--device=cpu",
-                f"--out={out}"])
-    text = capsys.readouterr().out
-    assert tables(out.read_text()) == tables(text)
-    (sh, srows), (ch, crows), (th, trows) = tables(text)
-    assert sh == bench.SAMPLE_HEADER
-    assert [r[0] for r in srows] == SAMPLE_ROWS + [REFERENCE_ROW]
-    for r in srows:
-        assert len(r) == len(sh)
-        assert_numbers(r[1:])
-    base = dict(zip(sh, srows[0]))
-    assert all(base[c] != "—" for c in sh)  # the base row measures every component
-    assert ch == ["module", "input", "ours ms", "reference ms", "ours / reference", "reference"]
-    assert [r[0] for r in crows] == COMPARE_ROWS
-    for r in crows:
-        assert_numbers(r[2:5])
-    assert th == TRAIN_HEADER
-    assert [(r[0], r[1]) for r in trows] == [(b, v) for b in "12" for v in ("base", "grad checkpointing")]
-    for r in trows:
-        assert_numbers(r[2:])
-        assert r[-1] == "n/a"  # no MFU on a CPU without --peak_tflops
-    assert "getrusage" in text and "FlopCounterMode" in text
-
-
-def test_bench_without_diffusers(one_thread_bench, monkeypatch, capsys):
-    """Without diffusers the benchmark says so in one line and goes on without the reference rows. (Also: on a
-    CPU the --compile row is skipped with a note, as inductor's OpenMP kernels would slow the rows after it.)"""
-    monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` now raises ImportError
-    bench.main(["sample", "--arch=tiny", "--steps=1", "--repeats=1", "--device=cpu", "--compile"])
-    text = capsys.readouterr().out
-    assert "diffusers not installed: skipping the reference rows\n" in text
-    (sh, srows), = tables(text)
-    assert [r[0] for r in srows] == SAMPLE_ROWS + ["torch.compile"]
-    assert srows[-1][1:] == ["skipped"] * (len(sh) - 1) and "torch.compile row skipped on the CPU" in text
-
-
-# --- real data: VITON-HD and DressCode evaluation, --box ---
-
-from data import DRESSCODE_CATEGORIES, DressCodeDataset  # noqa: E402  (this section's own names)
-
-# ATR ids: 11 head, 4 upper clothes, 5 skirt, 6 pants, 7 dress, 12/13 legs, 14/15 arms (not CIHP's)
-DC_IDS = {"upper_body": ["048392", "048393", "048394"], "lower_body": ["050192", "050193", "050194"],
-          "dresses": ["051992", "051993", "051994"]}
-DC_REGION = {"upper_body": [4, 14, 15], "lower_body": [5, 6, 12, 13], "dresses": [7, 12, 13]}
-
-
-def _dc_colour(cat, k):
-    return [(200, 40, 40), (40, 200, 40), (40, 40, 200)][k] if cat != "dresses" else [(220, 220, 30), (30, 220, 220), (220, 30, 220)][k]
-
-
-def _atr_map(h, w, cat, k):
-    """A person-like ATR label map: head, a top with arms, and below it pants (or, for one lower_body person,
-    a skirt) with legs, or a dress with legs."""
-    p = np.zeros((h, w), np.uint8)
-    c = w // 2 + k - 1
-    p[1: h // 5, c - w // 8: c + w // 8] = 11
-    if cat == "dresses":
-        p[h // 5: 3 * h // 4, c - w // 4: c + w // 4] = 7
-    else:
-        p[h // 5: h // 2, c - w // 4: c + w // 4] = 4
-        p[h // 2: 3 * h // 4, c - w // 4: c + w // 4] = 5 if (cat, k) == ("lower_body", 2) else 6
-    p[h // 5: h // 2, c - w // 4 - 3: c - w // 4] = 15
-    p[h // 5: h // 2, c + w // 4: c + w // 4 + 3] = 14
-    p[3 * h // 4:, c - w // 4: c] = 13
-    p[3 * h // 4:, c: c + w // 4] = 12
-    return p
-
-
-def write_dresscode(root, h=40, w=30):
-    """A miniature DressCode release: three people per category at h x w, their garments (one colour each), ATR
-    label maps (mode L) and the three pair files (tabs in some, spaces in others; a train file whose column 2
-    names another garment, which training must ignore). Returns {id: label map}."""
-    parses = {}
-    for cat, ids in DC_IDS.items():
-        for folder in ("images", "label_maps"):
-            (root / cat / folder).mkdir(parents=True)
-        for k, i in enumerate(ids):
-            person = np.asarray(_rand_rgb(h, w, k + 10 * DRESSCODE_CATEGORIES.index(cat))).copy()
-            Image.fromarray(person).save(root / cat / "images" / f"{i}_0.jpg", quality=95)
-            garment = np.full((h, w, 3), 255, np.uint8)
-            garment[h // 5: 4 * h // 5, w // 5: 4 * w // 5] = _dc_colour(cat, k)
-            Image.fromarray(garment).save(root / cat / "images" / f"{i}_1.jpg", quality=95)
-            parses[i] = _atr_map(h, w, cat, k)
-            Image.fromarray(parses[i], "L").save(root / cat / "label_maps" / f"{i}_4.png")
-        (root / cat / "train_pairs.txt").write_text("".join(f"{a}_0.jpg\t{b}_1.jpg\n" for a, b in zip(ids, ids[1:] + ids[:1])))
-        (root / cat / "test_pairs_paired.txt").write_text("".join(f"{a}_0.jpg    {a}_1.jpg\n" for a in ids))
-        (root / cat / "test_pairs_unpaired.txt").write_text("".join(f"{a}_0.jpg {b}_1.jpg\n" for a, b in zip(ids, ids[::-1])))
-    return parses
-
-
-def _dilated_keep(parse, ids, radius):
-    """Keep-mask by plain numpy: the ids, then a square dilation by explicit shifts."""
-    fill = np.isin(parse, ids)
-    h, w = fill.shape
-    padded, out = np.pad(fill, radius), np.zeros_like(fill)
-    for dy in range(2 * radius + 1):
-        for dx in range(2 * radius + 1):
-            out |= padded[dy: dy + h, dx: dx + w]
-    return torch.from_numpy(~out).float()[None]
-
-
-def test_data_dresscode_garment_region_and_pairs(tmp_path):
-    """Each category: the region of its ATR ids dilated; training and paired take the model's own garment
-    (whatever train_pairs.txt column 2 says); unpaired takes column 2; "all" is the three in order."""
-    parses = write_dresscode(tmp_path)
-    for cat, ids in DC_IDS.items():
-        train_ds = DressCodeDataset(tmp_path, "train", (40, 30), (40, 30), train=False, category=cat, dilation=0.1)
-        paired = DressCodeDataset(tmp_path, "test", (40, 30), (40, 30), train=False, category=cat, dilation=0.1)
-        unpaired = DressCodeDataset(tmp_path, "test", (40, 30), (40, 30), train=False, category=cat, paired=False, dilation=0.1)
-        for k, i in enumerate(ids):
-            for ds in (train_ds, paired):
-                s = ds[k]
-                assert s["name"] == f"{i}_0" and np.allclose(_colour(s["reference"]), _dc_colour(cat, k), atol=12)
-                assert torch.equal(s["mask"], _dilated_keep(parses[i], DC_REGION[cat], 3))  # int(0.1 * 30)
-            s = unpaired[k]
-            assert s["name"] == f"{i}_0_{ids[2 - k]}_1"
-            assert np.allclose(_colour(s["reference"]), _dc_colour(cat, 2 - k), atol=12)
-            assert torch.equal(s["source"], paired[k]["source"]) and torch.equal(s["target"], s["source"])
-    # undilated: the skirt (label 5) of lower_body person 2 is all in its region, its top (label 4) all kept
-    keep = DressCodeDataset(tmp_path, "test", (40, 30), train=False, category="lower_body", dilation=0)[2]["mask"][0].numpy()
-    skirt, top = parses["050194"] == 5, parses["050194"] == 4
-    assert skirt.any() and top.any() and (keep[skirt] == 0).all() and (keep[top] == 1).all()
-    everything = DressCodeDataset(tmp_path, "test", (40, 30), train=False)
-    assert [n for n, _ in everything.samples] == [f"{i}_0" for ids in DC_IDS.values() for i in ids]
-    assert everything.categories == [c for c in DRESSCODE_CATEGORIES for _ in range(3)]
-    with pytest.raises(ValueError):
-        DressCodeDataset(tmp_path, "test", (40, 30), category="shoes")
-    with pytest.raises(ValueError):
-        DressCodeDataset(tmp_path, "train", (40, 30), paired=False)
-
-
-def test_data_dresscode_bad_rows(tmp_path):
-    """A missing label map names the file and the pair-file line; skip_bad drops it with one warning; a
-    label outside ATR's 0..17 and a malformed row are named too."""
-    write_dresscode(tmp_path)
-    missing = tmp_path / "dresses" / "label_maps" / "051993_4.png"
-    missing.unlink()
-    with pytest.raises(DataError, match=rf"{missing}: file not found \(needed by test_pairs_paired.txt line 2\)"):
-        DressCodeDataset(tmp_path, "test", (40, 30))
-    with pytest.warns(UserWarning, match="skipped 1 of 9 samples"):
-        ds = DressCodeDataset(tmp_path, "test", (40, 30), skip_bad=True)
-    assert len(ds) == 8 and "051993_0" not in [n for n, _ in ds.samples]
-    bad = tmp_path / "upper_body" / "label_maps" / "048392_4.png"
-    Image.fromarray(np.full((40, 30), 19, np.uint8), "L").save(bad)
-    ds = DressCodeDataset(tmp_path, "test", (40, 30), category="upper_body")
-    with pytest.raises(DataError, match=rf"{bad}: parse map has label 19; this layout's labels are 0..17"):
-        ds[0]
-    (tmp_path / "lower_body" / "test_pairs_unpaired.txt").write_text("050192_0.jpg\t050193_1.jpg\t1\n")
-    with pytest.raises(DataError, match="test_pairs_unpaired.txt line 1: expected"):
-        DressCodeDataset(tmp_path, "test", (40, 30), category="lower_body", paired=False)
-
-
 def test_train_dresscode_category_or_all(tmp_path, one_thread):
     """train.py --data= a DressCode root reads all three categories, a category folder that one; a step runs."""
     write_dresscode(tmp_path / "dc")
@@ -2614,325 +2878,6 @@ def test_train_dresscode_category_or_all(tmp_path, one_thread):
     assert set(ds.categories) == {"lower_body"} and len(ds) == 3
     train.main([*SMALL, f"--data={tmp_path / 'dc' / 'dresses'}", f"--out_dir={tmp_path / 'out'}", "--max_steps=1"])
     assert len(losses(tmp_path / "out")) == 1
-
-
-class TinyFeatures(torch.nn.Module):
-    """In place of Inception for FID/KID: uint8 (B,3,H,W) -> (B,4), a fixed random projection of the 2x2
-    average-pooled pixels (H, W even)."""
-    num_features = 4
-
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("w", torch.randn(12, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
-
-    def forward(self, x):
-        return F.adaptive_avg_pool2d(x.double() / 255, 2).flatten(1) @ self.w
-
-
-def numpy_features(images, w):
-    """TinyFeatures by numpy on (B,H,W,3) uint8 arrays."""
-    b, h, wd, _ = images.shape
-    pooled = (images.astype(np.float64) / 255).reshape(b, 2, h // 2, 2, wd // 2, 3).mean((2, 4))  # (B,2,2,3)
-    return pooled.transpose(0, 3, 1, 2).reshape(b, 12) @ w
-
-
-def numpy_fid(a, b):
-    """Frechet distance with the square root of S_a taken by eigh (a different route from torchmetrics')."""
-    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    wa, va = np.linalg.eigh(sa)
-    root = va @ np.diag(np.sqrt(np.clip(wa, 0, None))) @ va.T
-    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root @ sb @ root), 0, None)).sum()
-    return ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(sa) + np.trace(sb) - 2 * cross
-
-
-def numpy_kid(a, b):
-    """Unbiased MMD^2 with the cubic polynomial kernel (x.y / d + 1)^3, all samples in one subset."""
-    d, m = a.shape[1], len(a)
-    k = lambda x, y: (x @ y.T / d + 1) ** 3
-    kaa, kbb, kab = k(a, a), k(b, b), k(a, b)
-    off = lambda kk: (kk.sum() - np.trace(kk)) / (m * (m - 1))
-    return off(kaa) + off(kbb) - 2 * kab.mean()
-
-
-@pytest.fixture
-def eval_weights(tmp_path, monkeypatch):
-    """Small random stand-ins for the released networks, through the libraries' own loading paths: a CLIP
-    folder for transformers, a torchvision SqueezeNet in a private $TORCH_HOME cache for LPIPS."""
-    import torchvision
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-    torch.manual_seed(0)
-    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=16, projection_dim=16)
-    CLIPVisionModelWithProjection(cfg).save_pretrained(tmp_path / "clip")
-    home = tmp_path / "torch_home"
-    (home / "hub" / "checkpoints").mkdir(parents=True)
-    url = torchvision.models.SqueezeNet1_1_Weights.DEFAULT.url
-    torch.save(torchvision.models.squeezenet1_1().state_dict(), home / "hub" / "checkpoints" / url.rsplit("/", 1)[1])
-    monkeypatch.setenv("TORCH_HOME", str(home))
-    return [f"--clip={tmp_path / 'clip'}", "--lpips_net=squeeze"]
-
-
-def test_eval_release_scores_match_numpy_and_identity(tmp_path, eval_weights, capsys):
-    """DressCode, --pred_dir: predictions equal to the targets score SSIM 1, LPIPS 0, FID 0; noisy ones (no
-    paste-back) give FID and KID equal to numpy on the same features; the protocol is printed."""
-    write_dresscode(tmp_path / "dc")
-    people = sorted((tmp_path / "dc").glob("*/images/*_0.jpg"))
-    real = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in people])
-    (tmp_path / "same").mkdir()
-    (tmp_path / "noisy").mkdir()
-    g = np.random.default_rng(0)
-    fake = np.clip(real + g.normal(0, 40, real.shape), 0, 255).astype(np.uint8)
-    for p, x, y in zip(people, real, fake):
-        Image.fromarray(x).save(tmp_path / "same" / f"{p.stem}.png")
-        Image.fromarray(y).save(tmp_path / "noisy" / f"{p.stem}.png")
-    base = [f"--data={tmp_path / 'dc'}", "--eval_size=40x30", *eval_weights]
-    same = evaluate.main(base + [f"--pred_dir={tmp_path / 'same'}"], fid_feature=TinyFeatures())
-    assert abs(same["ssim"] - 1) < 1e-6 and same["lpips"] < 1e-6 and same["psnr_masked"] == float("inf")
-    assert abs(same["fid"]) < 1e-6 and -100 <= same["clip_region"] <= 100
-    out = capsys.readouterr().out.strip().splitlines()
-    assert out[0].startswith("protocol: DressCode (all) test, paired, 9 images") and "repaint) on" in out[1]
-    assert all(re.fullmatch(r"[a-z_]+=\S+", kv) for kv in out[-1].split()) and "pairs=paired" in out[-1]
-    noisy = evaluate.main(base + [f"--pred_dir={tmp_path / 'noisy'}", "--no_repaint"], fid_feature=TinyFeatures())
-    w = TinyFeatures().w.numpy()
-    a, b = numpy_features(real, w), numpy_features(fake, w)
-    assert noisy["fid"] == pytest.approx(numpy_fid(a, b), rel=1e-6, abs=1e-9)
-    assert noisy["kid"] == pytest.approx(numpy_kid(a, b), rel=1e-6, abs=1e-9)  # 100 subsets of all 9: one value
-    assert noisy["kid_std"] < 1e-9 and noisy["fid"] > 1e-3 and noisy["ssim"] < 0.9 and noisy["lpips"] > 0
-    # unpaired: the distribution metrics and the CLIP score against the (other) garment only
-    unpaired = evaluate.main(base + [f"--pred_dir={tmp_path / 'same'}", "--pairs=unpaired", "--category=dresses"],
-                             fid_feature=TinyFeatures())
-    assert set(unpaired) == {"clip_region", "fid", "kid", "kid_std"}
-    assert "DressCode (dresses) test, unpaired, 3 images" in capsys.readouterr().out
-    first = evaluate.main(base + [f"--pred_dir={tmp_path / 'same'}", "--limit=4"], fid_feature=TinyFeatures())
-    assert "paired, 4 images (--limit=4)" in capsys.readouterr().out and first["fid"] != noisy["fid"]
-
-
-def test_eval_region_clip_is_100_on_the_reference(eval_weights):
-    """The region crop of an image that shows the reference exactly in the mask's bounding box scores 100."""
-    clip = evaluate.RegionCLIP(eval_weights[0].split("=", 1)[1], "cpu")
-    g = torch.Generator().manual_seed(0)
-    reference = torch.rand(3, 32, 32, generator=g) * 2 - 1
-    image = torch.rand(1, 3, 50, 40, generator=g) * 2 - 1
-    image[0, :, 9:41, 4:36] = reference
-    fill = torch.zeros(1, 1, 50, 40)
-    fill[..., 9:41, 4:36] = 1
-    assert clip.score(image, fill, reference[None]).item() == pytest.approx(100, abs=1e-3)
-    assert clip.score(image, fill, -reference[None]).item() < 99
-
-
-def test_eval_release_vitonhd_sampled(sample_inputs, tmp_path, eval_weights, capsys):
-    """VITON-HD sampled with a tiny DTC, paired and unpaired: images written under the release's names at the
-    scoring size, the person's own pixels outside the mask; --pred_dir on them gives the same numbers."""
-    d, _, _ = sample_inputs
-    _write_viton(tmp_path / "viton")
-    base = [f"--data={tmp_path / 'viton'}", f"--dtc={d / 'dtc.safetensors'}", "--size=32", "--steps=2",
-            "--eval_size=40x30", *eval_weights]
-    paired = evaluate.main(base + [f"--out_dir={tmp_path / 'p'}"], fid_feature=TinyFeatures())
-    assert {"clip_region", "fid", "kid", "lpips", "ssim", "psnr_masked", "ssim_masked"} <= set(paired)
-    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["00006_00.png", "00008_00.png"]
-    out = np.asarray(Image.open(tmp_path / "p" / "00006_00.png"))
-    person = np.asarray(Image.open(tmp_path / "viton" / "test" / "image" / "00006_00.jpg").convert("RGB"))
-    keep = VitonHDDataset(tmp_path / "viton", "test", (40, 30), train=False)[0]["mask"][0].numpy() > 0.5
-    assert out.shape == (40, 30, 3) and np.array_equal(out[keep], person[keep]) and not np.array_equal(out, person)
-    assert "sampled at 32x32" in capsys.readouterr().out
-    rescored = evaluate.main(base[:1] + base[4:] + [f"--pred_dir={tmp_path / 'p'}"], fid_feature=TinyFeatures())
-    for k in ("ssim", "lpips", "clip_region"):
-        assert rescored[k] == pytest.approx(paired[k], abs=0.02)  # the files are the sampled images rounded to 8 bits
-    unpaired = evaluate.main(base + ["--pairs=unpaired", f"--out_dir={tmp_path / 'u'}"], fid_feature=TinyFeatures())
-    assert set(unpaired) == {"clip_region", "fid", "kid", "kid_std"}
-    assert sorted(p.name for p in (tmp_path / "u").iterdir()) == ["00006_00_00008_00.png", "00008_00_00006_00.png"]
-
-
-def test_eval_release_bad_input(tmp_path, eval_weights):
-    """No generator, fewer than 2 images, or a missing prediction: one clear error naming it."""
-    write_dresscode(tmp_path / "dc")
-    with pytest.raises(CheckpointError, match="--dtc"):
-        evaluate.main([f"--data={tmp_path / 'dc'}", *eval_weights])
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="--limit=1: FID and KID need at least 2 images"):
-        evaluate.main([f"--data={tmp_path / 'dc'}", f"--pred_dir={tmp_path / 'empty'}", "--limit=1", *eval_weights])
-    with pytest.raises(DataError, match=r"no image named 048392_0\.\*"):
-        evaluate.main([f"--data={tmp_path / 'dc'}", f"--pred_dir={tmp_path / 'empty'}", "--eval_size=40x30", *eval_weights],
-                      fid_feature=TinyFeatures())
-
-
-def test_sample_box_equals_mask_file(sample_inputs, tmp_path):
-    """--box=x0,y0,x1,y1 gives the same bytes as the mask file white on exactly that rectangle; bad boxes are
-    named."""
-    import sample
-    d, _, _ = sample_inputs
-    mask = Image.new("L", (50, 37), 0)
-    mask.paste(255, (10, 8, 36, 30))
-    mask.save(tmp_path / "box.png")
-    assert sample.cli(sample_args(d, tmp_path / "m.png", mask=tmp_path / "box.png")) == 0
-    assert sample.cli(sample_args(d, tmp_path / "b.png", box="10,8,36,30")) == 0
-    assert (tmp_path / "m.png").read_bytes() == (tmp_path / "b.png").read_bytes()
-    assert sample.cli(sample_args(d, tmp_path / "c.png", box="10,8,37,30")) == 0
-    assert (tmp_path / "c.png").read_bytes() != (tmp_path / "b.png").read_bytes()  # one column more: not the same
-
-
-@pytest.mark.parametrize("box,expect", [("10,8,36", "four integers"), ("36,8,10,30", "0 <= x0 < x1 <= 50"),
-                                        ("0,0,51,37", "the source is 50x37"), ("0,0,50,37", "whole image")])
-def test_sample_bad_box_one_line(sample_inputs, tmp_path, capsys, box, expect):
-    import sample
-    d, _, _ = sample_inputs
-    assert sample.cli(sample_args(d, tmp_path / "r.png", box=box)) == 1
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and expect in err and "--box" in err and not (tmp_path / "r.png").exists()
-
-
-# --- bad input and reproducibility (every promise holds) ---
-
-
-def planted_outputs(tmp_path, names=("result.png", "result_grid.png", "result_0.png", "result_1.png")):
-    """Earlier outputs with known bytes, to check that a failed run replaced none of them."""
-    for name in names:
-        (tmp_path / name).write_bytes(b"earlier " + name.encode())
-    return {name: (tmp_path / name).read_bytes() for name in names}
-
-
-def assert_nothing_lost(folder, planted):
-    assert {name: (folder / name).read_bytes() for name in planted} == planted
-    assert sorted(p.name for p in folder.iterdir()) == sorted(planted)  # no temporary file left either
-
-
-def sample_fails(sample_inputs, tmp_path, capsys, words, **kw):
-    """sample.cli with the options kw and --out in tmp_path/out: exit 1, one line naming `words`, no traceback,
-    and the planted earlier outputs as they were."""
-    import sample
-    d, _, _ = sample_inputs
-    (tmp_path / "out").mkdir()
-    planted = planted_outputs(tmp_path / "out")
-    assert sample.cli(sample_args(d, tmp_path / "out" / kw.pop("out", "result.png"), **kw)) == 1
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    assert all(w in lines[0] for w in words), lines[0]
-    assert_nothing_lost(tmp_path / "out", planted)
-
-
-@pytest.mark.parametrize("steps", [0, -1, 1001])
-def test_sample_steps_out_of_range_one_line(sample_inputs, tmp_path, capsys, steps):
-    """Row 1: --steps=0 / -1 (a ZeroDivisionError and a RuntimeError before) and past the schedule's 1000."""
-    sample_fails(sample_inputs, tmp_path, capsys, [f"--steps={steps}", "1 ... 1000"], steps=steps)
-
-
-def test_sample_no_samples_overwrites_nothing(sample_inputs, tmp_path, capsys):
-    """Row 2: --num_samples=0 used to exit 0 and overwrite the grid with no result column."""
-    sample_fails(sample_inputs, tmp_path, capsys, ["--num_samples=0"], num_samples=0)
-
-
-def test_sample_cuda_without_cuda_one_line(sample_inputs, tmp_path, capsys, monkeypatch):
-    """Row 3: --device=cuda on a machine without a GPU ("Found no NVIDIA driver" traceback before)."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    sample_fails(sample_inputs, tmp_path, capsys, ["--device=cuda", "CUDA is not available"], device="cuda")
-
-
-@pytest.mark.parametrize("option,value", [("size", 0), ("size", -64), ("guidance", "nan"), ("guidance", "inf"),
-                                          ("guidance", -1), ("eta", "nan"), ("eta", 1.5), ("seed", -1),
-                                          ("out", "result.gif"), ("out", "result")])
-def test_sample_every_option_checked_before_any_work(sample_inputs, tmp_path, capsys, option, value):
-    """Point 1: meaningless values and output names that are no image format: one line naming the option."""
-    sample_fails(sample_inputs, tmp_path, capsys, [f"{value}"] if option == "out" else [f"--{option}={value}"],
-                 **{option: value})
-
-
-def test_sample_model_files_checked_before_loading(sample_inputs, tmp_path, capsys):
-    """Point 1: a missing --dinov2 is named before the --sd file is read."""
-    d, sd_path, _ = sample_inputs
-    sample_fails(sample_inputs, tmp_path, capsys, ["nope.pth", "--dinov2"], dtc=None, sd=sd_path,
-                 dinov2=tmp_path / "nope.pth")
-
-
-def test_sample_16bit_grey_images_by_their_range(sample_inputs, tmp_path):
-    """Row 4: a 16-bit greyscale source (mode I;16) and reference were clipped to flat white. Now the result's
-    pixels outside the mask (pasted back) equal the source's 8-bit conversion, round(v * 255 / 65535)."""
-    import sample
-    d, _, _ = sample_inputs
-    grey = (np.arange(37 * 50, dtype=np.int64).reshape(37, 50) * 37 % 65536).astype(np.uint16)
-    Image.fromarray(grey).save(tmp_path / "grey16.png")
-    assert Image.open(tmp_path / "grey16.png").mode == "I;16"
-    assert sample.cli(sample_args(d, tmp_path / "r.png", source=tmp_path / "grey16.png",
-                                  reference=tmp_path / "grey16.png")) == 0
-    eight = np.round(grey.astype(np.float64) * 255 / 65535).astype(np.uint8)
-    keep = np.asarray(Image.open(d / "mask.png").resize((50, 37), Image.NEAREST)) < 128
-    result = np.asarray(Image.open(tmp_path / "r.png").convert("RGB"))
-    assert keep.any() and np.array_equal(result[keep], np.repeat(eight[keep][:, None], 3, 1))
-    assert np.array_equal(np.asarray(load_image(tmp_path / "grey16.png"))[..., 0], eight)  # the reference too
-
-
-@pytest.mark.parametrize("name", ["taken", "taken.png"])
-def test_sample_out_is_a_folder_one_line(sample_inputs, tmp_path, capsys, name):
-    """Row 5: --out naming an existing folder: a traceback and a left-behind result.png.tmp.png before."""
-    (tmp_path / name).mkdir()
-    import sample
-    d, _, _ = sample_inputs
-    assert sample.cli(sample_args(d, tmp_path / name)) == 1
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and name in err and "existing folder" in err and "Traceback" not in err
-    assert [p.name for p in tmp_path.iterdir()] == [name] and not any((tmp_path / name).iterdir())
-
-
-def test_sample_grid_unwritable_replaces_nothing(sample_inputs, tmp_path, capsys):
-    """Row 6: the grid's path is a folder. Before, the result was replaced and then the grid write failed."""
-    (tmp_path / "result_grid.png").mkdir()
-    import sample
-    d, _, _ = sample_inputs
-    (tmp_path / "result.png").write_bytes(b"earlier result")
-    assert sample.cli(sample_args(d, tmp_path / "result.png")) == 1
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "result_grid.png" in err and "Traceback" not in err
-    assert (tmp_path / "result.png").read_bytes() == b"earlier result"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.png", "result_grid.png"]
-
-
-def test_write_images_all_or_nothing(tmp_path):
-    """Point 2: outputs replace the earlier ones only when every one has been written; a write that fails
-    (here: RGBA cannot be stored as JPEG) replaces nothing and leaves no temporary file."""
-    from data import write_images
-    planted = planted_outputs(tmp_path, ("result_0.png", "result_1.jpg", "result_grid.png"))
-    rgb, rgba = Image.new("RGB", (4, 4), (1, 2, 3)), Image.new("RGBA", (4, 4))
-    with pytest.raises(DataError, match=r"result_1\.jpg: cannot be written"):
-        write_images({tmp_path / "result_0.png": rgb, tmp_path / "result_1.jpg": rgba, tmp_path / "result_grid.png": rgb})
-    assert_nothing_lost(tmp_path, planted)
-    write_images({tmp_path / "result_0.png": rgb, tmp_path / "result_1.jpg": rgb, tmp_path / "result_grid.png": rgb})
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(planted)
-    assert all(Image.open(tmp_path / name).getpixel((0, 0))[:3] != (0, 0, 0) for name in planted)
-
-
-@pytest.mark.parametrize("ext,magic", [(".jpg", b"\xff\xd8\xff"), (".jpeg", b"\xff\xd8\xff"), (".webp", b"RIFF"),
-                                       (".png", b"\x89PNG")])
-def test_sample_output_format_follows_the_extension(sample_inputs, tmp_path, ext, magic):
-    """Row 7: --out=result.jpg held PNG bytes. Every sample (_0, _1) is in the extension's format; the grid is PNG."""
-    import sample
-    d, _, _ = sample_inputs
-    assert sample.cli(sample_args(d, tmp_path / f"result{ext}", num_samples=2)) == 0
-    for i in range(2):
-        assert (tmp_path / f"result_{i}{ext}").read_bytes().startswith(magic)
-    assert (tmp_path / "result_grid.png").read_bytes().startswith(b"\x89PNG")
-    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
-
-
-@pytest.mark.parametrize("damage,words", [
-    (lambda meta: dict(meta, dtc_config="{not json"), ["dtc_config", "not valid JSON"]),
-    (lambda meta: dict(meta, dtc_config=json.dumps({k: v for k, v in json.loads(meta["dtc_config"]).items()
-                                                    if k != "unet"})), ["dtc_config", "incomplete", "unet"]),
-    (lambda meta: dict(meta, dtc_config=json.dumps(dict(json.loads(meta["dtc_config"]), colour=1))),
-     ["dtc_config", "colour"]),
-    (lambda meta: {k: v for k, v in meta.items() if k != "image_encoder_config"}, ["no image_encoder_config"]),
-    (lambda meta: dict(meta, vae_config="[1, 2]"), ["vae_config"]),
-])
-def test_sample_dtc_broken_metadata_one_line(sample_inputs, tmp_path, capsys, damage, words):
-    """Row 8: a DTC file whose config metadata is broken JSON, lacks fields or the encoder's config
-    (JSONDecodeError / KeyError tracebacks before), through checkpoint.py's one reader."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-    d, _, _ = sample_inputs
-    with safe_open(str(d / "dtc.safetensors"), "pt") as f:
-        meta = f.metadata()
-    bad = tmp_path / "bad.safetensors"
-    save_file(load_file(d / "dtc.safetensors"), bad, metadata=damage(meta))
-    sample_fails(sample_inputs, tmp_path, capsys, [str(bad), *words], dtc=bad)
 
 
 def test_train_resume_corrupt_or_tampered_checkpoint_one_line(tiny_run, tmp_path):
@@ -2998,73 +2943,154 @@ def test_train_options_checked_before_any_work(tmp_path, option, value, monkeypa
         train.main([*SMALL, f"--out_dir={tmp_path / 'out'}", "--device=cuda"])
 
 
-def test_sample_stretched_mask_warns_in_one_line(sample_inputs, tmp_path, capsys):
-    """Point 1: a legal but surprising input, a mask of another aspect ratio, is stretched with a one-line
-    warning; a mask at a rounded scale of the source (the fixture's 25x19 for 50x37) is not warned about."""
-    import sample
-    d, _, _ = sample_inputs
-    assert sample.cli(sample_args(d, tmp_path / "r.png")) == 0
-    assert "warning" not in capsys.readouterr().err
-    mask = Image.new("L", (40, 10), 0)
-    mask.paste(255, (10, 2, 30, 8))
-    mask.save(tmp_path / "wide.png")
-    assert sample.cli(sample_args(d, tmp_path / "r.png", mask=tmp_path / "wide.png")) == 0
-    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
-    assert warned == [f"warning: {tmp_path / 'wide.png'}: the mask is 40x10, another aspect ratio than the "
-                      "source's 50x37: it is stretched to the source"]
+def test_train_every_preset_field_overridable():
+    """Every Preset field is a --option: unset, the preset's value; given, the value given (vae_steps: its own rule
+    when unset, scaled with --max_steps). Bad autoencoder options are one-line errors before any work."""
+    for name, preset in train.PRESETS.items():
+        args = train.parse_args([f"--preset={name}"])
+        for f in dataclasses.fields(train.Preset):
+            assert getattr(args, f.name) == getattr(preset, f.name), (name, f.name)
+        given = {f.name: (2 * getattr(preset, f.name) if f.type in (int, "int") else 0.5 * getattr(preset, f.name) + 1e-3)
+                 for f in dataclasses.fields(train.Preset)}
+        args = train.parse_args([f"--preset={name}", *(f"--{k}={v}" for k, v in given.items())])
+        assert {k: getattr(args, k) for k in given} == given
+    for option, value in (("vae_lr", "0"), ("vae_kl", "-1"), ("vae_batch_size", "0")):
+        with pytest.raises(DataError, match=f"--{option}={value}"):
+            train.check_options(train.parse_args(["--preset=tiny", f"--{option}={value}"]))
 
 
-def test_data_high_bit_and_other_modes_by_their_range(tmp_path):
-    """Point 3: 16-bit, 32-bit integer and float greyscale by their value range (PIL's convert clipped them at
-    255), CMYK and palette with transparency as RGB; a file PIL cannot read is the usual one-line DataError."""
-    v16 = np.array([[0, 257, 32768, 65535]], np.uint16)
-    Image.fromarray(v16).save(tmp_path / "g16.png")
-    Image.fromarray(v16.astype(np.int32)).save(tmp_path / "g32.tif")  # mode I: values up to 65535 -> 16-bit range
-    Image.fromarray(np.array([[0, 100, 200, 255]], np.int32)).save(tmp_path / "g32_8bit.tif")  # I holding 8-bit data
-    Image.fromarray(np.array([[0.0, 0.25, 0.5, 1.0]], np.float32)).save(tmp_path / "gf.tif")  # F in [0, 1]
-    grey = lambda name: np.asarray(load_image(tmp_path / name))[0, :, 0].tolist()
-    assert Image.open(tmp_path / "g16.png").mode == "I;16" and Image.open(tmp_path / "g32.tif").mode == "I"
-    assert grey("g16.png") == grey("g32.tif") == [0, 1, 128, 255]
-    assert grey("g32_8bit.tif") == [0, 100, 200, 255]
-    assert grey("gf.tif") == [0, 64, 128, 255]
-    assert all(load_image(tmp_path / n).mode == "RGB" for n in ("g16.png", "g32.tif", "gf.tif"))
-    mask = np.zeros((4, 6), np.uint16)
-    mask[1:3, 2:5] = 65535  # a 16-bit mask: white = fill, as an 8-bit one
-    Image.fromarray(mask).save(tmp_path / "m16.png")
-    assert torch.equal(load_mask(tmp_path / "m16.png")[0], torch.from_numpy(mask < 32768).float())
-    Image.new("CMYK", (2, 2), (0, 255, 255, 0)).save(tmp_path / "c.tif")  # cyan-free magenta + yellow ink = red
-    assert np.asarray(load_image(tmp_path / "c.tif"))[0, 0].tolist() == [255, 0, 0]
-    p = Image.new("P", (2, 1))
-    p.putpalette([10, 20, 30, 40, 50, 60] + [0] * 762)
-    p.putpixel((1, 0), 1)
-    p.save(tmp_path / "pt.png", transparency=1)
-    assert np.asarray(load_image(tmp_path / "pt.png"))[0].tolist() == [[10, 20, 30], [255, 255, 255]]
-    (tmp_path / "x.tif").write_bytes(b"II*\x00" + b"\x00" * 20)  # a TIFF header with nothing behind it
-    with pytest.raises(DataError, match=r"x\.tif: unreadable image"):
-        load_image(tmp_path / "x.tif")
+# ====================================================================================================
+# bench.py: the tables and what they rest on
+# ====================================================================================================
+
+def tiny_dtc(**kw):
+    torch.manual_seed(0)
+    model = DiffuseToChoose(replace(bench.arch("tiny")[0], **kw)).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # the fusion convs are zero-initialised: randomise, or the hint is invisible
+            p.normal_(0, 0.05)
+    return model
 
 
-def test_sample_untrained_model_same_seed_same_bytes(sample_inputs, tmp_path):
-    """Row 11 and point 6: without --dtc the parts the SD file lacks (token projection, null context, adapter)
-    come from --seed: the same seed gives the same bytes however the process's global RNG stands, another seed
-    other bytes; from_original leaves the global RNG where it was (train.py seeds them with the run's seed)."""
-    import sample
-    d, sd_path, vit_path = sample_inputs
-    run = lambda name, seed: (sample.cli(sample_args(d, tmp_path / name, dtc=None, sd=sd_path, dinov2=vit_path,
-                                                     seed=seed)), (tmp_path / name).read_bytes())[1]
-    torch.manual_seed(1)
-    first = run("a.png", 0)
-    torch.rand(100)  # a global RNG elsewhere in the same state as before makes no difference
-    assert run("b.png", 0) == first and run("c.png", 1) != first
-    state = torch.get_rng_state()
-    a, _ = dtc.from_original(sd_path, vit_path, seed=3)
-    assert torch.equal(torch.get_rng_state(), state)
-    b, _ = dtc.from_original(sd_path, vit_path, seed=3)
-    c, _ = dtc.from_original(sd_path, vit_path, seed=4)
-    for name in ("token_proj.weight", "null_context", "adapter.layers.0.weight"):
-        assert torch.equal(a.state_dict()[name], b.state_dict()[name]) and not torch.equal(a.state_dict()[name],
-                                                                                         c.state_dict()[name]), name
+@torch.no_grad()
+def test_bench_two_forward_cfg_equals_batched(one_thread_bench):
+    """The 'CFG as two forwards' row computes what the batched forward computes, with and without hint features."""
+    model = tiny_dtc()
+    g = torch.Generator().manual_seed(3)
+    z, zm = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    f, width = model.cfg.vae_factor, model.cfg.unet.context_dim
+    mask, ctx = torch.rand(4, 1, 8, 8, generator=g), torch.randn(4, 5, width, generator=g)
+    t, hint = torch.tensor([10, 10, 700, 700]), torch.rand(4, 3, 8 * f, 8 * f, generator=g)
+    two = bench.TwoForwardCFG(model)
+    assert two.cfg is model.cfg
+    torch.testing.assert_close(two(z, t, zm, mask, ctx, hint=hint), model(z, t, zm, mask, ctx, hint=hint),
+                               atol=1e-6, rtol=1e-5)
+    feats = model.hint_features(zm + model.adapter(hint), z, t, mask, ctx)
+    torch.testing.assert_close(two(z, t, zm, mask, ctx, hint_feats=feats), model(z, t, zm, mask, ctx, hint_feats=feats),
+                               atol=1e-6, rtol=1e-5)
 
+
+def test_bench_derived_model_shares_tensors(one_thread_bench):
+    """Variant rows reuse the base's weights without copying; only what cannot be shared is new."""
+    model = tiny_dtc()
+    nohint = bench.derived(model, hint=False)
+    assert not hasattr(nohint, "hint_encoder")
+    assert nohint.unet.out[2].weight.data_ptr() == model.unet.out[2].weight.data_ptr()
+    lo = bench.derived(model, hint_input="latent_only")
+    assert lo.hint_encoder.input_blocks[0][0].weight.shape[1] == 4  # a 4-channel conv_in: fresh
+    assert lo.hint_encoder.input_blocks[1][0].in_layers[2].weight.data_ptr() == \
+        model.hint_encoder.input_blocks[1][0].in_layers[2].weight.data_ptr()
+
+
+def test_bench_flops_count_attention(one_thread_bench):
+    """FLOPs are counted on meta replicas, attention included: the SD 1.5 U-Net at 64x64 latents with 257
+    context tokens is 818.6 GFLOP (a by-hand count of every matmul gives 818.5), and our counting equals it."""
+    with torch.device("meta"):
+        unet = UNet(UNetConfig(in_channels=9))
+        x, ctx = torch.empty(1, 9, 64, 64), torch.empty(1, 257, 768)
+    n = bench.flops(lambda: unet(x, torch.zeros(1, dtype=torch.long, device="meta"), ctx))
+    assert abs(n / 1e9 - 818.6) < 0.1
+
+
+SAMPLE_ROWS = ["DTC (base)", "CFG as two forwards", "latent_only hint features", "no hint branch (PBE-like)",
+               "math SDPA backend", "bfloat16 weights + autocast", "channels_last on", "DINOv2 offload on",
+               "tiled VAE decode on"]
+
+
+REFERENCE_ROW = "diffusers PBE-like loop (reference)"
+
+
+COMPARE_ROWS = ["U-Net forward", "DINOv2 forward", "VAE encode", "VAE decode", "sampling, s/image"]
+
+
+TRAIN_HEADER = ["batch", "variant", "s/step", "images/s", "canvas ms/step", "peak MiB", "TFLOP/s", "MFU"]
+
+
+def tables(text):
+    """Markdown tables of the output: a list of (header, rows), each row a list of cells."""
+    found, current = [], None
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            current = None
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if current is None:
+            current = (cells, [])
+            found.append(current)
+        elif set(line) - set("|-"):
+            current[1].append(cells)
+    return found
+
+
+def assert_numbers(cells):
+    for c in cells:
+        if c not in ("—", "n/a"):
+            assert float(c.rstrip("%")) >= 0, c
+
+
+def test_bench_smoke_all_tables(one_thread_bench, tmp_path, capsys):
+    """`bench.py all --arch=tiny` on the CPU prints complete tables (every row and column label, every number
+    parses) and writes them to --out. Never asserts a time."""
+    out = tmp_path / "bench.md"
+    bench.main(["all", "--arch=tiny", "--steps=1", "--repeats=1", "--batch_sizes=1,2", "--device=cpu",
+                f"--out={out}"])
+    text = capsys.readouterr().out
+    assert tables(out.read_text()) == tables(text)
+    (sh, srows), (ch, crows), (th, trows) = tables(text)
+    assert sh == bench.SAMPLE_HEADER
+    assert [r[0] for r in srows] == SAMPLE_ROWS + [REFERENCE_ROW]
+    for r in srows:
+        assert len(r) == len(sh)
+        assert_numbers(r[1:])
+    base = dict(zip(sh, srows[0]))
+    assert all(base[c] != "—" for c in sh)  # the base row measures every component
+    assert ch == ["module", "input", "ours ms", "reference ms", "ours / reference", "reference"]
+    assert [r[0] for r in crows] == COMPARE_ROWS
+    for r in crows:
+        assert_numbers(r[2:5])
+    assert th == TRAIN_HEADER
+    assert [(r[0], r[1]) for r in trows] == [(b, v) for b in "12" for v in ("base", "grad checkpointing")]
+    for r in trows:
+        assert_numbers(r[2:])
+        assert r[-1] == "n/a"  # no MFU on a CPU without --peak_tflops
+    assert "getrusage" in text and "FlopCounterMode" in text
+
+
+def test_bench_without_diffusers(one_thread_bench, monkeypatch, capsys):
+    """Without diffusers the benchmark says so in one line and goes on without the reference rows. (Also: on a
+    CPU the --compile row is skipped with a note, as inductor's OpenMP kernels would slow the rows after it.)"""
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` now raises ImportError
+    bench.main(["sample", "--arch=tiny", "--steps=1", "--repeats=1", "--device=cpu", "--compile"])
+    text = capsys.readouterr().out
+    assert "diffusers not installed: skipping the reference rows\n" in text
+    (sh, srows), = tables(text)
+    assert [r[0] for r in srows] == SAMPLE_ROWS + ["torch.compile"]
+    assert srows[-1][1:] == ["skipped"] * (len(sh) - 1) and "torch.compile row skipped on the CPU" in text
+
+
+# ====================================================================================================
+# the project: no citation outside the repository, layering
+# ====================================================================================================
 
 def test_no_citation_outside_the_repository():
     """A clone stands alone: no tracked text file cites a file outside it (a relative path that climbs out of the
@@ -3124,19 +3150,3 @@ def test_layering_from_the_import_statements():
         bad += [f"test_dtc.py imports {imported}.{n}" for n in names if n.startswith("_")]
     assert not bad, bad
     assert sorted(level) == sorted(p.stem for p in root.glob("*.py") if p.name != "test_dtc.py")  # every module placed
-
-
-def test_train_every_preset_field_overridable():
-    """Every Preset field is a --option: unset, the preset's value; given, the value given (vae_steps: its own rule
-    when unset, scaled with --max_steps). Bad autoencoder options are one-line errors before any work."""
-    for name, preset in train.PRESETS.items():
-        args = train.parse_args([f"--preset={name}"])
-        for f in dataclasses.fields(train.Preset):
-            assert getattr(args, f.name) == getattr(preset, f.name), (name, f.name)
-        given = {f.name: (2 * getattr(preset, f.name) if f.type in (int, "int") else 0.5 * getattr(preset, f.name) + 1e-3)
-                 for f in dataclasses.fields(train.Preset)}
-        args = train.parse_args([f"--preset={name}", *(f"--{k}={v}" for k, v in given.items())])
-        assert {k: getattr(args, k) for k in given} == given
-    for option, value in (("vae_lr", "0"), ("vae_kl", "-1"), ("vae_batch_size", "0")):
-        with pytest.raises(DataError, match=f"--{option}={value}"):
-            train.check_options(train.parse_args(["--preset=tiny", f"--{option}={value}"]))
