@@ -1,4 +1,5 @@
-"""Every test of the project (CPU, small random models, files written by the tests; no downloads).
+"""Every test of the project (CPU, small random models, files written by the tests; no downloads), grouped in the
+order of the modules after one block that every group builds on. A test's name starts with its module's.
 
 Run: python -m pytest -q test_dtc.py
 """
@@ -35,24 +36,75 @@ from world import HELDOUT_FIRST, PATTERNS, Product, TeachingWorld, make_product,
 
 
 # ====================================================================================================
-# unet.py: parity with diffusers, the encode/decode split, gradient checkpointing, the full-size layout, loading
+# What every section builds on: one set of small configs, one randomiser, one thread
 # ====================================================================================================
 
-def tiny_cfg(**kw):
-    """SD 1.5's topology at width 32 (GroupNorm needs multiples of 32) and a 64-wide context."""
-    return UNetConfig(**{"model_channels": 32, "context_dim": 64, **kw})
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# The backbones' own tests build the original layouts at small width, so that parity with the reference libraries
+# meets every kind of block (GroupNorm needs widths in multiples of 32).
+SD_UNET = UNetConfig(model_channels=32, context_dim=64)       # SD 1.5's U-Net: 4 levels, 2 res blocks, attention at 3
+SD_VAE = VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2)  # SD's VAE at 3 levels: 4x, 32x32 images <-> 8x8 latents
 
 
-def randomised(model, seed=0):
-    """Every parameter random: the originals zero-init out.2, proj_out and out_layers.3, which would hide bugs."""
+def hub_vit(ffn="mlp", registers=0, embed_dim=64, num_heads=4):
+    """A DINOv2 hub-file layout at small width: the 37x37 pos_embed grid (518 / 14), so every test size resamples."""
+    return DINOv2Config(embed_dim=embed_dim, depth=2, num_heads=num_heads, ffn=ffn, num_registers=registers,
+                        interpolate_offset=0.0 if registers else 0.1, interpolate_antialias=registers > 0)
+
+
+# DTC's tests build the smallest wiring of every part (they run it hundreds of times): a 2-level U-Net with SD's 8
+# heads (the loader cannot read the head count from the shapes, so it assumes SD's), a 2x VAE, a one-block ViT with
+# 64-wide heads (as the hub-file loader assumes). dtc.py's own tiny architecture (dtc.TINY_*), what train.py's tiny
+# preset trains, is tested through train.py and bench.py.
+DTC_UNET = UNetConfig(in_channels=9, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
+                      num_heads=8, context_dim=32)
+DTC_VAE = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)
+DTC_VIT = DINOv2Config(embed_dim=64, depth=1, num_heads=1, ffn="mlp", patch_size=14, img_size=56)
+
+
+def dtc_config(**kw):
+    return dtc.DTCConfig(unet=DTC_UNET, image_encoder_dim=64, image_size=28, vae_factor=2, **kw)
+
+
+def randomise(module, std=0.05, seed=0):
+    """Every parameter random, from one generator in parameter order: the originals zero-initialise parts (out.2,
+    proj_out, out_layers.3, the fusion), and default inits hide scale bugs. N(0, std^2), norm scales 1 + N(0, std^2)
+    so the signal stays alive. std: a number, or a function (parameter name, parameter) -> that parameter's std."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for m in model.modules():
-            for name, p in m.named_parameters(recurse=False):  # norm scales around 1 keep the signal alive
+        for module_name, m in module.named_modules():
+            for name, p in m.named_parameters(recurse=False):
                 one = isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and name == "weight"
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05 + one)
-    return model.eval()
+                sigma = std(f"{module_name}.{name}", p) if callable(std) else std
+                p.copy_(torch.randn(p.shape, generator=g) * sigma + one)
+    return module
 
+
+def fan_in_std(name, p):
+    """Weights N(0, 1/fan_in), which keeps a deep conv stack's activations O(1); biases and norm offsets 0.2."""
+    return p[0].numel() ** -0.5 if p.ndim > 1 else 0.2
+
+
+def vit_std(name, p):
+    """Tokens and position embeddings at 1 (so that resampling them matters), the rest 0.1."""
+    return 1.0 if "token" in name or "pos_embed" in name else 0.1
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Every test on one thread: the models are tiny and gain nothing from a second one, and on a machine shared
+    with other jobs OpenMP threads wait on each other (measured: up to 60x slower). torchrun gives each process one
+    too. Scripts run as subprocesses get OMP_NUM_THREADS=1 (run_script)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ====================================================================================================
+# unet.py: parity with diffusers, the encode/decode split, gradient checkpointing, the full-size layout, loading
+# ====================================================================================================
 
 def inputs(cfg, batch=2, hw=(16, 16), tokens=7, seed=1):
     g = torch.Generator().manual_seed(seed)
@@ -115,8 +167,8 @@ def diffusers_unet_to_ldm(sd, layers_per_block=2):
 def test_unet_parity_diffusers(in_channels, hw):
     """Our U-Net with random weights, converted by diffusers' own single-file converter, gives diffusers' output."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-    cfg = tiny_cfg(in_channels=in_channels)
-    ours = randomised(UNet(cfg))
+    cfg = replace(SD_UNET, in_channels=in_channels)
+    ours = randomise(UNet(cfg)).eval()
     dif = diffusers_unet(cfg).eval()
     converted = convert_ldm_unet_checkpoint({ldm_prefix + k: v for k, v in ours.state_dict().items()}, {"layers_per_block": 2})
     dif.load_state_dict(converted, strict=True)
@@ -135,8 +187,8 @@ def test_unet_parity_diffusers(in_channels, hw):
 def test_unet_encode_decode_split():
     """encode + decode equals forward exactly; the skips have SD's count and shapes; decode leaves them untouched;
     the encoder-only U-Net is the first half of the full one; any token count and non-square latents work."""
-    cfg = tiny_cfg(in_channels=9)
-    model = randomised(UNet(cfg))
+    cfg = replace(SD_UNET, in_channels=9)
+    model = randomise(UNet(cfg)).eval()
     x, t, ctx = inputs(cfg)
     with torch.no_grad():
         full = model(x, t, ctx)
@@ -167,8 +219,8 @@ def test_unet_encode_decode_split():
 
 def test_unet_grad_checkpointing(monkeypatch):
     """With grad_checkpointing every block goes through torch.utils.checkpoint; loss and gradients are unchanged."""
-    cfg = tiny_cfg()
-    model = randomised(UNet(cfg)).train()
+    cfg = SD_UNET
+    model = randomise(UNet(cfg)).eval().train()
     x, t, ctx = inputs(cfg)
     calls = []
 
@@ -220,10 +272,10 @@ def test_unet_full_size_layout(in_channels):
 
 
 @pytest.mark.parametrize("cfg", [
-    tiny_cfg(),
-    tiny_cfg(in_channels=9, channel_mult=(1, 2), attention_levels=(1,), transformer_depth=2, context_dim=48),
-    tiny_cfg(channel_mult=(1, 2, 4), num_res_blocks=3, attention_levels=(0, 2), out_channels=8, model_channels=64),
-    tiny_cfg(channel_mult=(2, 3), num_res_blocks=1, attention_levels=()),
+    SD_UNET,
+    replace(SD_UNET, in_channels=9, channel_mult=(1, 2), attention_levels=(1,), transformer_depth=2, context_dim=48),
+    replace(SD_UNET, channel_mult=(1, 2, 4), num_res_blocks=3, attention_levels=(0, 2), out_channels=8, model_channels=64),
+    replace(SD_UNET, channel_mult=(2, 3), num_res_blocks=1, attention_levels=()),
 ])
 def test_unet_infer_config(cfg):
     """The config is recovered from tensor shapes alone (num_heads stays the SD 1.x default)."""
@@ -247,8 +299,8 @@ def write_ckpt_extras(sd):
 def test_unet_load_round_trips(tmp_path):
     """The same weights as .safetensors (prefixed), Lightning .ckpt (fp16, with the other parts of a real file)
     and bare .pth all load to the same model; dtype=... overrides the stored dtype."""
-    cfg = tiny_cfg()
-    ref = randomised(UNet(cfg))
+    cfg = SD_UNET
+    ref = randomise(UNet(cfg)).eval()
     sd = ref.state_dict()
     x, t, ctx = inputs(cfg)
     with torch.no_grad():
@@ -290,8 +342,8 @@ class RunsCode:
 
 def test_unet_load_errors(tmp_path):
     """Each bad input gives a CheckpointError naming the file and the problem."""
-    cfg = tiny_cfg()
-    sd = randomised(UNet(cfg)).state_dict()
+    cfg = SD_UNET
+    sd = randomise(UNet(cfg)).eval().state_dict()
 
     def fails(path, *words, **kw):
         with pytest.raises(CheckpointError) as e:
@@ -324,7 +376,7 @@ def test_unet_load_errors(tmp_path):
     torch.save(sd2, tmp_path / "sd2.pth")
     fails(tmp_path / "sd2.pth", "SD 2")
     with torch.device("meta"):
-        sd2 = UNet(tiny_cfg(context_dim=1024)).state_dict()
+        sd2 = UNet(replace(SD_UNET, context_dim=1024)).state_dict()
     with pytest.raises(CheckpointError, match="SD 2"):
         load_unet(sd2)
 
@@ -346,27 +398,8 @@ def test_unet_load_errors(tmp_path):
 # vae.py: parity with diffusers' AutoencoderKL, the posterior, the full-size key layout, loading, tiled decoding
 # ====================================================================================================
 
-TINY = VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2)  # 32x32 images <-> 8x8 latents
-
-
-def randomise_vae(model, seed=0):
-    """Every parameter random (the originals zero-init nothing here, but default init hides scale bugs):
-    conv weights ~ N(0, 1/fan_in) keep activations O(1); norm weights around 1; all biases non-zero."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            r = torch.randn(p.shape, generator=g, dtype=p.dtype)
-            if p.ndim > 1:
-                p.copy_(r / math.sqrt(p[0].numel()))
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * r)
-            else:
-                p.copy_(0.2 * r)
-    return model
-
-
 def tiny_vae(seed=0):
-    return randomise_vae(AutoencoderKL(TINY), seed).eval()
+    return randomise(AutoencoderKL(SD_VAE), fan_in_std, seed).eval()
 
 
 def diffusers_vae(cfg, device=None):
@@ -402,8 +435,8 @@ def test_vae_parity_with_diffusers():
     in fp32 and fp64, on a random image and on a near-constant one (which exposes GroupNorm eps)."""
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
     ours = tiny_vae()
-    dif = diffusers_vae(TINY)
-    n = len(TINY.ch_mult)
+    dif = diffusers_vae(SD_VAE)
+    n = len(SD_VAE.ch_mult)
     conv_cfg = {"down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n}
     dif.load_state_dict(convert_ldm_vae_checkpoint(
         {"first_stage_model." + k: v for k, v in ours.state_dict().items()}, conv_cfg), strict=True)
@@ -468,7 +501,7 @@ def test_vae_full_size_keys_match_sd():
     assert "decoder.up.0.upsample.conv.weight" not in sd and "encoder.down.3.downsample.conv.weight" not in sd
     n = sum(p.numel() for p in ours.parameters())
     assert n == sum(v.numel() for v in ref.values()) and round(n / 1e4) == 8365, n
-    assert VAEConfig().downsample_factor == 8 and TINY.downsample_factor == 4
+    assert VAEConfig().downsample_factor == 8 and SD_VAE.downsample_factor == 4
     assert infer_vae_config(sd) == VAEConfig()
     assert LATENT_SCALE == 0.18215
 
@@ -498,7 +531,7 @@ def test_vae_load_round_trips(tmp_path):
              "alphas_cumprod": torch.rand(1000)}
     save_file(full, tmp_path / "sd.safetensors")
     loaded = load_vae(tmp_path / "sd.safetensors")
-    assert isinstance(loaded, AutoencoderKL) and not loaded.training and loaded.cfg == TINY
+    assert isinstance(loaded, AutoencoderKL) and not loaded.training and loaded.cfg == SD_VAE
     assert same(outputs(loaded), want)
 
     torch.save(sd, tmp_path / "vae.pth")
@@ -534,7 +567,7 @@ def test_vae_load_errors(tmp_path):
     with pytest.raises(CheckpointError, match=r"cut\.safetensors: cannot read the file \(truncated or corrupt"):
         load_vae(tmp_path / "cut.safetensors")
 
-    save_file(diffusers_vae(TINY).state_dict(), tmp_path / "diffusion_pytorch_model.safetensors")
+    save_file(diffusers_vae(SD_VAE).state_dict(), tmp_path / "diffusion_pytorch_model.safetensors")
     with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model\.safetensors: does not match(.|\n)*"
                                               r"likely cause: this is a diffusers-format file"):
         load_vae(tmp_path / "diffusion_pytorch_model.safetensors")
@@ -555,29 +588,10 @@ def test_vae_load_errors(tmp_path):
         load_vae(tmp_path / "unet.safetensors")
 
 
-BENCH_VAE = VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)  # 4x: 16x12 latents <-> 64x48 images
-
-
-@pytest.fixture
-def one_thread_bench():
-    """Tiny models gain nothing from a second thread, and on a machine shared with other jobs OpenMP threads
-    wait on each other (measured: up to 60x slower); one thread keeps this file fast."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def random_vae(seed=0):
-    """Every parameter random (conv weights ~ N(0, 1/fan_in), norm weights around 1, biases non-zero)."""
-    vae = AutoencoderKL(BENCH_VAE).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in vae.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            p.copy_(r / math.sqrt(p[0].numel()) if p.ndim > 1 else 1 + 0.2 * r if "norm" in name and "weight" in name
-                    else 0.2 * r)
-    return vae
+def tiled_vae():
+    """SD_VAE with one res block a level, 4x: 16x12 latents <-> 64x48 images (the tiled-decode errors below were
+    measured on it)."""
+    return randomise(AutoencoderKL(replace(SD_VAE, num_res_blocks=1)), fan_in_std).eval()
 
 
 def latents(seed=1):
@@ -585,20 +599,20 @@ def latents(seed=1):
 
 
 @torch.no_grad()
-def test_bench_decode_tiled_one_tile_is_decode(one_thread_bench):
+def test_vae_decode_tiled_one_tile_is_decode():
     """A latent no larger than one tile is decoded in one piece: bit-identical to decode()."""
-    vae, z = random_vae(), latents()
+    vae, z = tiled_vae(), latents()
     assert torch.equal(vae.decode_tiled(z, tile=16, overlap=4), vae.decode(z))
     assert torch.equal(vae.decode_tiled(z, tile=64), vae.decode(z))
 
 
 @pytest.mark.parametrize("tile,overlap", [(8, 4), (8, 2), (5, 3), (6, 0), (7, 6)])
 @torch.no_grad()
-def test_bench_decode_tiled_blending_is_a_partition_of_unity(one_thread_bench, tile, overlap):
+def test_vae_decode_tiled_blending_is_a_partition_of_unity(tile, overlap):
     """With a decoder that has no global parts (nearest upsampling of a pointwise map), tiling must change
     nothing: tiles land where they belong and the ramp weights of the tiles covering each pixel sum to 1,
     including uneven last tiles (flush with the end) and zero overlap."""
-    vae, z = random_vae(), latents()
+    vae, z = tiled_vae(), latents()
     f = vae.cfg.downsample_factor
     vae.decode = lambda z: F.interpolate(torch.tanh(z[:, :3] * 2 + z[:, 3:]), scale_factor=f, mode="nearest")
     out = vae.decode_tiled(z, tile=tile, overlap=overlap)
@@ -607,12 +621,12 @@ def test_bench_decode_tiled_blending_is_a_partition_of_unity(one_thread_bench, t
 
 
 @torch.no_grad()
-def test_bench_decode_tiled_cross_fades_seams(one_thread_bench):
+def test_vae_decode_tiled_cross_fades_seams():
     """Where tiles disagree, the overlap is a linear cross-fade, not a seam. A decoder whose output is one value
     per tile (the mean of the tile's latents) shows it: three tiles along the width overlapping by 4 latents
     (16 pixels) step by at most |a - b| / 16 between neighbouring pixels, and hold their own value outside the
     overlaps; with no overlap the step is the whole |a - b|."""
-    vae = random_vae()
+    vae = tiled_vae()
     f = vae.cfg.downsample_factor
     z = torch.linspace(0, 3, 16).expand(1, 4, 4, 16) ** 2  # tiles [0,8), [4,12), [8,16): different means
     vae.decode = lambda z: z.mean().expand(1, 3, z.shape[2] * f, z.shape[3] * f)
@@ -627,12 +641,12 @@ def test_bench_decode_tiled_cross_fades_seams(one_thread_bench):
 
 
 @torch.no_grad()
-def test_bench_decode_tiled_close_to_decode(one_thread_bench):
+def test_vae_decode_tiled_close_to_decode():
     """Small tiles of the real decoder: right shape, close to decode() but not equal (the mid-block attention and
     every GroupNorm see one tile). Measured on this random VAE, 16x12 latents, relative RMS error (max |d|):
     tile 10 / overlap 4: 0.216 (0.67); tile 8 / overlap 4: 0.321 (1.07); tile 8, no overlap: 0.461 (2.57).
     The bounds are loose, and the overlap's cross-fade must beat hard seams."""
-    vae, z = random_vae(), latents()
+    vae, z = tiled_vae(), latents()
     full = vae.decode(z)
 
     def rel_rms(tile, overlap):
@@ -649,25 +663,6 @@ def test_bench_decode_tiled_close_to_decode(one_thread_bench):
 # ====================================================================================================
 # dinov2.py: parity with timm and transformers, hub-file structure, loading
 # ====================================================================================================
-
-def _tiny(ffn="mlp", registers=0, embed_dim=64, num_heads=4):
-    """Tiny hub-shaped config: 37x37 pos_embed grid (518 / 14) so every test size below resamples."""
-    return DINOv2Config(embed_dim=embed_dim, depth=2, num_heads=num_heads, ffn=ffn, num_registers=registers,
-                        interpolate_offset=0.0 if registers else 0.1, interpolate_antialias=registers > 0)
-
-
-def _random_model(cfg, seed=0):
-    """A model with EVERY parameter random (LayerScale gammas, tokens, pos_embed included)."""
-    g = torch.Generator().manual_seed(seed)
-    model = DINOv2(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            std = 1.0 if ("token" in name or "pos_embed" in name) else 0.1
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-            if "norm" in name and name.endswith("weight"):
-                p.add_(1.0)
-    return model
-
 
 def _orig_interp_pos(pos_embed, x, patch=14, offset=0.1):
     """The facebookresearch interpolate_pos_encoding (non-register release), transcribed with its own
@@ -758,8 +753,8 @@ SIZES = [(224, 224), (196, 280), (518, 518)]  # resampled square, resampled non-
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float64, 1e-10)])
 def test_dinov2_parity_timm(variant, dtype, tol):
     """Tokens equal timm's forward_features (pos_embed resampled by the original rule), incl. non-square."""
-    cfg = _tiny(ffn="swiglu" if variant == "swiglu" else "mlp", registers=4 if variant == "reg4" else 0)
-    model = _random_model(cfg).to(dtype)
+    cfg = hub_vit(ffn="swiglu" if variant == "swiglu" else "mlp", registers=4 if variant == "reg4" else 0)
+    model = randomise(DINOv2(cfg), vit_std).eval().to(dtype)
     sd = model.state_dict()
     for i, (H, W) in enumerate(SIZES):
         x = torch.randn(2, 3, H, W, generator=torch.Generator().manual_seed(i), dtype=dtype)
@@ -777,8 +772,8 @@ def test_dinov2_parity_transformers_registers(dtype, tol):
     """Register models vs transformers Dinov2WithRegistersModel, which resamples by itself (size=,
     antialias=True, rows = H): an independent check of our register-model rule and H/W order."""
     from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
-    cfg = _tiny(registers=4)
-    model = _random_model(cfg, seed=1).to(dtype)
+    cfg = hub_vit(registers=4)
+    model = randomise(DINOv2(cfg), vit_std, seed=1).eval().to(dtype)
     hf = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(
         image_size=518, patch_size=14, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=4,
         num_register_tokens=4, layerscale_value=1.0, use_swiglu_ffn=False, layer_norm_eps=1e-6,
@@ -795,12 +790,12 @@ def test_dinov2_parity_transformers_registers(dtype, tol):
 def test_dinov2_pos_embed_rules():
     """The trained grid returns pos_embed itself; non-square grids are (rows, cols) = (H/p, W/p), and
     swapping them (or using the other release's rule) changes the numbers, so the parity tests can fail."""
-    model = _random_model(_tiny())
+    model = randomise(DINOv2(hub_vit()), vit_std).eval()
     assert model.resized_pos_embed(37, 37) is model.pos_embed
     x = torch.zeros(1, 3, 196, 280)
     torch.testing.assert_close(model.resized_pos_embed(14, 20), _orig_interp_pos(model.pos_embed, x), rtol=0, atol=0)
     assert (model.resized_pos_embed(20, 14) - model.resized_pos_embed(14, 20)).abs().max() > 0.1
-    reg = _random_model(_tiny(registers=4))
+    reg = randomise(DINOv2(hub_vit(registers=4)), vit_std).eval()
     with torch.no_grad():
         reg.pos_embed.copy_(model.pos_embed)
     assert (reg.resized_pos_embed(16, 16) - model.resized_pos_embed(16, 16)).abs().max() > 0.1
@@ -847,7 +842,7 @@ def test_dinov2_full_size_structure(preset):
 @pytest.mark.parametrize("ffn,registers", [("mlp", 0), ("swiglu", 0), ("mlp", 4), ("swiglu", 4)])
 def test_dinov2_infer_config(ffn, registers):
     """infer_dinov2_config recovers tiny configs (heads = width / 64, as in every hub model)."""
-    cfg = _tiny(ffn=ffn, registers=registers, embed_dim=128, num_heads=2)
+    cfg = hub_vit(ffn=ffn, registers=registers, embed_dim=128, num_heads=2)
     with torch.device("meta"):
         sd = DINOv2(cfg).state_dict()
     assert infer_dinov2_config(sd) == cfg
@@ -855,7 +850,7 @@ def test_dinov2_infer_config(ffn, registers):
 
 def test_dinov2_load_files(tmp_path):
     """A hub-style bare state dict loads from .pth and .safetensors and gives the same tokens; fp16 stays fp16."""
-    model = _random_model(_tiny(embed_dim=64, num_heads=1))  # 64-wide head, as the loader assumes
+    model = randomise(DINOv2(hub_vit(embed_dim=64, num_heads=1)), vit_std).eval()  # 64-wide head, as the loader assumes
     sd = model.state_dict()
     x = torch.randn(1, 3, 224, 196)
     with torch.no_grad():
@@ -877,7 +872,7 @@ def test_dinov2_load_files(tmp_path):
 
 def test_dinov2_load_errors(tmp_path):
     """Bad files give one CheckpointError naming the file and the problem."""
-    sd = _random_model(_tiny(embed_dim=64, num_heads=1)).state_dict()
+    sd = randomise(DINOv2(hub_vit(embed_dim=64, num_heads=1)), vit_std).eval().state_dict()
 
     def fails(obj, name, *words):
         path = tmp_path / name
@@ -889,7 +884,7 @@ def test_dinov2_load_errors(tmp_path):
 
     fails(_orig_to_hf(sd), "hf.pth", "transformers-format")
     fails({k.replace("blocks.", "blocks.0."): v for k, v in sd.items()}, "chunked.pth", "block_chunks")
-    timm_reg = {k: v for k, v in _random_model(_tiny(registers=4)).state_dict().items() if k != "register_tokens"}
+    timm_reg = {k: v for k, v in randomise(DINOv2(hub_vit(registers=4)), vit_std).eval().state_dict().items() if k != "register_tokens"}
     fails({**timm_reg, "reg_token": torch.zeros(1, 4, 64)}, "timm.pth", "timm-format")
     fails({"teacher.backbone." + k: v for k, v in sd.items()}, "teacher.pth", "teacher.backbone.")
     fails({k: v for k, v in sd.items() if k != "blocks.1.attn.proj.bias"}, "missing.pth", "missing keys", "blocks.1.attn.proj.bias")
@@ -909,7 +904,7 @@ SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.0
 
 
 @pytest.mark.parametrize("steps", [50, 25, 20])
-def test_dtc_ddim_equals_diffusers(steps):
+def test_diffusion_ddim_equals_diffusers(steps):
     """Timesteps and every update (eta 0 and eta 1 with the same generator) equal DDIMScheduler's."""
     from diffusers import DDIMScheduler
     sched, ours = DDIMScheduler(**SD15_SCHEDULER), diffusion.Schedule()
@@ -928,7 +923,7 @@ def test_dtc_ddim_equals_diffusers(steps):
             z = ref
 
 
-def test_dtc_ddpm_noising_and_step_equal_diffusers():
+def test_diffusion_ddpm_noising_and_step_equal_diffusers():
     from diffusers import DDPMScheduler
     # the full 1000-step ancestral chain: no offset (timesteps 999 ... 0)
     cfg = {k: v for k, v in SD15_SCHEDULER.items() if k not in ("set_alpha_to_one", "steps_offset")}
@@ -946,7 +941,7 @@ def test_dtc_ddpm_noising_and_step_equal_diffusers():
                                rtol=0, atol=1e-4)
 
 
-def test_dtc_v_prediction_equals_diffusers():
+def test_diffusion_v_prediction_equals_diffusers():
     """prediction="v": the training target is diffusers' get_velocity, and DDIM steps on a v output (converted to
     eps) equal DDIMScheduler(prediction_type="v_prediction")'s; "eps" leaves the output as it is."""
     from diffusers import DDIMScheduler
@@ -971,33 +966,6 @@ def test_dtc_v_prediction_equals_diffusers():
 # ====================================================================================================
 # dtc.py: the hint image, the model, fusion, losses, sampling, building from the original files, checkpoints
 # ====================================================================================================
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-TINY_UNET = dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=4,
-                 context_dim=32)
-
-
-TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)  # 2x downsampling
-
-
-TINY_VIT = DINOv2Config(embed_dim=64, depth=1, num_heads=1,  # 64-wide heads, as the loader assumes
-                         ffn="mlp", patch_size=14, img_size=56)
-
-
-def tiny_dtc_config(**kw):
-    return dtc.DTCConfig(unet=UNetConfig(in_channels=9, **TINY_UNET), image_encoder_dim=64, image_size=28,
-                         vae_factor=2, **kw)
-
-
-def randomise(module, std=0.05, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return module
-
 
 def brute_largest_rectangle(fill):
     H, W = fill.shape
@@ -1052,7 +1020,7 @@ def test_dtc_v_prediction_loss_and_sampling_use_v():
     """A v model: the loss is against v, the returned prediction is eps, and sampling converts before guidance.
     A stand-in network that outputs the true v of a known z0 gives eps exactly; sampling with it ends at z0 (up to
     DDIM's last step to alphas_cumprod[0], not 1); read as eps, the same output samples something else."""
-    cfg = tiny_dtc_config(prediction="v", hint=False)
+    cfg = dtc_config(prediction="v", hint=False)
     ours, z0 = diffusion.Schedule(), torch.randn(2, 4, 8, 8)
 
     class TrueV(dtc.DiffuseToChoose):  # knows z0: v = (sqrt(a) z_t - z0) / sqrt(1 - a)
@@ -1079,7 +1047,7 @@ def test_dtc_v_prediction_loss_and_sampling_use_v():
 def test_dtc_fresh_model_equals_base_unet(fusion, hint_input):
     """Zero-initialised fusion: a fresh DTC computes exactly its main U-Net; perturbing the fusion convs changes it."""
     torch.manual_seed(0)
-    model = dtc.DiffuseToChoose(tiny_dtc_config(fusion=fusion, hint_input=hint_input))
+    model = dtc.DiffuseToChoose(dtc_config(fusion=fusion, hint_input=hint_input))
     fusion_params = {id(p) for p in model.fusion.parameters()}
     with torch.no_grad():
         for p in model.parameters():
@@ -1101,19 +1069,19 @@ def test_dtc_film_formula_and_taps():
     """FiLM is s * (1 + gamma) + beta at 13 taps (12 skips + middle for SD); the baseline has no hint branch."""
     assert len(dtc.tap_channels(UNetConfig())) == 13
     assert dtc.tap_channels(UNetConfig()) == [320] * 4 + [640] * 3 + [1280] * 6
-    model = randomise(dtc.DiffuseToChoose(tiny_dtc_config()))
+    model = randomise(dtc.DiffuseToChoose(dtc_config()))
     skips = [torch.randn(1, c, 4, 4) for c in dtc.tap_channels(model.cfg.unet)]
     feats = [torch.randn_like(s) for s in skips]
     fused, h = model.fuse(skips[:-1], skips[-1], feats)
     for s, f, conv, out in zip(skips, feats, model.fusion, fused + [h]):
         gamma, beta = conv(f).chunk(2, 1)
         torch.testing.assert_close(out, s * (1 + gamma) + beta)
-    base = dtc.DiffuseToChoose(dtc.baseline_config(tiny_dtc_config()))
+    base = dtc.DiffuseToChoose(dtc.baseline_config(dtc_config()))
     assert not hasattr(base, "hint_encoder") and base.context(torch.randn(2, 5, 64)).shape == (2, 1, 32)
 
 
 def test_dtc_guidance_dropout_and_null_context():
-    model = randomise(dtc.DiffuseToChoose(tiny_dtc_config()))
+    model = randomise(dtc.DiffuseToChoose(dtc_config()))
     feats = torch.randn(3, 5, 64)
     ctx = model.context(feats, drop=torch.tensor([True, False, True]))
     torch.testing.assert_close(ctx[1], model.token_proj(feats[1]))
@@ -1123,7 +1091,7 @@ def test_dtc_guidance_dropout_and_null_context():
 def test_dtc_guided_sampling_step_equals_two_forwards():
     """One batched forward for both guidance branches equals two separate forwards combined by the CFG rule."""
     torch.manual_seed(0)
-    model = randomise(dtc.DiffuseToChoose(tiny_dtc_config())).eval()
+    model = randomise(dtc.DiffuseToChoose(dtc_config())).eval()
     sch = diffusion.Schedule()
     cond = dict(z_masked=torch.randn(1, 4, 8, 8), mask_lat=torch.rand(1, 1, 8, 8), tokens=torch.randn(1, 5, 64),
                 hint=torch.rand(1, 3, 16, 16))
@@ -1142,7 +1110,7 @@ def test_dtc_guided_sampling_step_equals_two_forwards():
 
 def test_dtc_latent_only_hint_computed_once():
     """With hint_input='latent_only' the hint encoder runs once per sampling call, not once per step."""
-    model = randomise(dtc.DiffuseToChoose(tiny_dtc_config(hint_input="latent_only"))).eval()
+    model = randomise(dtc.DiffuseToChoose(dtc_config(hint_input="latent_only"))).eval()
     calls = []
     encode = model.hint_encoder.encode
     model.hint_encoder.encode = lambda *a: calls.append(1) or encode(*a)
@@ -1152,7 +1120,7 @@ def test_dtc_latent_only_hint_computed_once():
     assert len(calls) == 1
     calls.clear()
     model.cfg.hint_input = "full"
-    model.hint_encoder = UNet(UNetConfig(in_channels=9, **TINY_UNET), encoder_only=True)
+    model.hint_encoder = UNet(DTC_UNET, encoder_only=True)
     model.hint_encoder.encode = lambda *a: calls.append(1) or UNet.encode(model.hint_encoder, *a)
     dtc.sample_latents(model, diffusion.Schedule(), cond, steps=4, progress=False)
     assert len(calls) == 4
@@ -1161,8 +1129,8 @@ def test_dtc_latent_only_hint_computed_once():
 def write_original_files(tmp_path, kind):
     """A tiny single-file SD checkpoint of `kind` ('sd15', 'inpaint', 'pbe') and a tiny DINOv2 hub file."""
     torch.manual_seed({"sd15": 1, "inpaint": 2, "pbe": 3}[kind])
-    unet = randomise(UNet(UNetConfig(in_channels=4 if kind == "sd15" else 9, **TINY_UNET)), seed=5)
-    vae = randomise(AutoencoderKL(TINY_VAE), std=0.02, seed=6)
+    unet = randomise(UNet(replace(DTC_UNET, in_channels=4 if kind == "sd15" else 9)), seed=5)
+    vae = randomise(AutoencoderKL(DTC_VAE), std=0.02, seed=6)
     sd = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
     sd.update({"first_stage_model." + k: v for k, v in vae.state_dict().items()})
     sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
@@ -1174,7 +1142,7 @@ def write_original_files(tmp_path, kind):
     sd_path = tmp_path / f"{kind}.ckpt"
     torch.save({"state_dict": sd, "global_step": 1}, sd_path)
     vit_path = tmp_path / "dinov2_tiny.pth"
-    torch.save(randomise(DINOv2(TINY_VIT), seed=7).state_dict(), vit_path)
+    torch.save(randomise(DINOv2(DTC_VIT), seed=7).state_dict(), vit_path)
     return sd_path, vit_path, unet
 
 
@@ -1242,9 +1210,9 @@ def test_dtc_config_working_size_stored_and_defaulted():
 
 
 def test_dtc_checkpoint_round_trip(tmp_path):
-    cfg = tiny_dtc_config(fusion="add")
+    cfg = dtc_config(fusion="add")
     model = randomise(dtc.DiffuseToChoose(cfg))
-    frozen = dtc.Frozen(vae=randomise(AutoencoderKL(TINY_VAE)), image_encoder=randomise(DINOv2(TINY_VIT)))
+    frozen = dtc.Frozen(vae=randomise(AutoencoderKL(DTC_VAE)), image_encoder=randomise(DINOv2(DTC_VIT)))
     path = tmp_path / "dtc.safetensors"
     dtc.save_dtc(model, path)
     loaded, fz = dtc.load_dtc(path)
@@ -1842,7 +1810,7 @@ def assert_nothing_lost(folder, planted):
     assert sorted(p.name for p in folder.iterdir()) == sorted(planted)  # no temporary file left either
 
 
-def test_write_images_all_or_nothing(tmp_path):
+def test_data_write_images_all_or_nothing(tmp_path):
     """Point 2: outputs replace the earlier ones only when every one has been written; a write that fails
     (here: RGBA cannot be stored as JPEG) replaces nothing and leaves no temporary file."""
     from data import write_images
@@ -1890,7 +1858,7 @@ def test_data_high_bit_and_other_modes_by_their_range(tmp_path):
 # world.py: the teaching world
 # ====================================================================================================
 
-def test_data_teaching_world_deterministic_and_shapes():
+def test_world_deterministic_and_shapes():
     """Same seed -> identical tensors; another seed -> other scenes; shapes and ranges."""
     a = TeachingWorld(64, "train", length=40, seed=0, ref_size=(56, 56))
     b = TeachingWorld(64, "train", length=40, seed=0, ref_size=(56, 56))
@@ -1909,7 +1877,7 @@ def test_data_teaching_world_deterministic_and_shapes():
     assert 4 < sum(kinds) < 30
 
 
-def test_data_teaching_world_products_disjoint():
+def test_world_products_disjoint():
     """Train and held-out products come from disjoint ids and have different parameters; all patterns occur."""
     train = TeachingWorld(32, "train", length=500, n_products=300)
     held = TeachingWorld(32, "heldout", length=300)
@@ -1925,7 +1893,7 @@ def test_data_teaching_world_products_disjoint():
     assert {len(p.colours) for p in train_params} == {2, 3}
 
 
-def test_data_teaching_world_product_visible():
+def test_world_product_visible():
     """Inside the region the scene differs from the scene without the product; outside it is identical;
     the reference shows the product on white."""
     world = TeachingWorld(64, "heldout", length=12, seed=4, train=False)
@@ -1956,7 +1924,7 @@ def hint_error(sample):
     return (hint - sample["target"]).abs().mean(0, keepdim=True)[inside].mean().item()
 
 
-def test_data_teaching_world_hint_matches_target():
+def test_world_hint_matches_target():
     """The world agrees with the paper's hint rule: drawn without warp and shading, the reference stretched
     into the largest rectangle of the mask (make_hint) shows the target's own pixels there, with fine masks
     and with the box masks of training. (The world before this rule, with its warp: mean 0.30, up to 0.57, on the
@@ -1973,7 +1941,7 @@ def test_data_teaching_world_hint_matches_target():
     assert 0.01 < sum(hint_error(distorted[i]) for i in range(12)) / 12 - sum(errors) / 12 < 0.15  # warp, shading: mild
 
 
-def test_data_teaching_world_augmentation_keeps_the_hint():
+def test_world_augmentation_keeps_the_hint():
     """Training samples (box masks, flips, rotated encoder copies) keep the hint's correspondence; the flip is
     the evaluation scene mirrored."""
     train = TeachingWorld(64, "train", length=24, seed=5, distort=False)
@@ -1992,7 +1960,7 @@ def test_data_teaching_world_augmentation_keeps_the_hint():
     assert 4 < flips < 20 and 4 < boxes < 20
 
 
-def test_data_teaching_world_texture_just_below_a_band_edge():
+def test_world_texture_just_below_a_band_edge():
     """A point just below a stripe period's end is in the last band: x - floor(x) rounds to 1.0 there in float32, which
     indexed past the 3 colours (a training run crashed on it)."""
     colours = ((0.9, 0.9, 0.9), (0.1, 0.1, 0.1), (0.8, 0.2, 0.2))
@@ -2002,7 +1970,7 @@ def test_data_teaching_world_texture_just_below_a_band_edge():
     torch.testing.assert_close(texture(stripes, u, torch.full_like(u, 0.5))[:, 0], torch.tensor(colours[2]))
 
 
-def test_data_write_heldout(tmp_path):
+def test_world_write_heldout(tmp_path):
     """write_heldout writes a triplet folder with target/: the source holds another product, the target the held-out one."""
     write_heldout(tmp_path, 6, 48, seed=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mask", "reference", "source", "target"]
@@ -2035,11 +2003,11 @@ def sample_inputs(tmp_path_factory):
     Image.new("L", (25, 19), 0).save(d / "empty_mask.png")
     Image.new("L", (25, 19), 255).save(d / "full_mask.png")
     (d / "broken.png").write_bytes(b"not an image")
-    model = randomise(dtc.DiffuseToChoose(tiny_dtc_config()), std=0.02)
-    frozen = dtc.Frozen(vae=randomise(AutoencoderKL(TINY_VAE), std=0.02).eval(),
-                        image_encoder=randomise(DINOv2(TINY_VIT), std=0.02).eval())
+    model = randomise(dtc.DiffuseToChoose(dtc_config()), std=0.02)
+    frozen = dtc.Frozen(vae=randomise(AutoencoderKL(DTC_VAE), std=0.02).eval(),
+                        image_encoder=randomise(DINOv2(DTC_VIT), std=0.02).eval())
     dtc.save_dtc(model, d / "dtc.safetensors", frozen)
-    dtc.save_dtc(randomise(dtc.DiffuseToChoose(dtc.baseline_config(tiny_dtc_config())), std=0.02),
+    dtc.save_dtc(randomise(dtc.DiffuseToChoose(dtc.baseline_config(dtc_config())), std=0.02),
                  d / "baseline.safetensors", frozen)
     return d, sd_path, vit_path
 
@@ -2357,7 +2325,7 @@ def test_eval_trivial_fills_and_bootstrap():
     hint = dtc.make_hint(reference, mask) * 2 - 1
     assert torch.equal(pasted[0, :, 10, 6], hint[0, :, 10, 6]) and torch.equal(pasted[0, :, 0, 0], flat[0, :, 0, 0])
     assert torch.equal(pasted[0, :, 5, 3], flat[0, :, 5, 3])  # the hint's white margin: the flat colour
-    vae = randomise_vae(AutoencoderKL(TINY_VAE)).eval()
+    vae = randomise(AutoencoderKL(DTC_VAE), fan_in_std).eval()
     target = torch.rand(1, 3, 16, 16) * 2 - 1
     with torch.no_grad():
         expect = vae.decode(vae.encode(target).mean).clamp(-1, 1)
@@ -2403,8 +2371,8 @@ def test_eval_cli_against_itself_and_perturbed(tmp_path):
     from vae import AutoencoderKL
     world = TeachingWorld(size=32, split="heldout", length=4, seed=0, ref_size=(32, 32))
     data.write_triplets(tmp_path / "set", [dict(world[i], name=f"s{i}") for i in range(4)])
-    model = randomise(dtc.DiffuseToChoose(tiny_dtc_config()), std=0.02)
-    frozen = dtc.Frozen(vae=AutoencoderKL(TINY_VAE), image_encoder=randomise(DINOv2(TINY_VIT), std=0.02))
+    model = randomise(dtc.DiffuseToChoose(dtc_config()), std=0.02)
+    frozen = dtc.Frozen(vae=AutoencoderKL(DTC_VAE), image_encoder=randomise(DINOv2(DTC_VIT), std=0.02))
     dtc.save_dtc(model, tmp_path / "m.safetensors", frozen)
     args = [f"--data={tmp_path / 'set'}", f"--dtc={tmp_path / 'm.safetensors'}", "--size=32"]
     same = evaluate.main(args + [f"--pred_dir={tmp_path / 'set' / 'target'}"])
@@ -2584,27 +2552,15 @@ def run_script(args, **kw):
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
 
 
-@pytest.fixture
-def one_thread():
-    """In-process runs on one thread too (same reason); also what torchrun gives each process."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """One uninterrupted 6-step tiny run, shared by the resume and sample.py tests."""
     out = str(tmp_path_factory.mktemp("train") / "full")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     train.main([*SMALL, f"--out_dir={out}", "--max_steps=6"])
-    torch.set_num_threads(threads)
     return out
 
 
-def test_train_overfit_batch_lowers_loss(tmp_path, one_thread):
+def test_train_overfit_batch_lowers_loss(tmp_path):
     """--overfit_batch (one fixed batch, fixed t and noise): the loss must fall fast. (The 2-step VAE's latents
     are mostly posterior noise of std >> 1, so the v target is large: a higher rate than the preset's.)"""
     train.main([*SMALL, f"--out_dir={tmp_path}", "--max_steps=16", "--overfit_batch", "--lr=3e-3"])
@@ -2612,7 +2568,7 @@ def test_train_overfit_batch_lowers_loss(tmp_path, one_thread):
     assert len(l) == 16 and l[-1] < 0.5 * l[0], l
 
 
-def test_train_resume_reproduces_losses_exactly(tiny_run, tmp_path, one_thread):
+def test_train_resume_reproduces_losses_exactly(tiny_run, tmp_path):
     """Stop after 3 steps, --resume to 6: steps 4..6 have the uninterrupted run's losses, bit for bit."""
     train.main([*SMALL, f"--out_dir={tmp_path}", "--max_steps=3"])
     train.main([*SMALL, f"--out_dir={tmp_path}", "--max_steps=6", "--resume"])
@@ -2629,7 +2585,7 @@ def test_train_refuses_to_overwrite_a_run(tiny_run):
         train.main([*SMALL, f"--out_dir={tiny_run}", "--max_steps=6"])
 
 
-def test_train_two_processes_match_one(tmp_path, one_thread):
+def test_train_two_processes_match_one(tmp_path):
     """torchrun with 2 processes (gloo) x batch 2 == 1 process x batch 2 x grad_accum 2, parameters and losses.
     One thread per process on both sides, so the float sums are the same sums (with different thread counts
     they differ in the last bits, and Adam turns near-zero gradients of either sign into +-lr steps)."""
@@ -2668,7 +2624,7 @@ def write_triplet_folder(root, n):
     write_triplets(root, [world[i] for i in range(n)])
 
 
-def test_train_both_dataset_layouts_run(tmp_path, one_thread):
+def test_train_both_dataset_layouts_run(tmp_path):
     """A VITON-HD release and a triplet folder each train a step and draw a sample grid."""
     write_vitonhd(tmp_path / "viton", ["00001_00", "00002_00"])
     write_triplet_folder(tmp_path / "triplets", 2)
@@ -2693,7 +2649,7 @@ def test_train_checkpoint_samples_in_sample_py(tiny_run, tmp_path):
     assert Image.open(tmp_path / "r.png").size == (32, 32)
 
 
-def test_train_bad_data_one_line_or_skipped(tmp_path, one_thread):
+def test_train_bad_data_one_line_or_skipped(tmp_path):
     """A triplet without its reference: exit 1 with one line naming the file; --skip_bad trains on the rest."""
     write_triplet_folder(tmp_path / "t", 3)
     bad = next((tmp_path / "t" / "reference").iterdir())
@@ -2707,7 +2663,7 @@ def test_train_bad_data_one_line_or_skipped(tmp_path, one_thread):
     assert len(losses(tmp_path / "out")) == 1
 
 
-def test_train_sigterm_saves_then_resumes(tmp_path, one_thread, capsys):
+def test_train_sigterm_saves_then_resumes(tmp_path, capsys):
     """SIGTERM mid-run: the step finishes, ckpt.pt is saved, exit 0; --resume continues from there with the
     run's own options."""
     out = tmp_path / "out"
@@ -2733,7 +2689,7 @@ def test_train_sigterm_saves_then_resumes(tmp_path, one_thread, capsys):
     assert torch.load(out / "ckpt.pt", weights_only=True)["args"]["lr"] == 1e-3
 
 
-def test_train_ema_is_exported(tmp_path, one_thread):
+def test_train_ema_is_exported(tmp_path):
     """With --ema the exported weights are the EMA ones saved in the checkpoint, not the raw ones."""
     train.main([*SMALL, f"--out_dir={tmp_path}", "--max_steps=3", "--ema=0.5"])
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
@@ -2743,7 +2699,7 @@ def test_train_ema_is_exported(tmp_path, one_thread):
     assert not torch.equal(ckpt["ema"]["model." + w], ckpt["trainee"]["model." + w])
 
 
-def test_train_grad_checkpointing_same_losses(tiny_run, tmp_path, one_thread):
+def test_train_grad_checkpointing_same_losses(tiny_run, tmp_path):
     """--grad_checkpointing recomputes activations in backward: the run's losses are unchanged."""
     train.main([*SMALL, f"--out_dir={tmp_path}", "--max_steps=6", "--grad_checkpointing"])
     assert losses(tmp_path) == pytest.approx(losses(tiny_run), rel=1e-5)
@@ -2798,7 +2754,7 @@ def test_train_init_from_scratch_carries_colour():
     assert w.std().item() == pytest.approx(w[0].numel() ** -0.5, rel=0.2)
 
 
-def test_train_vgg_loss_backpropagates_through_the_decoder(one_thread):
+def test_train_vgg_loss_backpropagates_through_the_decoder():
     """The VGG term (random VGG weights here) is positive and changes the U-Net's gradients."""
     args = train.parse_args([*SMALL, "--p_uncond=0"])
     torch.manual_seed(0)
@@ -2815,7 +2771,7 @@ def test_train_vgg_loss_backpropagates_through_the_decoder(one_thread):
     assert not torch.allclose(grads[0], grads[1])
 
 
-def test_train_sd15_preset_on_tiny_original_files(tmp_path, one_thread):
+def test_train_sd15_preset_on_tiny_original_files(tmp_path):
     """The sd15 preset path (dtc.from_original, frozen VAE and DINOv2, only the DTC parts trained and exported),
     on a tiny SD-1.5-layout file and a tiny DINOv2 hub file."""
     from dinov2 import DINOv2
@@ -2823,8 +2779,8 @@ def test_train_sd15_preset_on_tiny_original_files(tmp_path, one_thread):
     from vae import AutoencoderKL
     torch.manual_seed(0)
     # SD 1.x's 8 heads: a file does not record the head count, and the loader assumes SD's
-    unet = UNet(UNetConfig(in_channels=4, **{**TINY_UNET, "num_heads": 8}))
-    vae = AutoencoderKL(TINY_VAE)
+    unet = UNet(replace(DTC_UNET, in_channels=4))
+    vae = AutoencoderKL(DTC_VAE)
     sd = {**{"model.diffusion_model." + k: v for k, v in unet.state_dict().items()},
           **{"first_stage_model." + k: v for k, v in vae.state_dict().items()}}
     torch.save({"state_dict": sd}, tmp_path / "sd.ckpt")
@@ -2843,7 +2799,7 @@ def test_train_sd15_preset_on_tiny_original_files(tmp_path, one_thread):
     assert not torch.equal(model.state_dict()["unet.out.2.weight"], unet.state_dict()["out.2.weight"])
 
 
-def test_train_xattn_fusion_trains_saves_and_loads(tiny_run, tmp_path, one_thread):
+def test_train_xattn_fusion_trains_saves_and_loads(tiny_run, tmp_path):
     """--fusion=xattn: training moves its output projections off zero, and the exported file loads. (Three steps: in
     the first, the U-Net's zero-initialised output conv passes no gradient back.)"""
     exported = os.path.join(tiny_run, "dtc.safetensors")
@@ -2853,7 +2809,7 @@ def test_train_xattn_fusion_trains_saves_and_loads(tiny_run, tmp_path, one_threa
     assert all(layer.proj_out.weight.abs().max() > 0 for layer in model.fusion)
 
 
-def test_train_init_vae_reuses_a_trained_tiny_vae(tiny_run, tmp_path, one_thread):
+def test_train_init_vae_reuses_a_trained_tiny_vae(tiny_run, tmp_path):
     """--init_vae takes the tiny VAE of an exported run (no VAE phase); a file without one is refused by name."""
     exported = os.path.join(tiny_run, "dtc.safetensors")
     train.main([*SMALL, f"--out_dir={tmp_path / 'b'}", "--max_steps=1", f"--init_vae={exported}"])
@@ -2868,7 +2824,7 @@ def test_train_init_vae_reuses_a_trained_tiny_vae(tiny_run, tmp_path, one_thread
         train.main([*SMALL, f"--out_dir={tmp_path / 'c'}", "--max_steps=1", f"--init_vae={tmp_path / 'no_vae.safetensors'}"])
 
 
-def test_train_dresscode_category_or_all(tmp_path, one_thread):
+def test_train_dresscode_category_or_all(tmp_path):
     """train.py --data= a DressCode root reads all three categories, a category folder that one; a step runs."""
     write_dresscode(tmp_path / "dc")
     args = train.parse_args([*SMALL, f"--data={tmp_path / 'dc'}"])
@@ -2910,7 +2866,7 @@ def test_train_resume_corrupt_or_tampered_checkpoint_one_line(tiny_run, tmp_path
     assert os.stat(out / "dtc.safetensors").st_mode & 0o777 == 0o666 & ~umask  # as every other output (was 0600)
 
 
-def test_train_too_few_samples_stops_before_any_work(tmp_path, one_thread):
+def test_train_too_few_samples_stops_before_any_work(tmp_path):
     """Row 10: fewer samples than one global batch (2 x grad_accum 2 > 3). Before, the error came after the VAE
     phase, glued to a progress bar, and left a step-0 ckpt.pt that blocked a plain rerun. Now: one line before
     the VAE phase, nothing in --out_dir, and the corrected command runs."""
@@ -2973,7 +2929,7 @@ def tiny_dtc(**kw):
 
 
 @torch.no_grad()
-def test_bench_two_forward_cfg_equals_batched(one_thread_bench):
+def test_bench_two_forward_cfg_equals_batched():
     """The 'CFG as two forwards' row computes what the batched forward computes, with and without hint features."""
     model = tiny_dtc()
     g = torch.Generator().manual_seed(3)
@@ -2990,7 +2946,7 @@ def test_bench_two_forward_cfg_equals_batched(one_thread_bench):
                                atol=1e-6, rtol=1e-5)
 
 
-def test_bench_derived_model_shares_tensors(one_thread_bench):
+def test_bench_derived_model_shares_tensors():
     """Variant rows reuse the base's weights without copying; only what cannot be shared is new."""
     model = tiny_dtc()
     nohint = bench.derived(model, hint=False)
@@ -3002,7 +2958,7 @@ def test_bench_derived_model_shares_tensors(one_thread_bench):
         model.hint_encoder.input_blocks[1][0].in_layers[2].weight.data_ptr()
 
 
-def test_bench_flops_count_attention(one_thread_bench):
+def test_bench_flops_count_attention():
     """FLOPs are counted on meta replicas, attention included: the SD 1.5 U-Net at 64x64 latents with 257
     context tokens is 818.6 GFLOP (a by-hand count of every matmul gives 818.5), and our counting equals it."""
     with torch.device("meta"):
@@ -3048,7 +3004,7 @@ def assert_numbers(cells):
             assert float(c.rstrip("%")) >= 0, c
 
 
-def test_bench_smoke_all_tables(one_thread_bench, tmp_path, capsys):
+def test_bench_smoke_all_tables(tmp_path, capsys):
     """`bench.py all --arch=tiny` on the CPU prints complete tables (every row and column label, every number
     parses) and writes them to --out. Never asserts a time."""
     out = tmp_path / "bench.md"
@@ -3076,7 +3032,7 @@ def test_bench_smoke_all_tables(one_thread_bench, tmp_path, capsys):
     assert "getrusage" in text and "FlopCounterMode" in text
 
 
-def test_bench_without_diffusers(one_thread_bench, monkeypatch, capsys):
+def test_bench_without_diffusers(monkeypatch, capsys):
     """Without diffusers the benchmark says so in one line and goes on without the reference rows. (Also: on a
     CPU the --compile row is skipped with a note, as inductor's OpenMP kernels would slow the rows after it.)"""
     monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` now raises ImportError
