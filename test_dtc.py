@@ -1396,7 +1396,7 @@ def test_data_bbox_and_augmentation_keep_the_correspondence():
     assert sum(c > 0.99 for c in corners) > 150  # most rotations uncover a white corner
 
 
-def _write_triplet_folder(root, with_target=False):
+def write_mixed_triplets(root, with_target=False):
     """Three samples of different file sizes and formats; the mask fills a rectangle."""
     sizes = {"a": (30, 40), "b": (50, 70), "c": (24, 24)}  # (H, W)
     for k, (name, (h, w)) in enumerate(sizes.items()):
@@ -1415,7 +1415,7 @@ def _write_triplet_folder(root, with_target=False):
 
 def test_data_triplet_loads_resizes_and_collates(tmp_path):
     """Sizes follow size/ref_size whatever the files are; target = source without target/; the default collate works."""
-    _write_triplet_folder(tmp_path)
+    write_mixed_triplets(tmp_path)
     ds = TripletDataset(tmp_path, size=(32, 24), ref_size=(28, 20), train=False)
     assert len(ds) == 3
     for s in ds:
@@ -1429,7 +1429,7 @@ def test_data_triplet_loads_resizes_and_collates(tmp_path):
 
 def test_data_triplet_target_and_polarity(tmp_path):
     """target/ is read when present; at the file size the mask is exactly the file's non-white pixels."""
-    sizes = _write_triplet_folder(tmp_path, with_target=True)
+    sizes = write_mixed_triplets(tmp_path, with_target=True)
     h, w = sizes["b"]
     ds = TripletDataset(tmp_path, size=(h, w), ref_size=(23, 16), train=False)  # reference b is 16x23
     s = ds[1]
@@ -1443,7 +1443,7 @@ def test_data_triplet_target_and_polarity(tmp_path):
 
 def test_data_triplet_train_randomness(tmp_path):
     """Training draws repeat for (seed, epoch, i), change across epochs, and give both fine and box masks."""
-    _write_triplet_folder(tmp_path)
+    write_mixed_triplets(tmp_path)
     a = TripletDataset(tmp_path, size=(32, 24), train=True, seed=3)
     b = TripletDataset(tmp_path, size=(32, 24), train=True, seed=3)
     b.set_epoch(5)
@@ -1480,19 +1480,19 @@ def test_data_triplet_bad_data(tmp_path):
         TripletDataset(tmp_path / "nothing", size=(8, 8))
 
     root = tmp_path / "r"
-    _write_triplet_folder(root)
+    write_mixed_triplets(root)
     (root / "reference" / "b.webp").unlink()
     with pytest.raises(DataError, match=rf"{root / 'reference' / 'b'}\.\*: file not found"):
         TripletDataset(root, size=(8, 8))
 
     root = tmp_path / "m"
-    _write_triplet_folder(root)
+    write_mixed_triplets(root)
     Image.new("L", (10, 10)).save(root / "mask" / "c.png")
     with pytest.raises(DataError, match=rf"{root / 'mask' / 'c.png'}: mask is 10x10, the source is 24x24"):
         TripletDataset(root, size=(8, 8))
 
     root = tmp_path / "k"
-    _write_triplet_folder(root)
+    write_mixed_triplets(root)
     Image.new("L", (24, 24), 0).save(root / "mask" / "c.png")  # all black: nothing to fill
     ds = TripletDataset(root, size=(8, 8), train=False)
     with pytest.raises(DataError, match=rf"{root / 'mask' / 'c.png'}: no region to fill"):
@@ -1501,14 +1501,14 @@ def test_data_triplet_bad_data(tmp_path):
 
 def test_data_triplet_skip_bad(tmp_path):
     """skip_bad drops bad samples up front with one counted warning, and replaces decode failures by the next index."""
-    _write_triplet_folder(tmp_path)
+    write_mixed_triplets(tmp_path)
     (tmp_path / "mask" / "a.png").unlink()
     with pytest.warns(UserWarning, match=r"skipped 1 of 3 samples with bad files; first: .*mask.a\.\*: file not found"):
         ds = TripletDataset(tmp_path, size=(16, 16), skip_bad=True, train=False)
     assert [name for name, _ in ds.samples] == ["b", "c"]
 
     root = tmp_path / "t"
-    _write_triplet_folder(root)
+    write_mixed_triplets(root)
     _truncate(root / "source" / "b.png")  # passes the header check, fails the decode
     ds = TripletDataset(root, size=(16, 16), train=False)  # the init cannot see it
     with pytest.raises(DataError, match=rf"{root / 'source' / 'b.png'}: unreadable image"):
@@ -2602,45 +2602,29 @@ def test_train_two_processes_match_one(tmp_path):
     assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-6)
 
 
-def write_vitonhd(root, names):
-    """A fake VITON-HD release: train_pairs.txt (unpaired, as the real one) and train/{image,cloth,image-parse-v3}."""
-    for folder in ("image", "cloth", "image-parse-v3"):
-        (root / "train" / folder).mkdir(parents=True)
-    g = torch.Generator().manual_seed(0)
-    for name in names:
-        for folder in ("image", "cloth"):  # 48x64 (W x H), 3:4 as the real 768x1024
-            to_pil(torch.rand(3, 64, 48, generator=g) * 2 - 1).save(root / "train" / folder / f"{name}.jpg")
-        parse = torch.zeros(64, 48, dtype=torch.uint8)
-        parse[20:45, 10:38] = 5  # upper clothes
-        parse[5:18, 16:32] = 13  # face
-        im = Image.frombytes("P", (48, 64), bytes(parse.flatten().tolist()))  # label ids, as the palette PNGs
-        im.putpalette([0, 0, 0, 255, 0, 0] * 128)
-        im.save(root / "train" / "image-parse-v3" / f"{name}.png")
-    (root / "train_pairs.txt").write_text("".join(f"{a}.jpg {b}.jpg\n" for a, b in zip(names, names[::-1])))
-
-
-def write_triplet_folder(root, n):
+def write_world_triplets(root, n):
+    """A triplet folder of n teaching-world samples (32x32), written by data.write_triplets."""
     world = TeachingWorld(32, "train", length=n, seed=1, ref_size=(32, 32), train=False)
     write_triplets(root, [world[i] for i in range(n)])
 
 
 def test_train_both_dataset_layouts_run(tmp_path):
     """A VITON-HD release and a triplet folder each train a step and draw a sample grid."""
-    write_vitonhd(tmp_path / "viton", ["00001_00", "00002_00"])
-    write_triplet_folder(tmp_path / "triplets", 2)
+    _write_viton(tmp_path / "viton")
+    write_world_triplets(tmp_path / "triplets", 3)
     for layout in ("viton", "triplets"):
         out = tmp_path / f"out_{layout}"
         train.main([*SMALL, f"--data={tmp_path / layout}", f"--out_dir={out}", "--max_steps=1", "--sample_every=1"])
         assert len(losses(out)) == 1
         grid = Image.open(out / "samples" / "step_000001.png")
-        assert grid.size == (5 * 128, 2 * 128)  # 2 samples x (source | mask | reference | hint | sample)
+        assert grid.size == (5 * 128, 3 * 128)  # 3 samples x (source | mask | reference | hint | sample)
 
 
 def test_train_checkpoint_samples_in_sample_py(tiny_run, tmp_path):
     """dtc.safetensors from train.py carries the tiny VAE and encoder: sample.py --dtc loads it and samples."""
     model, frozen = load_dtc(os.path.join(tiny_run, "dtc.safetensors"))
     assert frozen is not None and model.cfg.image_size == 32 and model.cfg.train_size == 32  # the working size
-    write_triplet_folder(tmp_path / "t", 1)
+    write_world_triplets(tmp_path / "t", 1)
     files = {k: next((tmp_path / "t" / k).iterdir()) for k in ("source", "mask", "reference")}
     r = run_script(["sample.py", f"--dtc={tiny_run}/dtc.safetensors", f"--source={files['source']}",
                     f"--mask={files['mask']}", f"--reference={files['reference']}", f"--out={tmp_path / 'r.png'}",
@@ -2651,7 +2635,7 @@ def test_train_checkpoint_samples_in_sample_py(tiny_run, tmp_path):
 
 def test_train_bad_data_one_line_or_skipped(tmp_path):
     """A triplet without its reference: exit 1 with one line naming the file; --skip_bad trains on the rest."""
-    write_triplet_folder(tmp_path / "t", 3)
+    write_world_triplets(tmp_path / "t", 3)
     bad = next((tmp_path / "t" / "reference").iterdir())
     bad.unlink()
     r = run_script(["train.py", *SMALL, f"--data={tmp_path / 't'}", f"--out_dir={tmp_path / 'out'}", "--max_steps=1"])
@@ -2786,7 +2770,7 @@ def test_train_sd15_preset_on_tiny_original_files(tmp_path):
     torch.save({"state_dict": sd}, tmp_path / "sd.ckpt")
     vit = DINOv2(DINOv2Config(embed_dim=32, depth=1, num_heads=1, ffn="mlp", patch_size=14, img_size=56))
     torch.save(vit.state_dict(), tmp_path / "dino.pth")
-    write_triplet_folder(tmp_path / "t", 2)
+    write_world_triplets(tmp_path / "t", 2)
     out = tmp_path / "out"
     train.main(["--preset=sd15", f"--sd={tmp_path / 'sd.ckpt'}", f"--dinov2={tmp_path / 'dino.pth'}",
                 f"--data={tmp_path / 't'}", f"--out_dir={out}", "--size=32", "--batch_size=2", "--max_steps=2",
@@ -2870,7 +2854,7 @@ def test_train_too_few_samples_stops_before_any_work(tmp_path):
     """Row 10: fewer samples than one global batch (2 x grad_accum 2 > 3). Before, the error came after the VAE
     phase, glued to a progress bar, and left a step-0 ckpt.pt that blocked a plain rerun. Now: one line before
     the VAE phase, nothing in --out_dir, and the corrected command runs."""
-    write_triplet_folder(tmp_path / "t", 3)
+    write_world_triplets(tmp_path / "t", 3)
     out = tmp_path / "out"
     r = run_script(["train.py", *SMALL, f"--data={tmp_path / 't'}", f"--out_dir={out}", "--max_steps=1",
                     "--grad_accum=2"])
