@@ -2904,42 +2904,84 @@ def test_train_every_preset_field_overridable():
 # ====================================================================================================
 
 def tiny_dtc(**kw):
-    torch.manual_seed(0)
-    model = DiffuseToChoose(replace(bench.arch("tiny")[0], **kw)).eval()
-    with torch.no_grad():
-        for p in model.parameters():  # the fusion convs are zero-initialised: randomise, or the hint is invisible
-            p.normal_(0, 0.05)
-    return model
+    """bench.py's tiny DTC, every parameter random (the fusion too: zero-initialised, the hint would be invisible)."""
+    return randomise(DiffuseToChoose(replace(bench.arch("tiny")[0], **kw))).eval()
 
 
 @torch.no_grad()
 def test_bench_two_forward_cfg_equals_batched():
-    """The 'CFG as two forwards' row computes what the batched forward computes, with and without hint features."""
-    model = tiny_dtc()
+    """The 'CFG as two forwards' row computes what the batched forward computes, with and without hint features,
+    and dtc.sample_latents, run unchanged on it, samples what it samples with batched CFG."""
+    model, m = tiny_dtc(), tiny_dtc()  # the same weights: cfg_as_two_forwards rewires the model it is given
+    two = bench.cfg_as_two_forwards(m)
+    assert two is m and two.cfg is m.cfg and isinstance(two, DiffuseToChoose)
     g = torch.Generator().manual_seed(3)
     z, zm = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
     f, width = model.cfg.vae_factor, model.cfg.unet.context_dim
     mask, ctx = torch.rand(4, 1, 8, 8, generator=g), torch.randn(4, 5, width, generator=g)
     t, hint = torch.tensor([10, 10, 700, 700]), torch.rand(4, 3, 8 * f, 8 * f, generator=g)
-    two = bench.TwoForwardCFG(model)
-    assert two.cfg is model.cfg
     torch.testing.assert_close(two(z, t, zm, mask, ctx, hint=hint), model(z, t, zm, mask, ctx, hint=hint),
                                atol=1e-6, rtol=1e-5)
     feats = model.hint_features(zm + model.adapter(hint), z, t, mask, ctx)
     torch.testing.assert_close(two(z, t, zm, mask, ctx, hint_feats=feats), model(z, t, zm, mask, ctx, hint_feats=feats),
                                atol=1e-6, rtol=1e-5)
+    cond = dict(z_masked=zm[:2], mask_lat=mask[:2], hint=hint[:2],
+                tokens=torch.randn(2, 5, model.cfg.image_encoder_dim, generator=g))
+    sample = lambda net: dtc.sample_latents(net, diffusion.Schedule(), cond, steps=3, guidance=5.0, progress=False,
+                                            generator=torch.Generator().manual_seed(0))
+    # guidance 5 scales a forward's rounding difference by up to 2 * 5 + 1 = 11 at every step
+    torch.testing.assert_close(sample(two), sample(model), atol=1e-4, rtol=1e-4)
 
 
-def test_bench_derived_model_shares_tensors():
-    """Variant rows reuse the base's weights without copying; only what cannot be shared is new."""
-    model = tiny_dtc()
-    nohint = bench.derived(model, hint=False)
-    assert not hasattr(nohint, "hint_encoder")
-    assert nohint.unet.out[2].weight.data_ptr() == model.unet.out[2].weight.data_ptr()
-    lo = bench.derived(model, hint_input="latent_only")
-    assert lo.hint_encoder.input_blocks[0][0].weight.shape[1] == 4  # a 4-channel conv_in: fresh
-    assert lo.hint_encoder.input_blocks[1][0].in_layers[2].weight.data_ptr() == \
-        model.hint_encoder.input_blocks[1][0].in_layers[2].weight.data_ptr()
+def test_bench_build_makes_the_variant():
+    """Each row builds its models as its variant asks (config, dtype, memory format; frozen parts in eval mode
+    without gradients), and the reference modules share our tensors (no copy)."""
+    cfgs = bench.arch("tiny")
+    nohint, _ = bench.build(cfgs, "meta", bench.Variant(hint=False))
+    assert not hasattr(nohint, "hint_encoder") and nohint.unet.input_blocks[0][0].weight.is_meta
+    lo, _ = bench.build(cfgs, "meta", bench.Variant(hint_input="latent_only"))
+    assert lo.hint_encoder.input_blocks[0][0].weight.shape[1] == 4  # a 4-channel conv_in: z_masked + A(hint) alone
+    model, frozen = bench.build(cfgs, "meta", bench.Variant(dtype=torch.bfloat16, channels_last=True))
+    for conv in model.unet.input_blocks[0][0].weight, frozen.vae.encoder.conv_in.weight:
+        assert conv.dtype == torch.bfloat16 and conv.is_contiguous(memory_format=torch.channels_last)
+    assert not model.training and not frozen.vae.training and not frozen.image_encoder.training
+    assert not any(p.requires_grad for p in [*frozen.vae.parameters(), *frozen.image_encoder.parameters()])
+    model, frozen = bench.build(cfgs, "cpu", bench.Variant(hint=False))
+    refs = bench.references(model, frozen, [])
+    assert refs["unet"].conv_in.weight.data_ptr() == model.unet.input_blocks[0][0].weight.data_ptr()
+    assert refs["vae"].decoder.conv_out.weight.data_ptr() == frozen.vae.decoder.conv_out.weight.data_ptr()
+    qkv = frozen.image_encoder.blocks[0].attn.qkv.weight
+    assert refs["dino"].blocks[0].attn.qkv.weight.data_ptr() == qkv.data_ptr()
+    assert refs["proj"][0].data_ptr() == model.token_proj.weight.data_ptr()
+
+
+def test_bench_components_add_up_to_the_image():
+    """The table's components, each counted as often as the row runs it, are the whole image: their FLOPs plus the
+    token projection (once per sampling, in no component) equal the FLOPs of DINOv2, VAE encode, dtc.sample_latents
+    and decode run end to end on meta replicas, for every hint setting and for CFG as two forwards."""
+    cfgs, args = bench.arch("tiny"), bench.parse_args(["sample", "--arch=tiny", "--steps=2", "--batch=2"])
+    args.tile, args.overlap = 5, 1  # 2x2 tiles of the 8x8 latents
+    x = bench.meta_like(bench.inputs(2, 32, "cpu", torch.Generator().manual_seed(0)))
+    for v in [bench.Variant(), bench.Variant(hint_input="latent_only"), bench.Variant(hint=False),
+              bench.Variant(batched_cfg=False), bench.Variant(tiled_decode=True)]:
+        model, frozen = bench.build(cfgs, "meta", v)
+        model.requires_grad_(False)  # (FlopCounterMode's module tracker fails on no_grad views of trainable weights)
+        image_size, f = model.cfg.image_size, model.cfg.vae_factor
+        cond = dict(z_masked=torch.empty(2, 4, 32 // f, 32 // f, device="meta"),
+                    mask_lat=torch.empty(2, 1, 32 // f, 32 // f, device="meta"),
+                    tokens=torch.empty(2, (image_size // cfgs[2].patch_size) ** 2 + 1, cfgs[2].embed_dim,
+                                       device="meta"), hint=torch.empty(2, 3, 32, 32, device="meta"))
+
+        def image():
+            dtc.encode_image_tokens(frozen.image_encoder, x["reference"], image_size)
+            frozen.vae.encode(x["source"] * x["mask"]).sample()
+            z = dtc.sample_latents(model, diffusion.Schedule(), cond, args.steps, args.guidance, progress=False)
+            bench.decode(frozen.vae, z / LATENT_SCALE, v, args)
+
+        projection = bench.flops(lambda: model.context(cond["tokens"]))
+        assert projection > 0
+        assert math.isclose(bench.image_flops(cfgs, v, x, cond, args, {}) * 1e12 + projection, bench.flops(image),
+                            rel_tol=1e-9), v
 
 
 def test_bench_flops_count_attention():
@@ -2955,14 +2997,8 @@ def test_bench_flops_count_attention():
 SAMPLE_ROWS = ["DTC (base)", "CFG as two forwards", "latent_only hint features", "no hint branch (PBE-like)",
                "math SDPA backend", "bfloat16 weights + autocast", "channels_last on", "DINOv2 offload on",
                "tiled VAE decode on"]
-
-
 REFERENCE_ROW = "diffusers PBE-like loop (reference)"
-
-
 COMPARE_ROWS = ["U-Net forward", "DINOv2 forward", "VAE encode", "VAE decode", "sampling, s/image"]
-
-
 TRAIN_HEADER = ["batch", "variant", "s/step", "images/s", "canvas ms/step", "peak MiB", "TFLOP/s", "MFU"]
 
 
