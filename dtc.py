@@ -362,7 +362,9 @@ class VGGLoss(nn.Module):
     def __init__(self, weights_path=None):
         super().__init__()
         import torchvision
-        features = torchvision.models.vgg19(weights=None).features[:self.TAPS[-1] + 1]
+        # with a file, built on meta and the file's tensors assigned: no random init of 143M parameters to overwrite
+        with torch.device("meta" if weights_path is not None else "cpu"):
+            features = torchvision.models.vgg19(weights=None).features[:self.TAPS[-1] + 1]
         for layer in features:
             if isinstance(layer, nn.ReLU):
                 layer.inplace = False  # the taps must survive the next layer

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFile
 from safetensors.torch import save_file
 
-import bench, diffusion, dtc, evaluate, train, unet
+import bench, cli, diffusion, dtc, evaluate, train, unet
 from checkpoint import CheckpointError
 from data import (DRESSCODE_CATEGORIES, DataError, DressCodeDataset, TripletDataset, VitonHDDataset, augment,
     bbox_mask, flip_parse, load_image, load_mask, load_parse, sample_rng, to_pil, to_tensor, write_triplets)
@@ -2633,15 +2633,16 @@ def test_train_checkpoint_samples_in_sample_py(tiny_run, tmp_path):
     assert Image.open(tmp_path / "r.png").size == (32, 32)
 
 
-def test_train_bad_data_one_line_or_skipped(tmp_path):
+def test_train_bad_data_one_line_or_skipped(tmp_path, capsys):
     """A triplet without its reference: exit 1 with one line naming the file; --skip_bad trains on the rest."""
     write_world_triplets(tmp_path / "t", 3)
     bad = next((tmp_path / "t" / "reference").iterdir())
     bad.unlink()
-    r = run_script(["train.py", *SMALL, f"--data={tmp_path / 't'}", f"--out_dir={tmp_path / 'out'}", "--max_steps=1"])
-    assert r.returncode == 1
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and bad.stem in lines[0], r.stderr
+    status = cli.run(train.main, [*SMALL, f"--data={tmp_path / 't'}", f"--out_dir={tmp_path / 'out'}", "--max_steps=1"])
+    err = capsys.readouterr().err
+    assert status == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and bad.stem in lines[0], err
     with pytest.warns(UserWarning, match="skipped 1 of 3"):
         train.main([*SMALL, f"--data={tmp_path / 't'}", f"--out_dir={tmp_path / 'out'}", "--max_steps=1", "--skip_bad"])
     assert len(losses(tmp_path / "out")) == 1
@@ -2820,7 +2821,7 @@ def test_train_dresscode_category_or_all(tmp_path):
     assert len(losses(tmp_path / "out")) == 1
 
 
-def test_train_resume_corrupt_or_tampered_checkpoint_one_line(tiny_run, tmp_path):
+def test_train_resume_corrupt_or_tampered_checkpoint_one_line(tiny_run, tmp_path, capsys):
     """Row 9: --resume with a truncated, code-carrying or foreign ckpt.pt: one line naming the file, through
     checkpoint.py (the code is not run; no advice to turn weights_only off), and the file left as it was.
     Point 4: a good checkpoint says which step the run continues from."""
@@ -2836,9 +2837,10 @@ def test_train_resume_corrupt_or_tampered_checkpoint_one_line(tiny_run, tmp_path
         else:
             torch.save(bad, out / "ckpt.pt")
         before = (out / "ckpt.pt").read_bytes()
-        r = run_script(["train.py", *SMALL, f"--out_dir={out}", "--resume", "--max_steps=8"])
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+        status = cli.run(train.main, [*SMALL, f"--out_dir={out}", "--resume", "--max_steps=8"])  # as train.py's
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert status == 1 and len(lines) == 1 and "Traceback" not in err, err
         assert lines[0].startswith(f"error: {out / 'ckpt.pt'}: ") and all(w in lines[0] for w in words), lines[0]
         assert "weights_only" not in lines[0] and not marker.exists()
         assert (out / "ckpt.pt").read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["ckpt.pt"]
@@ -2850,17 +2852,18 @@ def test_train_resume_corrupt_or_tampered_checkpoint_one_line(tiny_run, tmp_path
     assert os.stat(out / "dtc.safetensors").st_mode & 0o777 == 0o666 & ~umask  # as every other output (was 0600)
 
 
-def test_train_too_few_samples_stops_before_any_work(tmp_path):
+def test_train_too_few_samples_stops_before_any_work(tmp_path, capsys):
     """Row 10: fewer samples than one global batch (2 x grad_accum 2 > 3). Before, the error came after the VAE
     phase, glued to a progress bar, and left a step-0 ckpt.pt that blocked a plain rerun. Now: one line before
     the VAE phase, nothing in --out_dir, and the corrected command runs."""
     write_world_triplets(tmp_path / "t", 3)
     out = tmp_path / "out"
-    r = run_script(["train.py", *SMALL, f"--data={tmp_path / 't'}", f"--out_dir={out}", "--max_steps=1",
-                    "--grad_accum=2"])
-    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+    status = cli.run(train.main, [*SMALL, f"--data={tmp_path / 't'}", f"--out_dir={out}", "--max_steps=1",
+                                  "--grad_accum=2"])
+    err = capsys.readouterr().err
+    assert status == 1 and err.strip().splitlines() == [
         f"error: {tmp_path / 't'}: 3 samples, fewer than one global batch (4 = --batch_size=2 x 1 processes x "
-        "--grad_accum=2)"], r.stderr
+        "--grad_accum=2)"], err
     assert not out.exists()
     with pytest.raises(DataError, match=r"--size=40: this model trains at a multiple of 16"):  # known from the model
         train.main([*SMALL, f"--data={tmp_path / 't'}", f"--out_dir={out}", "--max_steps=1", "--size=40"])
