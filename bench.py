@@ -1,6 +1,5 @@
 """
-Speed and memory of Diffuse to Choose, with random weights of the real architecture (no downloads), printed
-as markdown tables.
+Speed and memory of Diffuse to Choose with random weights of the real architecture (no downloads), as markdown tables.
 
     python bench.py sample   per-component times, s/image, peak memory and TFLOP/s of sampling, one row per
                              optimisation switch, beside a Paint-by-Example-like loop in diffusers
@@ -8,15 +7,13 @@ as markdown tables.
     python bench.py compare  one forward each: our U-Net, DINOv2 and VAE vs diffusers' and timm's, same weights
     python bench.py all      sample (with compare) and train
 
-The whole GPU table (every sampling row and torch.compile's, diffusers' loop, training at batch 4 and 8; about
-6-8 minutes on an H100, estimated, and about 50 GB of GPU memory at batch 8), written to a markdown file:
+The whole GPU table (every row, torch.compile's too; about 6-8 minutes on an H100, estimated, 50 GB at batch 8):
 
     python bench.py all --device=cuda --size=512 --steps=40 --guidance=5 --dtype=bfloat16 --batch_sizes=4,8 \\
         --compile --out=bench_gpu.md
 
-On a CPU: `python bench.py all --arch=tiny` runs in seconds; `python bench.py compare --size=256 --batch=1`
-compares the real-size networks (32x32 latents) in a few minutes. Every option also accepts --key=value.
-diffusers and timm are test-only dependencies: without them the reference rows are skipped with a note.
+On a CPU `all --arch=tiny` runs in seconds; `compare --size=256 --batch=1` compares the real-size networks (32x32
+latents) in minutes. diffusers and timm are test-only dependencies: without them the reference rows are skipped.
 """
 import argparse
 import gc
@@ -61,12 +58,11 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (the median is reported)")
     p.add_argument("--peak_tflops", type=float, default=None,
                    help="peak for MFU (default on cuda: 989, H100 SXM bf16 dense; on cpu: no MFU)")
-    p.add_argument("--compile", type=flag, nargs="?", const=True, default=False,
-                   help="add a torch.compile row (the other rows stay eager)")
-    p.add_argument("--channels_last", type=flag, nargs="?", const=True, default=False, help="base rows channels_last")
-    p.add_argument("--offload", type=flag, nargs="?", const=True, default=False,
-                   help="base rows keep DINOv2 on the CPU, visiting the device only to encode")
-    p.add_argument("--tiled_decode", type=flag, nargs="?", const=True, default=False, help="base rows decode in tiles")
+    for name, text in [("compile", "add a torch.compile row (the other rows stay eager)"),
+                       ("channels_last", "base rows channels_last"),
+                       ("offload", "base rows keep DINOv2 on the CPU, visiting the device only to encode"),
+                       ("tiled_decode", "base rows decode in tiles")]:
+        p.add_argument(f"--{name}", type=flag, nargs="?", const=True, default=False, help=text)
     p.add_argument("--tile", type=int, default=None, help="decode tile in latents (default: 2x2 tiles)")
     p.add_argument("--overlap", type=int, default=None, help="decode tile overlap in latents (default: latent/8)")
     p.add_argument("--seed", type=int, default=0)
@@ -75,7 +71,7 @@ def parse_args(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# random models of the real architecture (or a tiny one) as a row wants them, and how they are measured
+# random models as a row wants them, and how they are measured
 
 
 @dataclass
@@ -100,8 +96,8 @@ def arch(name):
 
 
 def build(cfgs, device, v):
-    """(DTC, Frozen) of variant v with PyTorch's default random init, built on `device` ("meta": shapes only, to
-    count FLOPs) in v's dtype and memory format, in eval mode; with offload DINOv2 lives on the CPU."""
+    """(DTC, Frozen) of variant v, default random init, on `device` ("meta": shapes only, to count FLOPs), in v's
+    dtype and memory format, eval mode; with offload DINOv2 lives on the CPU."""
     fmt = torch.channels_last if v.channels_last else torch.contiguous_format
     with torch.device(device):
         model = DiffuseToChoose(replace(cfgs[0], hint=v.hint, hint_input=v.hint_input))
@@ -111,8 +107,8 @@ def build(cfgs, device, v):
 
 
 def cfg_as_two_forwards(model):
-    """model, its forward now running the CFG batch [null; cond] of 2B as two forwards of B, as pipelines without
-    batched CFG do: what batched CFG is measured against. dtc.sample_latents runs it as it is."""
+    """model, its forward now running the CFG batch [null; cond] of 2B as two forwards of B (as pipelines without
+    batched CFG do), for dtc.sample_latents to run unchanged."""
     forward = model.forward  # the class's, bound to model
 
     def halves(z_t, t, z_masked, mask_lat, context, hint=None, hint_feats=None):
@@ -137,14 +133,14 @@ def inputs(B, size, device, g):
 
 
 def meta_like(tensors):
-    """Shapes only, floats as float32 like the meta replicas (the FLOPs do not depend on the dtype)."""
+    """Shapes only, floats as float32 like the meta replicas (FLOPs do not depend on the dtype)."""
     return {k: torch.empty(v.shape, device="meta", dtype=torch.float32 if v.is_floating_point() else v.dtype)
             for k, v in tensors.items()}
 
 
 def flops(fn):
-    """FLOPs of fn() (matmuls, convolutions, attention) by FlopCounterMode. Run on meta replicas: no compute,
-    and attention counts on every device (the CPU's flash SDPA kernel is not in the counter's table)."""
+    """FLOPs of fn() by FlopCounterMode, run on meta replicas: no compute, and attention counts on every device
+    (the CPU's flash SDPA kernel is not in the counter's table)."""
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
@@ -174,6 +170,14 @@ def timed(fn, device, repeats, warmup=1):
     return statistics.median(times), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024
 
 
+def timed_image(work, image, device, repeats):
+    """dict(times, seconds, mib): each component of work (name -> (callable, runs per image)) timed alone, times its
+    runs: seconds per batch; then image() end to end: median seconds and peak MiB."""
+    times = {name: n * timed(fn, device, repeats)[0] for name, (fn, n) in work.items()}
+    seconds, mib = timed(image, device, repeats)
+    return dict(times=times, seconds=seconds, mib=mib)
+
+
 MEMORY_NOTE = dict(
     cuda="peak MiB: torch.cuda.max_memory_allocated over the timed runs (every live tensor, weights included)",
     cpu="peak MiB: CPU process peak-RSS growth over the timed runs (resource.getrusage ru_maxrss, reset before each "
@@ -181,8 +185,7 @@ MEMORY_NOTE = dict(
 
 
 def measure(row, fn, compile_notes=None):
-    """row with fn()'s numbers, or error "OOM". For a torch.compile row, which needs a working toolchain, pass
-    compile_notes: a failure is "skipped" with a note there."""
+    """row with fn()'s numbers, or error "OOM"; with compile_notes (a compile row) other failures: noted, "skipped"."""
     try:
         return dict(row, **fn())
     except torch.cuda.OutOfMemoryError:
@@ -199,7 +202,7 @@ def autocast(device, dtype):
 
 
 def step_inputs(module, run):
-    """(args, kwargs) of module's first call in run(): one step's inputs exactly as the sampling loop builds them."""
+    """(args, kwargs) of module's first call in run(): one step's inputs as the sampling loop builds them."""
     calls = []
     hook = module.register_forward_pre_hook(lambda _, a, kw: calls.append((a, kw)), with_kwargs=True)
     run()
@@ -236,7 +239,7 @@ def sample_variants(args, base):
 
 
 def offloaded(fn, frozen, v, device):
-    """fn() with DINOv2 on the device; with offload it lives on the CPU and visits the device for fn only."""
+    """fn() with DINOv2 on the device (with offload it visits from the CPU for fn only)."""
     if v.offload:
         frozen.image_encoder.to(device)
     out = fn()
@@ -250,9 +253,8 @@ def decode(vae, z, v, args):
 
 
 def components(model, frozen, x, cond, v, args):
-    """The model work of one image batch, split as the table reports it: name -> (callable, runs per image).
-    The U-Net and the hint encoder get the inputs dtc.sample_latents gives the model at a step (the CFG batch
-    [null; cond] of 2B: z_t, t, z_masked, mask_lat, context; hint), in one forward or, without batched CFG, two."""
+    """One image batch's model work as the table splits it: name -> (callable, runs per image). U-Net and hint encoder
+    get a step's inputs from dtc.sample_latents (CFG batch [null; cond] of 2B), in one forward or, unbatched, two."""
     once, n = model.cfg.hint_input == "latent_only", 1 if v.batched_cfg else 2
     (z_t, t, z_masked, mask_lat, ctx), kw = step_inputs(
         model, lambda: sample_latents(model, Schedule(), cond, 1, args.guidance, progress=False))
@@ -279,10 +281,9 @@ def components(model, frozen, x, cond, v, args):
 
 
 def image_flops(cfgs, v, x, cond, args, counted):
-    """TFLOP of one image batch: its components on meta replicas of the row's models, each times its runs (the
-    canvas is Python on the CPU: no FLOPs). Only the hint branch, its input and tiled decoding change the count
-    (two forwards, precision, memory format, offload and compile do not), so rows share one count per setting in
-    the dict `counted`: counting on meta takes longer than timing a tiny row."""
+    """TFLOP of one image batch: its components (the canvas, Python, has none) on meta replicas, each times its
+    runs. Only the hint branch, its input and tiled decoding change the count, so rows share one count per
+    setting in `counted` (counting on meta takes longer than timing a tiny row)."""
     key = (v.hint, v.hint_input, v.tiled_decode)
     if key not in counted:
         v = Variant(hint=v.hint, hint_input=v.hint_input, tiled_decode=v.tiled_decode)  # float32, as meta_like's
@@ -310,11 +311,10 @@ def sample_row(cfgs, v, x, args, device, counted):
         cond = conditioning()
         # a compiled row reports end to end only (each component's call signature would compile anew)
         work = {} if v.compile else components(runner, frozen, x, cond, v, args)
-        times = {name: n * timed(fn, device, args.repeats)[0] for name, (fn, n) in work.items()}
-        seconds, mib = timed(image, device, args.repeats)  # (the warm-up run compiles)
+        row = timed_image(work, image, device, args.repeats)  # (the warm-up run compiles)
     if v.compile:
         torch._dynamo.reset()
-    return dict(times=times, seconds=seconds, mib=mib, tflop=image_flops(cfgs, v, x, cond, args, counted))
+    return dict(row, tflop=image_flops(cfgs, v, x, cond, args, counted))
 
 
 # -----------------------------------------------------------------------------
@@ -378,8 +378,8 @@ def references(model, frozen, notes):
 
 
 def diffusers_row(refs, frozen, x, cond, args, device):
-    """A Paint-by-Example-like pipeline in diffusers, as PaintByExamplePipeline runs it (image tokens, VAE encode,
-    DDIMScheduler with SD's settings and batched CFG, VAE decode), timed as sample_row times ours."""
+    """A Paint-by-Example-like loop in diffusers as PaintByExamplePipeline runs it (image tokens, VAE encode, SD's
+    DDIMScheduler with batched CFG, VAE decode), timed as sample_row times ours."""
     from diffusers import DDIMScheduler
     dino = frozen.image_encoder if refs["dino"] is None else refs["dino"]
     vae, unet, guided = refs["vae"], refs["unet"], args.guidance != 1.0
@@ -410,9 +410,7 @@ def diffusers_row(refs, frozen, x, cond, args, device):
             "VAE enc": (lambda: vae.encode(x["source"] * x["mask"]).latent_dist.sample(), 1),
             "U-Net step": (lambda: unet(*a, **kw).sample, args.steps),
             "VAE dec": (lambda: vae.decode(cond["z_masked"] / LATENT_SCALE).sample, 1)}
-    times = {name: n * timed(fn, device, args.repeats)[0] for name, (fn, n) in work.items()}
-    seconds, mib = timed(lambda: image(args.steps), device, args.repeats)
-    return dict(times=times, seconds=seconds, mib=mib)
+    return timed_image(work, lambda: image(args.steps), device, args.repeats)
 
 
 def compare_rows(model, frozen, refs, x, cond, args):
@@ -467,9 +465,8 @@ def sample_section(args, device, base, compare_only=False):
     for label, v in [] if compare_only else sample_variants(args, base):
         print(f"sample: {label}", file=sys.stderr, flush=True)
         if v.compile and device.type == "cpu":
-            notes.append("torch.compile row skipped on the CPU: inductor's C++/OpenMP kernels made every later "
-                         "eager call in the process ~100x slower on a 2-core machine (measured), which would spoil "
-                         "the rows after it; measure it on CUDA")
+            notes.append("torch.compile row skipped on the CPU: inductor's C++/OpenMP kernels made every later eager "
+                         "call ~100x slower on a 2-core machine (measured), spoiling later rows; measure it on CUDA")
             results.append(dict(label=label, error="skipped"))
         else:
             results.append(measure(dict(label=label), lambda: sample_row(cfgs, v, x, args, device, counted),
@@ -497,25 +494,24 @@ def sample_section(args, device, base, compare_only=False):
         rows = [[r["label"]] + [r["error"]] * (len(SAMPLE_HEADER) - 1) if "error" in r else
                 [r["label"], *(fmt(r["times"][c] * 1e3) if c in r["times"] else "—" for c in COMPONENTS),
                  fmt(r["seconds"] / args.batch), fmt(r["mib"], 5), fmt(r["tflop"] / r["seconds"])] for r in results]
-        lines = [f"## Sampling: {args.size}x{args.size}, {args.steps} DDIM steps, guidance {args.guidance:g}, "
-                 f"batch {args.batch}", "", table(SAMPLE_HEADER, rows), "",
-                 f"- base = batched CFG, hint input 'full', default SDPA backends, {precision(base.dtype)}, "
+        lines = [f"base = batched CFG, hint input 'full', default SDPA backends, {precision(base.dtype)}, "
                  f"channels_last {on(base.channels_last)}, DINOv2 offload {on(base.offload)}, tiled decode "
                  f"{on(base.tiled_decode)} (tile {args.tile}, overlap {args.overlap} latents); every other row flips "
                  "one switch.",
-                 "- Component times: medians for the batch, timed alone, as the row runs them (hint enc: every step "
-                 "with the 'full' input, once per image with latent_only; U-Net step: main U-Net + FiLM for both CFG "
-                 "branches; canvas: make_hint, Python on the CPU). s/image: prepare + sampling + decode, / batch.",
-                 "- TFLOP/s: FLOPs per batch (FlopCounterMode on meta replicas) / end-to-end seconds; diffusers' loop "
-                 "is credited the FLOPs of our identical-architecture 'no hint branch' row.",
-                 f"- {MEMORY_NOTE[device.type]}."]
+                 "Component times: batch medians, timed alone as the row runs them (hint enc: every step with 'full', "
+                 "once per image with latent_only; U-Net step: U-Net + FiLM, both CFG branches; canvas: make_hint, "
+                 "Python on the CPU). s/image: prepare + sampling + decode, / batch.",
+                 "TFLOP/s: FLOPs per batch (FlopCounterMode on meta replicas) / end-to-end seconds; diffusers' loop "
+                 "is credited the FLOPs of our same-architecture 'no hint branch' row.", f"{MEMORY_NOTE[device.type]}."]
         b = results[0]
         if "error" not in b:
             once = sum(b["times"][c] for c in ("DINOv2", "VAE enc", "canvas"))
-            lines.append(f"- base: {b['tflop']:.4g} TFLOP per batch; DINOv2 tokens, VAE latents and the hint canvas, "
-                         f"once per image (prepare(), DTC's design): {once * 1e3:.4g} ms, "
-                         f"{100 * once / b['seconds']:.2g}% of the row's time (DINOv2 never runs per step).")
-        out.append("\n".join(lines + [f"- {n}" for n in notes]))
+            lines.append(f"base: {b['tflop']:.4g} TFLOP per batch; DINOv2 tokens, VAE latents and hint canvas, once "
+                         f"per image (prepare(), DTC's design): {once * 1e3:.4g} ms, {100 * once / b['seconds']:.2g}% "
+                         "of the row's time (DINOv2 never runs per step).")
+        out.append(f"## Sampling: {args.size}x{args.size}, {args.steps} DDIM steps, guidance {args.guidance:g}, "
+                   f"batch {args.batch}\n\n{table(SAMPLE_HEADER, rows)}\n\n"
+                   + "\n".join(f"- {n}" for n in lines + notes))
     if compare:
         rows = [[name, shape, fmt(a * 1e3), fmt(b * 1e3), f"{a / b:.3g}", lib] for name, shape, a, b, lib in compare]
         out.append(f"## Ours vs the reference implementations (same weights, {str(base.dtype)[6:]})\n\n"
@@ -535,8 +531,7 @@ def train_section(args, device, base):
     peak = args.peak_tflops or (989.0 if cuda else None)
     # (label, gradient checkpointing, fused AdamW): fused on CUDA, as train.py; on CUDA also the foreach AdamW
     variants = [("base", False, cuda), ("grad checkpointing", True, cuda)]
-    if cuda:
-        variants.append(("AdamW foreach (not fused)", False, False))
+    variants += [("AdamW foreach (not fused)", False, False)] if cuda else []
     rows = []
     for B in [int(b) for b in args.batch_sizes.split(",")]:
         x = inputs(B, args.size, device, torch.Generator().manual_seed(args.seed))
@@ -573,11 +568,11 @@ def train_section(args, device, base):
             model.zero_grad(set_to_none=True)
     weights = f"{str(base.dtype)[6:]} autocast over fp32 master weights" if base.dtype != torch.float32 else "float32"
     return [f"## Training: {args.size}x{args.size}, {weights}\n\n{table(TRAIN_HEADER, rows)}\n\n"
-            "- One step: prepare() (frozen VAE encodes of target and masked source, DINOv2 tokens, hint canvas, all "
-            "under no_grad), the DTC forward and backward (Eq. 1 loss, no VGG loss), AdamW (fused on CUDA).\n"
+            "- One step: prepare() under no_grad (frozen VAE encodes of target and masked source, DINOv2 tokens, hint "
+            "canvas), the DTC forward and backward (Eq. 1 loss, no VGG loss), AdamW (fused on CUDA).\n"
             + (f"- MFU against {peak:g} TFLOP/s (--peak_tflops; default on cuda: H100 SXM bf16 dense)" if peak else
                "- MFU n/a on a CPU unless --peak_tflops is given") + f"; FLOPs per step ({fmt(step_tflop)} TFLOP at "
-            "the last batch size) counted with FlopCounterMode on meta replicas (model FLOPs, no recomputation).\n"
+            "the last batch size) by FlopCounterMode on meta replicas (model FLOPs, no recomputation).\n"
             "- canvas: make_hint's Python largest-rectangle search for the batch, part of each step.\n"
             f"- {MEMORY_NOTE[device.type]}; includes AdamW state."]
 
