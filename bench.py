@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from cli import pick_device, pick_dtype, run
 from diffusion import Schedule
 from dinov2 import PRESETS, DINOv2
 from dtc import (TINY_ENCODER, TINY_VAE, DiffuseToChoose, DTCConfig, Frozen, diffusion_loss, encode_image_tokens,
@@ -53,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=1, help="images per sampling batch")
     p.add_argument("--batch_sizes", default="1,2,4", help="training batch sizes, comma-separated")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights (+ autocast when not float32); auto: bfloat16 on cuda, float32 on cpu")
+                   help="weights (+ autocast when not float32); auto: bfloat16 on a GPU that has it, else float32")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (the median is reported)")
     p.add_argument("--peak_tflops", type=float, default=None,
@@ -579,9 +580,9 @@ def train_section(args, device, base):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = torch.device(pick_device(args.device))
     cuda, cfg = device.type == "cuda", arch(args.arch)[0]
-    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if cuda else torch.float32
+    dtype = pick_dtype(args.dtype, device.type)
     args.size = args.size or (512 if args.arch == "sd15" else 32)
     args.image_size, latent = cfg.image_size, args.size // cfg.vae_factor
     args.overlap = args.overlap if args.overlap is not None else max(1, latent // 8)
@@ -610,4 +611,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

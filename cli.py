@@ -1,5 +1,5 @@
 """
-What the commands (sample.py, train.py, evaluate.py) share: the device and dtype they run on, and how bad input
+What the commands (sample.py, train.py, evaluate.py, bench.py) share: the device and dtype they run on, and how bad input
 ends: exit status 1 and one line naming the file or option and the problem, no traceback.
 """
 import sys
@@ -12,7 +12,10 @@ from data import DataError
 
 
 def pick_device(name):
-    """--device: "auto" is CUDA when there is one, else the CPU; "cpu" and "cuda" as given."""
+    """--device: "auto" is CUDA when there is one, else the CPU; "cpu" and "cuda" as given, "cuda" only where
+    there is one (else a one-line DataError, before any work)."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device=cuda: CUDA is not available here; use --device=cpu (or auto)")
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 

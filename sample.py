@@ -75,8 +75,7 @@ def check_options(args):
         raise bad("eta", "DDIM eta must be 0 ... 1 (0: deterministic, 1: DDPM-like)")
     if not 0 <= args.seed <= 2 ** 63 - args.num_samples:
         raise bad("seed", f"must be 0 ... 2^63 - {args.num_samples} (sample i uses seed + i)")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise bad("device", "CUDA is not available here; use --device=cpu (or auto)")
+    pick_device(args.device)  # --device=cuda without CUDA: said here, before any work
     if args.dtc is None and args.sd is not None and args.dinov2 is None:
         raise CheckpointError("--sd needs --dinov2 (the DINOv2 hub file)")
     for option in ("sd", "dinov2", "dtc"):

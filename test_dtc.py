@@ -2532,6 +2532,13 @@ def test_eval_release_bad_input(tmp_path, eval_weights):
                       fid_feature=TinyFeatures())
 
 
+def test_eval_cuda_without_cuda_one_line(tmp_path, capsys, monkeypatch):
+    """--device=cuda on a machine without a GPU: exit 1 and one line (cli.pick_device), before any work."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.run(evaluate.main, [f"--data={tmp_path}", "--device=cuda"]) == 1
+    assert capsys.readouterr().err == "error: --device=cuda: CUDA is not available here; use --device=cpu (or auto)\n"
+
+
 # ====================================================================================================
 # train.py: runs, resumption, processes, presets, bad input
 # ====================================================================================================
@@ -3065,6 +3072,13 @@ def test_bench_without_diffusers(monkeypatch, capsys):
     (sh, srows), = tables(text)
     assert [r[0] for r in srows] == SAMPLE_ROWS + ["torch.compile"]
     assert srows[-1][1:] == ["skipped"] * (len(sh) - 1) and "torch.compile row skipped on the CPU" in text
+
+
+def test_bench_cuda_without_cuda_one_line(capsys, monkeypatch):
+    """bench.py picks its device as the other commands do: --device=cuda without a GPU is one line, exit 1."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.run(bench.main, ["sample", "--arch=tiny", "--device=cuda"]) == 1
+    assert capsys.readouterr().err == "error: --device=cuda: CUDA is not available here; use --device=cpu (or auto)\n"
 
 
 # ====================================================================================================

@@ -182,8 +182,7 @@ def check_options(args):
         raise bad("size", "the training resolution must be a positive number of pixels")
     if not 0 <= args.seed < 2 ** 63:
         raise bad("seed", "must be 0 ... 2^63 - 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise bad("device", "CUDA is not available here; use --device=cpu (or auto)")
+    pick_device(args.device)  # --device=cuda without CUDA: said here, before any work
     for option in ("sd", "dinov2", "vgg_weights", "init_vae"):
         if getattr(args, option) and not os.path.isfile(getattr(args, option)):
             raise CheckpointError(f"{getattr(args, option)}: file not found (--{option})")
