@@ -1237,10 +1237,15 @@ def test_dtc_checkpoint_round_trip(tmp_path):
 
 
 def test_dtc_vgg_loss_taps(tmp_path):
-    """The perceptual loss taps VGG-19 relu1_2..relu5_2, weights 1/32..1, L1; it loads a torchvision-format file."""
+    """The perceptual loss taps VGG-19 relu1_2..relu5_2, weights 1/32..1, L1; it loads a torchvision-format file.
+    The file has every key of torchvision's; the classifier, which the loss never reads, holds one number a tensor
+    (its 123M real parameters would only make the file 500 MB)."""
     import torchvision
-    vgg = torchvision.models.vgg19(weights=None)
-    torch.save(vgg.state_dict(), tmp_path / "vgg19.pth")
+    with torch.device("meta"):
+        vgg = torchvision.models.vgg19(weights=None)
+    vgg.features = randomise(vgg.features.to_empty(device="cpu"), fan_in_std)
+    sd = {k: v if k.startswith("features.") else torch.zeros(1) for k, v in vgg.state_dict().items()}
+    torch.save(sd, tmp_path / "vgg19.pth")
     loss = dtc.VGGLoss(tmp_path / "vgg19.pth")
     names = [type(loss.features[i]).__name__ for i in dtc.VGGLoss.TAPS]
     assert names == ["ReLU"] * 5
