@@ -363,7 +363,7 @@ class VGGLoss(nn.Module):
         super().__init__()
         import torchvision
         # with a file, built on meta and the file's tensors assigned: no random init of 143M parameters to overwrite
-        with torch.device("meta" if weights_path is not None else "cpu"):
+        with torch.device("meta" if weights_path is not None else torch.get_default_device()):
             features = torchvision.models.vgg19(weights=None).features[:self.TAPS[-1] + 1]
         for layer in features:
             if isinstance(layer, nn.ReLU):
