@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFile
 from safetensors.torch import save_file
 
-import bench, cli, diffusion, dtc, evaluate, train, unet
+import bench, cli, diffusion, dtc, evaluate, reference, train, unet
 from checkpoint import CheckpointError
 from data import (DRESSCODE_CATEGORIES, DataError, DressCodeDataset, TripletDataset, VitonHDDataset, augment,
     bbox_mask, flip_parse, load_image, load_mask, load_parse, sample_rng, to_pil, to_tensor, write_triplets)
@@ -113,19 +113,6 @@ def inputs(cfg, batch=2, hw=(16, 16), tokens=7, seed=1):
     return x, torch.tensor([1, 981][:batch]), ctx
 
 
-def diffusers_unet(cfg, **kw):
-    """diffusers' UNet2DConditionModel for an SD 1.x-topology UNetConfig (block types and head count as diffusers spells SD 1.x)."""
-    from diffusers import UNet2DConditionModel
-    n = len(cfg.channel_mult)
-    return UNet2DConditionModel(
-        sample_size=32, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-        block_out_channels=tuple(cfg.model_channels * m for m in cfg.channel_mult), layers_per_block=cfg.num_res_blocks,
-        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
-        cross_attention_dim=cfg.context_dim, attention_head_dim=cfg.num_heads,  # diffusers' name for the head count
-        norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0, **kw)
-
-
 def diffusers_unet_to_ldm(sd, layers_per_block=2):
     """diffusers U-Net keys -> original keys (bare, no prefix): the inverse of diffusers' convert_ldm_unet_checkpoint."""
     def res(k):
@@ -166,12 +153,9 @@ def diffusers_unet_to_ldm(sd, layers_per_block=2):
 @pytest.mark.parametrize("in_channels,hw", [(4, (16, 16)), (9, (16, 24))])
 def test_unet_parity_diffusers(in_channels, hw):
     """Our U-Net with random weights, converted by diffusers' own single-file converter, gives diffusers' output."""
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
     cfg = replace(SD_UNET, in_channels=in_channels)
     ours = randomise(UNet(cfg)).eval()
-    dif = diffusers_unet(cfg).eval()
-    converted = convert_ldm_unet_checkpoint({ldm_prefix + k: v for k, v in ours.state_dict().items()}, {"layers_per_block": 2})
-    dif.load_state_dict(converted, strict=True)
+    dif = reference.unet_as_diffusers(ours)
     x, t, ctx = inputs(cfg, hw=hw)
     with torch.no_grad():
         a, b = ours(x, t, ctx), dif(x, t, encoder_hidden_states=ctx).sample
@@ -253,7 +237,7 @@ def test_unet_full_size_layout(in_channels):
     cfg = UNetConfig(in_channels=in_channels)
     with torch.device("meta"):
         ours = UNet(cfg)
-        dif = diffusers_unet(cfg)
+        dif = reference.diffusers_unet(cfg)
     ours_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     ref_shapes = {k: tuple(v.shape) for k, v in diffusers_unet_to_ldm(dif.state_dict()).items()}
     assert len(ours_shapes) == 686 and ours_shapes == ref_shapes
@@ -366,9 +350,7 @@ def test_unet_load_errors(tmp_path):
     fails(tmp_path / "evil.ckpt", "refused")
     assert not marker.exists()
 
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-    torch.save(convert_ldm_unet_checkpoint({ldm_prefix + k: v for k, v in sd.items()}, {"layers_per_block": 2}),
-               tmp_path / "diffusion_pytorch_model.pth")
+    torch.save(reference.diffusers_unet(cfg).state_dict(), tmp_path / "diffusion_pytorch_model.pth")
     fails(tmp_path / "diffusion_pytorch_model.pth", "diffusers")
 
     sd2 = dict(sd)
@@ -402,16 +384,6 @@ def tiny_vae(seed=0):
     return randomise(AutoencoderKL(SD_VAE), fan_in_std, seed).eval()
 
 
-def diffusers_vae(cfg, device=None):
-    from diffusers import AutoencoderKL as DiffusersKL
-    n = len(cfg.ch_mult)
-    with torch.device(device or "cpu"):
-        return DiffusersKL(in_channels=cfg.in_channels, out_channels=cfg.out_ch, latent_channels=cfg.embed_dim,
-                           norm_num_groups=32, block_out_channels=tuple(cfg.ch * m for m in cfg.ch_mult),
-                           layers_per_block=cfg.num_res_blocks, down_block_types=("DownEncoderBlock2D",) * n,
-                           up_block_types=("UpDecoderBlock2D",) * n).eval()
-
-
 def diffusers_vae_to_ldm(sd, n_levels):
     """Test-only inverse of diffusers' convert_ldm_vae_checkpoint, bare ldm names."""
     attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
@@ -433,13 +405,8 @@ def diffusers_vae_to_ldm(sd, n_levels):
 def test_vae_parity_with_diffusers():
     """encode mean/logvar and decode equal diffusers' AutoencoderKL fed our weights through its own converter,
     in fp32 and fp64, on a random image and on a near-constant one (which exposes GroupNorm eps)."""
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
     ours = tiny_vae()
-    dif = diffusers_vae(SD_VAE)
-    n = len(SD_VAE.ch_mult)
-    conv_cfg = {"down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n}
-    dif.load_state_dict(convert_ldm_vae_checkpoint(
-        {"first_stage_model." + k: v for k, v in ours.state_dict().items()}, conv_cfg), strict=True)
+    dif = reference.vae_as_diffusers(ours)
 
     g = torch.Generator().manual_seed(1)
     images = {"random": torch.rand(2, 3, 32, 32, generator=g) * 2 - 1,
@@ -493,7 +460,7 @@ def test_vae_full_size_keys_match_sd():
     back to ldm names), ~83.65M parameters, downsample factor 8, and infer_vae_config recovers the default."""
     with torch.device("meta"):
         ours = AutoencoderKL(VAEConfig())
-    ref = diffusers_vae_to_ldm(diffusers_vae(VAEConfig(), device="meta").state_dict(), 4)
+        ref = diffusers_vae_to_ldm(reference.diffusers_vae(VAEConfig()).state_dict(), 4)
     sd = ours.state_dict()
     assert sorted(sd) == sorted(ref)
     assert {k: tuple(v.shape) for k, v in sd.items()} == {k: tuple(v.shape) for k, v in ref.items()}
@@ -567,7 +534,7 @@ def test_vae_load_errors(tmp_path):
     with pytest.raises(CheckpointError, match=r"cut\.safetensors: cannot read the file \(truncated or corrupt"):
         load_vae(tmp_path / "cut.safetensors")
 
-    save_file(diffusers_vae(SD_VAE).state_dict(), tmp_path / "diffusion_pytorch_model.safetensors")
+    save_file(reference.diffusers_vae(SD_VAE).state_dict(), tmp_path / "diffusion_pytorch_model.safetensors")
     with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model\.safetensors: does not match(.|\n)*"
                                               r"likely cause: this is a diffusers-format file"):
         load_vae(tmp_path / "diffusion_pytorch_model.safetensors")
@@ -697,28 +664,6 @@ def _orig_interp_pos_reg(pos_embed, x, patch=14):
     return torch.cat((pos_embed[:, :1].float(), out), dim=1).to(pos_embed.dtype)
 
 
-def _timm_reference(sd, cfg, x):
-    """timm's DINOv2 built at x's size, pos_embed pre-resampled by the original formula, hub keys
-    converted by timm's own checkpoint_filter_fn."""
-    import timm
-    from timm.models.vision_transformer import checkpoint_filter_fn
-    D = cfg.embed_dim
-    kw = dict(img_size=tuple(x.shape[-2:]), embed_dim=D, depth=cfg.depth, num_heads=cfg.num_heads, num_classes=0)
-    if cfg.ffn == "swiglu":
-        # timm packs SwiGLU into one fc1 of width int(D * mlp_ratio) = 2 * hidden
-        kw["mlp_ratio"] = 2 * ((int(D * 4 * 2 / 3) + 7) // 8 * 8) / D
-        name = "vit_giant_patch14_dinov2"
-    else:
-        name = "vit_small_patch14_reg4_dinov2" if cfg.num_registers else "vit_small_patch14_dinov2"
-    resample = _orig_interp_pos_reg if cfg.num_registers else _orig_interp_pos
-    m = timm.create_model(name, pretrained=False, **kw).eval().to(x.dtype)
-    sd2 = {k: v.clone() for k, v in sd.items()}  # the filter pops keys: give it a copy
-    sd2["pos_embed"] = resample(sd2["pos_embed"], x)  # before the filter, which folds row 0 into cls_token
-    m.load_state_dict(checkpoint_filter_fn(sd2, m), strict=True)
-    with torch.no_grad():
-        return m.forward_features(x)
-
-
 def _orig_to_hf(sd):
     """Hub keys -> transformers 5.x Dinov2WithRegistersModel keys."""
     out = {}
@@ -755,12 +700,12 @@ def test_dinov2_parity_timm(variant, dtype, tol):
     """Tokens equal timm's forward_features (pos_embed resampled by the original rule), incl. non-square."""
     cfg = hub_vit(ffn="swiglu" if variant == "swiglu" else "mlp", registers=4 if variant == "reg4" else 0)
     model = randomise(DINOv2(cfg), vit_std).eval().to(dtype)
-    sd = model.state_dict()
+    resample = _orig_interp_pos_reg if cfg.num_registers else _orig_interp_pos
     for i, (H, W) in enumerate(SIZES):
         x = torch.randn(2, 3, H, W, generator=torch.Generator().manual_seed(i), dtype=dtype)
+        sd = dict(model.state_dict(), pos_embed=resample(model.pos_embed.detach(), x))
         with torch.no_grad():
-            ours = model(x)
-        ref = _timm_reference(sd, cfg, x)
+            ours, ref = model(x), reference.dinov2_as_timm(sd, cfg, (H, W)).forward_features(x)
         assert ours.shape == (2, 1 + cfg.num_registers + (H // 14) * (W // 14), cfg.embed_dim)
         err = (ours - ref).abs().max().item()
         print(f"{variant} {dtype} {H}x{W}: max|d| = {err:.2e}")
@@ -3111,7 +3056,7 @@ def test_no_citation_outside_the_repository():
 
 # The layers, lowest first: a module imports only from layers below its own, and no file imports another's
 # private (_underscore) name. The README states the rule in one sentence.
-LAYERS = (("checkpoint", "diffusion"), ("unet", "vae", "dinov2"), ("dtc",), ("data",), ("cli", "world"),
+LAYERS = (("checkpoint", "diffusion", "reference"), ("unet", "vae", "dinov2"), ("dtc",), ("data",), ("cli", "world"),
           ("sample", "train", "evaluate", "bench"))
 
 
