@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+import reference
 from cli import pick_device, pick_dtype, run
 from diffusion import Schedule
 from dinov2 import PRESETS, DINOv2
@@ -323,58 +324,23 @@ def sample_row(cfgs, v, x, args, device, counted):
 
 
 def references(model, frozen, notes):
-    """dict(unet, vae, dino, null, proj) of diffusers/timm modules and tensors sharing ours (assign=True: no copy),
-    or None when diffusers is missing; dino is None when timm is."""
+    """dict(unet, vae, dino, null, proj): diffusers' and timm's twins holding our very tensors (reference.py), and the
+    two DTC tensors a PBE-like loop needs (the null context; image tokens -> context); None without diffusers, dino
+    None without timm."""
     try:
-        from diffusers import AutoencoderKL as DiffusersVAE
-        from diffusers import UNet2DConditionModel
-        from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+        refs = dict(unet=reference.unet_as_diffusers(model.unet), vae=reference.vae_as_diffusers(frozen.vae),
+                    dino=None, null=model.null_context.detach(),
+                    proj=(model.token_proj.weight.detach(), model.token_proj.bias.detach()))
     except ImportError:
         notes.append("diffusers not installed: skipping the reference rows")
         return None
-    ucfg, vcfg = model.cfg.unet, frozen.vae.cfg
-    down = tuple("CrossAttnDownBlock2D" if i in ucfg.attention_levels else "DownBlock2D"
-                 for i in range(len(ucfg.channel_mult)))
-    vae_blocks = {"down_block_types": ["DownEncoderBlock2D"] * len(vcfg.ch_mult),
-                  "up_block_types": ["UpDecoderBlock2D"] * len(vcfg.ch_mult)}
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(
-            in_channels=ucfg.in_channels, out_channels=ucfg.out_channels, layers_per_block=ucfg.num_res_blocks,
-            block_out_channels=tuple(ucfg.model_channels * m for m in ucfg.channel_mult), down_block_types=down,
-            up_block_types=tuple(b.replace("Down", "Up") for b in reversed(down)),
-            cross_attention_dim=ucfg.context_dim, attention_head_dim=ucfg.num_heads,  # diffusers' name for heads
-            transformer_layers_per_block=ucfg.transformer_depth)
-        vae = DiffusersVAE(in_channels=vcfg.in_channels, out_channels=vcfg.out_ch, latent_channels=vcfg.embed_dim,
-                           block_out_channels=tuple(vcfg.ch * m for m in vcfg.ch_mult),
-                           layers_per_block=vcfg.num_res_blocks, norm_num_groups=vcfg.norm_groups, **vae_blocks)
-    unet.load_state_dict(convert_ldm_unet_checkpoint(
-        {"model.diffusion_model." + k: v for k, v in model.unet.state_dict().items()},
-        {"layers_per_block": ucfg.num_res_blocks}), strict=True, assign=True)
-    vae.load_state_dict(convert_ldm_vae_checkpoint(
-        {"first_stage_model." + k: v for k, v in frozen.vae.state_dict().items()}, vae_blocks),
-        strict=True, assign=True)
-    # and the two DTC tensors a PBE-like loop needs: the null context, image tokens -> context
-    refs = dict(unet=unet.eval(), vae=vae.eval(), dino=None, null=model.null_context.detach(),
-                proj=(model.token_proj.weight.detach(), model.token_proj.bias.detach()))
+    vit, size = frozen.image_encoder, model.cfg.image_size
+    grid = size // vit.cfg.patch_size  # timm at the benchmark's size, pos_embed resampled by our rule (dinov2.py)
     try:
-        import timm
-        from timm.models.vision_transformer import checkpoint_filter_fn
+        refs["dino"] = reference.dinov2_as_timm(
+            dict(vit.state_dict(), pos_embed=vit.resized_pos_embed(grid, grid).detach()), vit.cfg, size)
     except ImportError:
         notes.append("timm not installed: skipping the DINOv2 reference row; diffusers' loop uses our DINOv2")
-        return refs
-    ours, size = frozen.image_encoder, model.cfg.image_size
-    D, grid = ours.cfg.embed_dim, size // ours.cfg.patch_size
-    kw = dict(img_size=size, patch_size=ours.cfg.patch_size, embed_dim=D, depth=ours.cfg.depth,
-              num_heads=ours.cfg.num_heads, num_classes=0)
-    if ours.cfg.ffn == "swiglu":  # timm packs SwiGLU's two halves in one fc1 of int(D * mlp_ratio) = 2 * hidden
-        kw["mlp_ratio"] = (2 * ours.blocks[0].mlp.w3.in_features + 0.5) / D
-    name = "vit_giant_patch14_dinov2" if ours.cfg.ffn == "swiglu" else "vit_small_patch14_dinov2"
-    with torch.device("meta"):  # global_pool="": all final-normed tokens, as our DINOv2 returns
-        vit = timm.create_model(name, pretrained=False, global_pool="", **kw)
-    # timm built at the benchmark's size, pos_embed resampled by the original rule beforehand (dinov2.py)
-    sd = dict(ours.state_dict(), pos_embed=ours.resized_pos_embed(grid, grid).detach())
-    vit.load_state_dict(checkpoint_filter_fn(sd, vit), strict=True, assign=True)
-    refs["dino"] = vit.eval()
     return refs
 
 
