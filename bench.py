@@ -174,7 +174,7 @@ def timed(fn, device, repeats, warmup=1):
 
 def timed_image(work, image, device, repeats):
     """dict(times, seconds, mib): each component of work (name -> (callable, runs per image)) timed alone, times its
-    runs: seconds per batch; then image() end to end: median seconds and peak MiB."""
+    runs: seconds per image batch; then image() end to end: median seconds and peak MiB."""
     times = {name: n * timed(fn, device, repeats)[0] for name, (fn, n) in work.items()}
     seconds, mib = timed(image, device, repeats)
     return dict(times=times, seconds=seconds, mib=mib)
@@ -426,6 +426,16 @@ COMPARE_HEADER = ["module", "input", "ours ms", "reference ms", "ours / referenc
 TRAIN_HEADER = ["batch", "variant", "s/step", "images/s", "canvas ms/step", "peak MiB", "TFLOP/s", "MFU"]
 
 
+def sample_cells(r, args):
+    """A sampling table row of a row's numbers: component ms per batch (a component's times are per image: the
+    U-Net's cell divides its steps out), s/image, peak MiB, TFLOP/s; or the row's error in every cell."""
+    if "error" in r:
+        return [r["label"]] + [r["error"]] * (len(SAMPLE_HEADER) - 1)
+    ms = lambda c: r["times"][c] * 1e3 / (args.steps if c == "U-Net step" else 1)
+    return [r["label"], *(fmt(ms(c)) if c in r["times"] else "—" for c in COMPONENTS), fmt(r["seconds"] / args.batch),
+            fmt(r["mib"], 5), fmt(r["tflop"] / r["seconds"])]
+
+
 def sample_section(args, device, base, compare_only=False):
     cfgs, notes, results, counted = arch(args.arch), [], [], {}
     x = inputs(args.batch, args.size, device, torch.Generator().manual_seed(args.seed))
@@ -458,16 +468,14 @@ def sample_section(args, device, base, compare_only=False):
                 results.append(ref)
     out = []
     if not compare_only:
-        rows = [[r["label"]] + [r["error"]] * (len(SAMPLE_HEADER) - 1) if "error" in r else
-                [r["label"], *(fmt(r["times"][c] * 1e3) if c in r["times"] else "—" for c in COMPONENTS),
-                 fmt(r["seconds"] / args.batch), fmt(r["mib"], 5), fmt(r["tflop"] / r["seconds"])] for r in results]
+        rows = [sample_cells(r, args) for r in results]
         lines = [f"base = batched CFG, hint input 'full', default SDPA backends, {precision(base.dtype)}, "
                  f"channels_last {on(base.channels_last)}, DINOv2 offload {on(base.offload)}, tiled decode "
                  f"{on(base.tiled_decode)} (tile {args.tile}, overlap {args.overlap} latents); every other row flips "
                  "one switch.",
                  "Component times: batch medians, timed alone as the row runs them (hint enc: every step with 'full', "
-                 "once per image with latent_only; U-Net step: U-Net + FiLM, both CFG branches; canvas: make_hint, "
-                 "Python on the CPU). s/image: prepare + sampling + decode, / batch.",
+                 "once per image with latent_only, summed; U-Net step: one step of U-Net + FiLM, both CFG branches; "
+                 "canvas: make_hint, Python on the CPU). s/image: prepare + sampling + decode, / batch.",
                  "TFLOP/s: FLOPs per batch (FlopCounterMode on meta replicas) / end-to-end seconds; diffusers' loop "
                  "is credited the FLOPs of our same-architecture 'no hint branch' row.", f"{MEMORY_NOTE[device.type]}."]
         b = results[0]

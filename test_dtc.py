@@ -2944,6 +2944,16 @@ def test_bench_components_add_up_to_the_image():
                             rel_tol=1e-9), v
 
 
+def test_bench_unet_column_is_per_step():
+    """The sampling table's U-Net column is ms per step: a row's component times are per image (the U-Net's 40 steps
+    together, as the hint encoder's with 'full'), and its cell divides the steps out; the others stay per batch."""
+    args = bench.parse_args(["sample", "--steps=40", "--batch=2"])
+    r = dict(label="row", times=dict.fromkeys(bench.COMPONENTS, 0.4), seconds=2.0, mib=10.0, tflop=1.0)
+    cells = dict(zip(bench.SAMPLE_HEADER, bench.sample_cells(r, args)))
+    assert cells["U-Net ms/step"] == "10" and cells["hint enc ms/image"] == "400" and cells["VAE dec ms"] == "400"
+    assert cells["s/image"] == "1" and cells["TFLOP/s"] == "0.5" and cells["peak MiB"] == "10"
+
+
 def test_bench_flops_count_attention():
     """FLOPs are counted on meta replicas, attention included: the SD 1.5 U-Net at 64x64 latents with 257
     context tokens is 818.6 GFLOP (a by-hand count of every matmul gives 818.5), and our counting equals it."""
