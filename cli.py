@@ -26,6 +26,11 @@ def pick_dtype(name, device):
     return getattr(torch, name)
 
 
+def bad_option(args, option, why):
+    """The error for an option's value, as every command words it: "--option=value: why"."""
+    return DataError(f"--{option}={getattr(args, option)}: {why}")
+
+
 def one_line(error):
     """An error's message on one line; from a DataLoader worker, the original one."""
     text = str(error).strip()

@@ -46,9 +46,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import CheckpointError
-from cli import pick_device, run
+from cli import bad_option, pick_device, run
 from data import (DRESSCODE_CATEGORIES, DataError, DressCodeDataset, TripletDataset, VitonHDDataset, load_image,
-                  resize_image, to_pil, to_tensor)
+                  resize_image, to_pil, to_tensor, write_images)
 from dtc import encode_image_tokens, generate, largest_rectangle, load_dtc, make_hint
 from dinov2 import load_dinov2
 
@@ -278,18 +278,33 @@ def bootstrap_interval(values, resamples, seed=0):
 
 
 def save_images(out_dir, images, names):
-    os.makedirs(out_dir, exist_ok=True)
-    for x, name in zip(images, names):
-        tmp = os.path.join(out_dir, f"{name}.tmp.png")
-        to_pil(x.cpu()).save(tmp)
-        os.replace(tmp, os.path.join(out_dir, f"{name}.png"))
+    """A batch of results as out_dir/NAME.png, through data.write_images (all of the batch or none of it)."""
+    write_images({os.path.join(out_dir, f"{name}.png"): to_pil(x.cpu()) for x, name in zip(images, names)})
+
+
+def check_options(args, layout):
+    """Every option's meaning, checked before any model is loaded or image scored: a value out of range, or an
+    option the chosen way of evaluating would ignore, is one line."""
+    for option, least in (("batch_size", 1), ("steps", 1), ("bootstrap", 0), ("fd_min", 2), ("kid_subsets", 1),
+                          ("kid_subset_size", 2)):
+        if getattr(args, option) < least:
+            raise bad_option(args, option, f"must be at least {least}")
+    if args.limit is not None and args.limit < 1:
+        raise bad_option(args, "limit", "must be at least 1")
+    if args.fill != "model" and (layout is not None or args.pred_dir):
+        raise bad_option(args, "fill", "a trivial fill is scored on a triplet folder, not with --pred_dir or a release")
+    if args.zero_hint and (args.fill != "model" or args.pred_dir):
+        raise bad_option(args, "zero_hint", "zeroes the hint of the model's own samples: not with --fill or --pred_dir")
+    if args.bootstrap and layout is not None:
+        raise bad_option(args, "bootstrap", "intervals are given on triplet folders; a release's FID and KID have none")
 
 
 def main(argv=None, fid_feature=None):
     """fid_feature: see field_metrics (tests pass a small random one)."""
     args = parse_args(argv)
-    device = pick_device(args.device)
     layout = release_layout(args.data)
+    check_options(args, layout)
+    device = pick_device(args.device)
     if layout is not None:
         return evaluate_release(args, layout, device, fid_feature)
     if args.dtc is None and (args.pred_dir is None or args.dinov2 is None):
@@ -306,6 +321,7 @@ def main(argv=None, fid_feature=None):
     if not os.path.isdir(os.path.join(args.data, "target")):
         raise DataError(f"{args.data}: no target/ folder: evaluation needs the ground truth")
     data = TripletDataset(args.data, size=(size, size), ref_size=(image_size, image_size), train=False)
+    preds = [find(args.pred_dir, name) for name, _ in data.samples] if args.pred_dir else None  # before any work
     for m in (model, frozen.vae if frozen else None, encoder):
         if m is not None:
             m.to(device).eval()
@@ -317,8 +333,8 @@ def main(argv=None, fid_feature=None):
         source, mask = batch["source"].to(device), batch["mask"].to(device)
         target, reference = batch["target"].to(device), batch["reference"].to(device)
         if args.pred_dir:
-            pred = torch.stack([to_tensor(load_image(find(args.pred_dir, n)).resize((size, size))) for n in batch["name"]])
-            pred = pred.to(device)
+            files = preds[b * args.batch_size: b * args.batch_size + len(source)]
+            pred = torch.stack([to_tensor(load_image(f).resize((size, size))) for f in files]).to(device)
         else:
             pred = sample_batch(model, frozen, source, mask, reference, args, b) if args.fill == "model" else \
                 trivial_fill(args.fill, frozen.vae, source, mask, reference, target)

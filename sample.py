@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from checkpoint import CheckpointError
-from cli import pick_device, pick_dtype, run
+from cli import bad_option, pick_device, pick_dtype, run
 from diffusion import Schedule
 from data import DataError, check_output_image, grid, load_image, load_mask, to_pil, to_tensor, write_images
 from dtc import from_original, generate, load_dtc, make_hint
@@ -61,20 +61,18 @@ def parse_args(argv=None):
 
 def check_options(args):
     """Every option's meaning, checked before any model is loaded or any file written: each problem is one line."""
-    def bad(option, why):
-        return DataError(f"--{option}={getattr(args, option)}: {why}")
     if not 1 <= args.steps <= Schedule().num_steps:  # past 1000 the DDIM spacing would repeat t = 1
-        raise bad("steps", f"DDIM steps must be 1 ... {Schedule().num_steps} (the schedule's steps)")
+        raise bad_option(args, "steps", f"DDIM steps must be 1 ... {Schedule().num_steps} (the schedule's steps)")
     if args.num_samples < 1:
-        raise bad("num_samples", "must be at least 1")
+        raise bad_option(args, "num_samples", "must be at least 1")
     if args.size is not None and args.size < 1:
-        raise bad("size", "the working size must be a positive number of pixels")
+        raise bad_option(args, "size", "the working size must be a positive number of pixels")
     if not (math.isfinite(args.guidance) and args.guidance >= 0):
-        raise bad("guidance", "must be a finite number >= 0 (1: no guidance; paper: 5)")
+        raise bad_option(args, "guidance", "must be a finite number >= 0 (1: no guidance; paper: 5)")
     if not (math.isfinite(args.eta) and 0 <= args.eta <= 1):
-        raise bad("eta", "DDIM eta must be 0 ... 1 (0: deterministic, 1: DDPM-like)")
+        raise bad_option(args, "eta", "DDIM eta must be 0 ... 1 (0: deterministic, 1: DDPM-like)")
     if not 0 <= args.seed <= 2 ** 63 - args.num_samples:
-        raise bad("seed", f"must be 0 ... 2^63 - {args.num_samples} (sample i uses seed + i)")
+        raise bad_option(args, "seed", f"must be 0 ... 2^63 - {args.num_samples} (sample i uses seed + i)")
     pick_device(args.device)  # --device=cuda without CUDA: said here, before any work
     if args.dtc is None and args.sd is not None and args.dinov2 is None:
         raise CheckpointError("--sd needs --dinov2 (the DINOv2 hub file)")

@@ -2489,6 +2489,42 @@ def test_eval_cuda_without_cuda_one_line(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().err == "error: --device=cuda: CUDA is not available here; use --device=cpu (or auto)\n"
 
 
+def test_eval_bad_options_one_line_before_any_work(tmp_path, capsys):
+    """An option out of range, or one the chosen evaluation would silently ignore, is exit 1 and one line naming
+    it, before any model is read (--dtc names no file here); a prediction missing from a triplet --pred_dir is
+    found before the first batch is scored and written to --out_dir."""
+    import data
+    release = tmp_path / "release"
+    release.mkdir()
+    (release / "test_pairs.txt").write_text("")
+    triplets = [f"--data={tmp_path}", "--dtc=missing.safetensors"]
+    cases = [(triplets + ["--bootstrap=-1"], "--bootstrap=-1: must be at least 0"),
+             (triplets + ["--batch_size=0"], "--batch_size=0: must be at least 1"),
+             (triplets + ["--fill=flat", "--pred_dir=p"], "--fill=flat: a trivial fill is scored on a triplet folder"),
+             (triplets + ["--fill=hint", "--zero_hint"], "--zero_hint=True: zeroes the hint of the model's own"),
+             ([f"--data={release}", "--dtc=missing.safetensors", "--bootstrap=10"],
+              "--bootstrap=10: intervals are given on triplet folders")]
+    for argv, message in cases:
+        assert cli.run(evaluate.main, argv) == 1, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    world = TeachingWorld(size=32, split="heldout", length=3, seed=0, ref_size=(32, 32))
+    data.write_triplets(tmp_path / "set", [dict(world[i], name=f"s{i}") for i in range(3)])
+    (tmp_path / "preds").mkdir()
+    for name in ("s0", "s1"):  # s2 has no prediction
+        (tmp_path / "preds" / f"{name}.png").write_bytes((tmp_path / "set" / "target" / f"{name}.png").read_bytes())
+    import dtc
+    from dinov2 import DINOv2
+    from vae import AutoencoderKL
+    frozen = dtc.Frozen(vae=AutoencoderKL(DTC_VAE), image_encoder=DINOv2(DTC_VIT))
+    dtc.save_dtc(dtc.DiffuseToChoose(dtc_config()), tmp_path / "m.safetensors", frozen)
+    argv = [f"--data={tmp_path / 'set'}", f"--pred_dir={tmp_path / 'preds'}", f"--dtc={tmp_path / 'm.safetensors'}",
+            "--size=32", "--batch_size=1", f"--out_dir={tmp_path / 'out'}"]
+    assert cli.run(evaluate.main, argv) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'preds'}: no image named s2.*\n"
+    assert not (tmp_path / "out").exists()
+
+
 # ====================================================================================================
 # train.py: runs, resumption, processes, presets, bad input
 # ====================================================================================================

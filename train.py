@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, first_sentence, load_pickle
-from cli import pick_device, run
+from cli import bad_option, pick_device, run
 from data import (DRESSCODE_CATEGORIES, DataError, DressCodeDataset, TripletDataset, VitonHDDataset, grid,
                   keyed_generator, mask_to_pil, to_pil)
 from diffusion import Schedule
@@ -160,28 +160,26 @@ def parse_args(argv=None):
 
 def check_options(args):
     """Every option's meaning, checked before any model is built or file written: each problem is one line."""
-    def bad(option, why):
-        return DataError(f"--{option}={getattr(args, option)}: {why}")
     for option, least in (("batch_size", 1), ("grad_accum", 1), ("max_steps", 0), ("vae_steps", 0), ("save_every", 1),
                           ("sample_every", 0), ("log_every", 1), ("num_workers", 0)):
         if getattr(args, option) < least:
-            raise bad(option, f"must be at least {least}")
+            raise bad_option(args, option, f"must be at least {least}")
     for option, hi in (("weight_decay", math.inf), ("clip_grad", math.inf), ("p_uncond", 1), ("vgg_weight", math.inf),
                        ("vae_kl", math.inf)):
         if not (math.isfinite(getattr(args, option)) and 0 <= getattr(args, option) <= hi):
-            raise bad(option, f"must be a finite number >= 0{'' if hi == math.inf else f' and <= {hi}'}")
+            raise bad_option(args, option, f"must be a finite number >= 0{'' if hi == math.inf else f' and <= {hi}'}")
     if not (math.isfinite(args.lr) and args.lr > 0):
-        raise bad("lr", "must be a finite number > 0")
+        raise bad_option(args, "lr", "must be a finite number > 0")
     if args.vae_steps and not (math.isfinite(args.vae_lr) and args.vae_lr > 0):
-        raise bad("vae_lr", "must be a finite number > 0 (the autoencoder phase trains with it)")
+        raise bad_option(args, "vae_lr", "must be a finite number > 0 (the autoencoder phase trains with it)")
     if args.vae_steps and args.vae_batch_size < 1:
-        raise bad("vae_batch_size", "must be at least 1 (the autoencoder phase trains with it)")
+        raise bad_option(args, "vae_batch_size", "must be at least 1 (the autoencoder phase trains with it)")
     if not 0 <= args.ema < 1:
-        raise bad("ema", "the EMA decay must be >= 0 and < 1 (0: off)")
+        raise bad_option(args, "ema", "the EMA decay must be >= 0 and < 1 (0: off)")
     if args.size < 1:
-        raise bad("size", "the training resolution must be a positive number of pixels")
+        raise bad_option(args, "size", "the training resolution must be a positive number of pixels")
     if not 0 <= args.seed < 2 ** 63:
-        raise bad("seed", "must be 0 ... 2^63 - 1")
+        raise bad_option(args, "seed", "must be 0 ... 2^63 - 1")
     pick_device(args.device)  # --device=cuda without CUDA: said here, before any work
     for option in ("sd", "dinov2", "vgg_weights", "init_vae"):
         if getattr(args, option) and not os.path.isfile(getattr(args, option)):
