@@ -187,6 +187,12 @@ class DTCConfig:
         d.setdefault("train_size", 512 if unet.model_channels >= 320 else 64)
         return DTCConfig(unet=unet, **d)
 
+    @property
+    def size_multiple(self):
+        """What an image side must be a multiple of to pass the VAE's and the U-Net's downsamplings whole
+        (tiny: 16, SD: 64)."""
+        return self.vae_factor * 2 ** (len(self.unet.channel_mult) - 1)
+
 
 def baseline_config(cfg):
     """The Paint-by-Example-style baseline of the paper's ablation: CLS token only, no hint branch."""

@@ -56,7 +56,12 @@ def parse_args(argv=None):
     p.add_argument("--baseline", default=None, help="--explain: a model without the hint branch to compare with "
                    "(default with the bundled model: the bundled baseline)")
     p.add_argument("--target", default=None, help="--explain: what the region should become, shown beside the results")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.dtc is None and args.sd is None:  # the bundled teaching model and, for --explain, its baseline
+        args.dtc = os.path.join(HERE, "assets", "dtc_tiny.safetensors")
+        if args.explain and args.baseline is None:
+            args.baseline = os.path.join(HERE, "assets", "dtc_tiny_baseline.safetensors")
+    return args
 
 
 def check_options(args):
@@ -99,21 +104,19 @@ def output_paths(args):
 
 
 def load_models(args, dtype):
-    """(model, frozen, default size). The bundled teaching model carries its own VAE and image encoder."""
-    if args.dtc is None and args.sd is None:
-        args.dtc = os.path.join(HERE, "assets", "dtc_tiny.safetensors")
+    """(model, frozen). The bundled teaching model carries its own VAE and image encoder."""
     if args.dtc is None:
         print("warning: no --dtc given: sampling from an UNTRAINED DTC built from --sd (the hint branch and the token "
               "projection are fresh, drawn from --seed); useful only to check the wiring", file=sys.stderr)
         model, frozen = from_original(args.sd, args.dinov2, dtype=dtype, seed=args.seed)
-        return model.eval(), frozen, model.cfg.train_size
+        return model.eval(), frozen
     model, frozen = load_dtc(args.dtc, dtype=dtype)
     if frozen is None:
         if args.sd is None or args.dinov2 is None:
             raise CheckpointError(f"{args.dtc}: holds only the trainable parts; give --sd and --dinov2 for the "
                                   "frozen VAE and image encoder")
         _, frozen = from_original(args.sd, args.dinov2, dtype=dtype)
-    return model, frozen, model.cfg.train_size
+    return model, frozen
 
 
 def box_mask(box, size):
@@ -145,17 +148,17 @@ def explain(model, frozen, baseline, source, mask, reference, target, args, tile
     each map scaled to its own maximum, which is printed on it. Same seed and noise for every result."""
     from PIL import ImageDraw  # only --explain draws text
 
-    def run(m, fr, zero_hint=False, trace=None):  # the same seed and noise for every result, pasted back as they are
+    def sample_once(m, fr, zero_hint=False, trace=None):  # the same seed and noise for every result, pasted back as they are
         x, cond = generate(m, fr, source, mask, reference, torch.Generator().manual_seed(args.seed), args.steps,
                            args.guidance, args.eta, zero_hint, trace, progress=False)
         return cond, x * (1 - mask) + source * mask
 
     trace = []
-    cond, dtc = run(model, frozen, trace=trace)
-    _, zeroed = run(model, frozen, zero_hint=True)
+    cond, dtc = sample_once(model, frozen, trace=trace)
+    _, zeroed = sample_once(model, frozen, zero_hint=True)
     row1 = [("reference", reference), ("hint", cond["hint"] * 2 - 1)]
     if baseline is not None:
-        row1.append(("baseline", run(*baseline)[1]))
+        row1.append(("baseline", sample_once(*baseline)[1]))
     row1 += [("DTC", dtc), ("DTC, hint zeroed", zeroed)] + ([("target", target)] if target is not None else [])
     picks = sorted({round(k * (len(trace) - 1) / 3) for k in range(4)})
     row2 = [(f"x0 at t={trace[k][0]}", frozen.vae.decode(trace[k][2] / LATENT_SCALE).float().clamp(-1, 1)) for k in picks]
@@ -196,8 +199,6 @@ def main(argv=None):
     source_pil = load_image(args.source)
     reference_pil = load_image(args.reference)
     target_pil = load_image(args.target) if args.target else None
-    if args.explain and args.baseline is None and args.dtc is None and args.sd is None:
-        args.baseline = os.path.join(HERE, "assets", "dtc_tiny_baseline.safetensors")
     W, H = source_pil.size
     # (1,H,W), 1 = keep, at the source's resolution
     keep_full = box_mask(args.box, (H, W)) if args.box else load_mask(args.mask, size=(H, W), resize=True)
@@ -209,7 +210,7 @@ def main(argv=None):
 
     keep_pil = Image.fromarray(((keep_full[0] > 0.5).to(torch.uint8) * 255).numpy(), mode="L")
 
-    model, frozen, default_size = load_models(args, dtype)
+    model, frozen = load_models(args, dtype)
     baseline = None
     if args.explain:
         if not model.cfg.hint:
@@ -221,8 +222,7 @@ def main(argv=None):
     frozen.vae.to(device, dtype)
     frozen.image_encoder.to(device, dtype)
     cfg = model.cfg
-    multiple = cfg.vae_factor * 2 ** (len(cfg.unet.channel_mult) - 1)
-    w, h = working_size(W, H, args.size or default_size, multiple)
+    w, h = working_size(W, H, args.size or cfg.train_size, cfg.size_multiple)
 
     source = to_tensor(source_pil.resize((w, h), Image.BICUBIC))[None].to(device)
     mask = F.interpolate(keep_full[None], size=(h, w), mode="nearest").to(device)

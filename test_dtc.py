@@ -1138,6 +1138,12 @@ def test_dtc_from_original_bad_files(tmp_path):
         dtc.from_original(tmp_path / "bad_vae.ckpt", vit_path)
 
 
+def test_dtc_config_size_multiple():
+    """An image side must pass the VAE's and the U-Net's downsamplings whole: 8 x 2^3 = 64 for SD 1.5, 4 x 2^2 = 16
+    for the tiny architecture; sample.py rounds to it and train.py refuses other sizes."""
+    assert dtc.DTCConfig().size_multiple == 64 and dtc.tiny_config(64).size_multiple == 16
+
+
 def test_dtc_config_working_size_stored_and_defaulted():
     """The working size is in the config; a config written before the field existed gets the old rule (512 for an
     SD-width U-Net, 64 for the tiny one), so the bundled models keep loading at their size."""
@@ -2768,6 +2774,7 @@ def test_train_init_vae_reuses_a_trained_tiny_vae(tiny_run, tmp_path):
     dtc.save_dtc(model, tmp_path / "no_vae.safetensors")
     with pytest.raises(train.CheckpointError, match="no_vae.safetensors"):
         train.main([*SMALL, f"--out_dir={tmp_path / 'c'}", "--max_steps=1", f"--init_vae={tmp_path / 'no_vae.safetensors'}"])
+    assert not (tmp_path / "c").exists()  # refused before the run's folder is made
 
 
 def test_train_dresscode_category_or_all(tmp_path):

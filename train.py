@@ -521,10 +521,9 @@ def setup(args, ckpt, ranks, rank, device):
     trainee, frozen = build_model(args)
     dataset = build_dataset(args, (trainee.model.cfg.image_size,) * 2)
     check_enough_samples(dataset, args, args.batch_size, args.grad_accum, ranks)  # before any work, not after the VAE's
-    cfg = trainee.model.cfg  # the size must pass the VAE's and the U-Net's downsamplings whole (tiny: 16, SD: 64)
-    multiple = cfg.vae_factor * 2 ** (len(cfg.unet.channel_mult) - 1)
+    multiple = trainee.model.cfg.size_multiple
     if args.size % multiple:
-        raise DataError(f"--size={args.size}: this model trains at a multiple of {multiple}")
+        raise bad_option(args, "size", f"this model trains at a multiple of {multiple}")
     torch.manual_seed(args.seed + rank)  # per-process global RNG; the training draws use keyed generators
     if args.grad_checkpointing:
         trainee.model.unet.grad_checkpointing = True
@@ -546,14 +545,14 @@ def setup(args, ckpt, ranks, rank, device):
         vgg = VGGLoss(args.vgg_weights).to(device)
     elif args.vgg_weight > 0 and rank == 0:
         print("warning: no --vgg_weights: the VGG perceptual loss is off (paper: on, lambda 1e-3)", file=sys.stderr)
+    if args.preset == "tiny" and ckpt is None and args.init_vae:  # a tiny VAE trained before (another variant's)
+        _, trained = load_dtc(args.init_vae)
+        if trained is None or asdict(trained.vae.cfg) != asdict(frozen.vae.cfg):
+            raise CheckpointError(f"{args.init_vae}: holds no tiny VAE of this preset's configuration")
+        frozen.vae.load_state_dict(trained.vae.state_dict())
     os.makedirs(args.out_dir, exist_ok=True)  # everything checked: the run starts writing here
     if args.preset == "tiny":
-        if ckpt is None and args.init_vae:  # a tiny VAE trained before (e.g. for another ablation variant)
-            _, trained = load_dtc(args.init_vae)
-            if trained is None or asdict(trained.vae.cfg) != asdict(frozen.vae.cfg):
-                raise CheckpointError(f"{args.init_vae}: holds no tiny VAE of this preset's configuration")
-            frozen.vae.load_state_dict(trained.vae.state_dict())
-        elif ckpt is None:
+        if ckpt is None and not args.init_vae:
             train_vae(frozen.vae, dataset, args, device, show=rank == 0)
             if ranks > 1:  # GPU kernels need not be deterministic: every process takes rank 0's VAE
                 for t in frozen.vae.state_dict().values():
@@ -574,18 +573,16 @@ def main(argv=None):
     args = parse_args(argv)
     ranks, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     ckpt_path, ckpt = os.path.join(args.out_dir, "ckpt.pt"), None
-    if not (args.resume and os.path.exists(ckpt_path)):
-        check_options(args)
     if os.path.exists(ckpt_path):
         if not args.resume:
             raise SystemExit(f"error: {ckpt_path}: a run is already there; --resume continues it, "
                              "or choose another --out_dir")
         ckpt = read_checkpoint(ckpt_path)
         args = restore_args(args, ckpt["args"], argv)
-        check_options(args)
-        if rank == 0:
-            print(f"resuming {ckpt_path}: continuing from step {ckpt['step']} of {args.max_steps}"
-                  f"{' (the VAE phase is done)' if ckpt['step'] == 0 else ''}", file=sys.stderr)
+    check_options(args)  # resuming: the run's own options, restored
+    if ckpt is not None and rank == 0:
+        print(f"resuming {ckpt_path}: continuing from step {ckpt['step']} of {args.max_steps}"
+              f"{' (the VAE phase is done)' if ckpt['step'] == 0 else ''}", file=sys.stderr)
     device = torch.device(pick_device(args.device))
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
