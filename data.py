@@ -1,7 +1,7 @@
 """
 Training and evaluation data for Diffuse to Choose: image reading and writing, three dataset layouts (our own
 triplet folders and the VITON-HD and DressCode releases; docs/datasets.md) and the training-time randomness. The
-synthetic teaching world, which gives the same samples, is world.py.
+synthetic teaching world, whose samples have the same keys and shapes, is world.py.
 
 Conventions (every function here keeps them):
 - Images are float tensors (3,H,W) in [-1,1]. Files are read fully decoded, upright (EXIF orientation

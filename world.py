@@ -1,6 +1,6 @@
 """
 The teaching world: toy "virtual try-all" scenes, drawn on the fly, that let the whole pipeline train and be judged
-on a CPU (README, "The teaching world"). A dataset like data.py's, giving the same samples.
+on a CPU (README, "The teaching world"). A dataset like data.py's: its samples are dicts of the same keys and shapes.
 """
 import math
 import sys
