@@ -1,7 +1,8 @@
 """
-What the commands (sample.py, train.py, evaluate.py, bench.py) share: the device and dtype they run on, and how bad input
-ends: exit status 1 and one line naming the file or option and the problem, no traceback.
+What the commands (sample.py, train.py, evaluate.py, bench.py) share: the device and dtype they run on, the CPU threads
+they use, and how bad input ends: exit status 1 and one line naming the file or option and the problem, no traceback.
 """
+import os
 import sys
 
 import torch
@@ -48,3 +49,21 @@ def run(main, argv=None, errors=(CheckpointError, DataError)):
         tqdm.write(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     return 0
+
+
+def use_free_cores():
+    """Sets torch's CPU threads for a command run from the shell: as many as the cores free when it starts (the
+    cores less the last minute's load average), at least one; OMP_NUM_THREADS, when set, is obeyed instead.
+    Why: a thread that has no core of its own makes the others wait for it at every op. With OpenMP's default
+    spin-waiting, the tiny training step ran 5-10x slower on a 2-core machine as soon as another job ran; the
+    commands therefore set OMP_WAIT_POLICY=PASSIVE before they import torch (it is read only then), which bounds
+    the loss (about 1.5x), and with one thread per free core there is none to lose. Torch's own default is one
+    thread per core, whatever else runs."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average on this system: all cores
+        busy = 0.0
+    torch.set_num_threads(max(1, min(cores, round(cores - busy))))

@@ -13,6 +13,8 @@ Evaluate a DTC checkpoint (or a folder of results of any method) in one of two w
                own frozen encoder, --dinov2, or the encoder of --features_from)
   fd_dino      Frechet distance of the same features between generated and target regions; only for
                >= --fd_min images, because a covariance from a few samples is meaningless
+  edge_energy  the results' squared neighbour differences inside the region (eroded by 2 px), over the
+               targets': 1 = as much edge as the targets, a flat fill 0; a blur scores low (edge_energy says more)
   --fill=flat|hint|vae scores a trivial baseline instead of the model (trivial_fill), --zero_hint the model with
   its hint zeroed, --bootstrap=N adds 95 % intervals of the means (<metric>_lo, <metric>_hi).
 
@@ -34,9 +36,10 @@ Evaluate a DTC checkpoint (or a folder of results of any method) in one of two w
 
 The last line printed is key=value pairs.
 """
+import os
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads OpenMP: cli.use_free_cores says why
 import argparse
 import math
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -46,7 +49,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import CheckpointError
-from cli import bad_option, pick_device, run
+from cli import bad_option, pick_device, run, use_free_cores
 from data import (DRESSCODE_CATEGORIES, DataError, DressCodeDataset, TripletDataset, VitonHDDataset, load_image,
                   resize_image, to_pil, to_tensor, write_images)
 from dtc import encode_image_tokens, generate, largest_rectangle, load_dtc, make_hint
@@ -75,6 +78,18 @@ def ssim_map(x, y, window=11, sigma=1.5):
 def ssim_masked(pred, target, fill):
     m = ssim_map(pred.double(), target.double()).mean(1, keepdim=True)
     return (m * fill).sum((1, 2, 3)) / fill.sum((1, 2, 3))
+
+
+def edge_energy(x, fill):
+    """How much edge an image has inside the region: the squared differences between neighbouring pixels (summed
+    over the channels, vertical and horizontal), summed over the region eroded by 2 px (so the region's own border,
+    where the pasted-back source meets the fill, does not count). x (B,3,H,W), fill (B,1,H,W) -> (B,).
+    Reported as a ratio, the results' total over the targets' (edge_energy=1: as much edge as the targets, a flat
+    fill 0): a blurred result scores far below 1 even where its PSNR is fair."""
+    dy, dx = (x[:, :, 1:, :] - x[:, :, :-1, :]) ** 2, (x[:, :, :, 1:] - x[:, :, :, :-1]) ** 2
+    inner = -F.max_pool2d(-fill, 5, stride=1, padding=2)  # erosion by 2 px: a min filter of 5x5
+    return (dy.sum(1, keepdim=True) * inner[:, :, 1:, :]).sum((1, 2, 3)) + \
+        (dx.sum(1, keepdim=True) * inner[:, :, :, 1:]).sum((1, 2, 3))
 
 
 def region_crop(x, fill):
@@ -327,6 +342,7 @@ def main(argv=None, fid_feature=None):
             m.to(device).eval()
 
     scores = {"psnr_masked": [], "ssim_masked": [], "dino_i": []}
+    edges, target_edges = [], []
     gen_feats, target_feats = [], []
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size)
     for b, batch in enumerate(tqdm(loader, desc="evaluating")):
@@ -343,6 +359,8 @@ def main(argv=None, fid_feature=None):
         p01, t01 = (pred + 1) / 2, (target + 1) / 2
         scores["psnr_masked"].append(psnr_masked(p01, t01, fill).cpu())
         scores["ssim_masked"].append(ssim_masked(p01, t01, fill).cpu())
+        edges.append(edge_energy(p01, fill).cpu())
+        target_edges.append(edge_energy(t01, fill).cpu())
         gen = cls_features(encoder, region_crop(pred, fill), image_size)
         ref = cls_features(encoder, list(reference), image_size)
         scores["dino_i"].append(F.cosine_similarity(gen, ref).cpu())
@@ -357,6 +375,7 @@ def main(argv=None, fid_feature=None):
         for k, v in scores.items():
             result[f"{k}_lo"], result[f"{k}_hi"] = bootstrap_interval(torch.cat(v), args.bootstrap)
         print(f"the _lo/_hi values: 95 % bootstrap interval of the mean over {args.bootstrap} resamples of the images")
+    result["edge_energy"] = (torch.cat(edges).sum() / torch.cat(target_edges).sum()).item()
     if n >= args.fd_min:
         result["fd_dino"] = frechet_distance(torch.cat(gen_feats), torch.cat(target_feats)).item()
     else:
@@ -471,4 +490,5 @@ def find(folder, name, fallback=None):
 
 
 if __name__ == "__main__":
+    use_free_cores()
     sys.exit(run(main, errors=(CheckpointError, DataError, ImportError)))

@@ -9,9 +9,10 @@ With the real weights (SD 1.5 or SD 1.5-inpainting, DINOv2 g/14, and a DTC check
 The mask is white where the product goes; --box=x0,y0,x1,y1 (pixels) fills a rectangle instead. Every option also
 accepts --key=value.
 """
+import os
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads OpenMP: cli.use_free_cores says why
 import argparse
 import math
-import os
 import sys
 
 import torch
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from checkpoint import CheckpointError
-from cli import bad_option, pick_device, pick_dtype, run
+from cli import bad_option, pick_device, pick_dtype, run, use_free_cores
 from diffusion import Schedule
 from data import DataError, check_output_image, grid, load_image, load_mask, to_pil, to_tensor, write_images
 from dtc import from_original, generate, load_dtc, make_hint
@@ -268,4 +269,5 @@ def cli(argv=None):
 
 
 if __name__ == "__main__":
+    use_free_cores()
     sys.exit(cli())

@@ -2508,7 +2508,9 @@ def test_eval_bad_options_one_line_before_any_work(tmp_path, capsys):
 # ====================================================================================================
 
 # the smallest useful run: 32x32 images (8x8 latents), batch 2, a 2-step VAE phase, no sample grids
-SMALL = ["--size=32", "--batch_size=2", "--vae_steps=2", "--sample_every=0", "--log_every=1000"]
+SMALL = ["--size=32", "--batch_size=2", "--vae_steps=2", "--sample_every=0", "--log_every=1000", "--world_samples=16",
+         "--num_workers=0"]
+TAKE_VAE = [a for a in SMALL if not a.startswith("--vae_steps")]  # for runs that take a trained VAE (--init_vae)
 
 
 def losses(out_dir):
@@ -2756,7 +2758,7 @@ def test_train_xattn_fusion_trains_saves_and_loads(tiny_run, tmp_path):
     """--fusion=xattn: training moves its output projections off zero, and the exported file loads. (Three steps: in
     the first, the U-Net's zero-initialised output conv passes no gradient back.)"""
     exported = os.path.join(tiny_run, "dtc.safetensors")
-    train.main([*SMALL, f"--out_dir={tmp_path}", "--max_steps=3", f"--init_vae={exported}", "--fusion=xattn"])
+    train.main([*TAKE_VAE, f"--out_dir={tmp_path}", "--max_steps=3", f"--init_vae={exported}", "--fusion=xattn"])
     model, frozen = load_dtc(tmp_path / "dtc.safetensors")
     assert model.cfg.fusion == "xattn" and frozen is not None
     assert all(layer.proj_out.weight.abs().max() > 0 for layer in model.fusion)
@@ -2765,7 +2767,7 @@ def test_train_xattn_fusion_trains_saves_and_loads(tiny_run, tmp_path):
 def test_train_init_vae_reuses_a_trained_tiny_vae(tiny_run, tmp_path):
     """--init_vae takes the tiny VAE of an exported run (no VAE phase); a file without one is refused by name."""
     exported = os.path.join(tiny_run, "dtc.safetensors")
-    train.main([*SMALL, f"--out_dir={tmp_path / 'b'}", "--max_steps=1", f"--init_vae={exported}"])
+    train.main([*TAKE_VAE, f"--out_dir={tmp_path / 'b'}", "--max_steps=1", f"--init_vae={exported}"])
     _, a = load_dtc(exported)
     _, b = load_dtc(tmp_path / "b" / "dtc.safetensors")
     for (k, v), w in zip(a.vae.state_dict().items(), b.vae.state_dict().values()):
@@ -2773,8 +2775,40 @@ def test_train_init_vae_reuses_a_trained_tiny_vae(tiny_run, tmp_path):
     model, _ = load_dtc(exported)
     dtc.save_dtc(model, tmp_path / "no_vae.safetensors")
     with pytest.raises(train.CheckpointError, match="no_vae.safetensors"):
-        train.main([*SMALL, f"--out_dir={tmp_path / 'c'}", "--max_steps=1", f"--init_vae={tmp_path / 'no_vae.safetensors'}"])
+        train.main([*TAKE_VAE, f"--out_dir={tmp_path / 'c'}", "--max_steps=1", f"--init_vae={tmp_path / 'no_vae.safetensors'}"])
     assert not (tmp_path / "c").exists()  # refused before the run's folder is made
+    with pytest.raises(DataError, match="--init_vae=.*give one of them"):  # a VAE to take, or one to train: not both
+        train.main([*SMALL, f"--out_dir={tmp_path / 'c'}", "--max_steps=1", f"--init_vae={exported}"])
+    assert not (tmp_path / "c").exists()
+
+
+def test_train_predrawn_world_is_what_prepare_computes():
+    """The pre-drawn world (train.PreDrawn) holds the world's epoch-0 samples, the same drawn in this process or in
+    two workers, and for a
+    batch of it drawn_conditioning gives what dtc.prepare computes on the same samples with the same generator:
+    the pre-drawing moves work out of the step without changing what the step sees (but the augmentation of
+    later epochs: each sample keeps its epoch-0 draws)."""
+    args = train.parse_args(SMALL)
+    torch.manual_seed(0)
+    trainee, frozen = train.build_model(args)
+    frozen.vae.eval()
+    world = train.build_dataset(args, (32, 32))
+    drawn = train.draw_world(world, args, show=False)
+    again = train.draw_world(world, train.argparse.Namespace(**{**vars(args), "num_workers": 2}), show=False)
+    assert all(torch.equal(v, again.tensors[k]) for k, v in drawn.tensors.items())  # in 2 worker processes too
+    encoded = train.encode_drawn(drawn, frozen.vae, keep_target=False, device="cpu")
+    assert set(encoded.tensors) == {"z0_moments", "z_masked_moments", "mask_lat", "encoder_reference", "hint"}
+    indices = [5, 2, 11]
+    samples = [world[i] for i in indices]
+    stack = lambda k: torch.stack([x[k] for x in samples])
+    for k in ("source", "mask", "encoder_reference"):
+        assert torch.equal(drawn.batch(indices)[k], stack(k)), k
+    got = train.drawn_conditioning(encoded.batch(indices), torch.Generator().manual_seed(3))
+    want = dtc.prepare(frozen, stack("source"), stack("mask"), stack("reference"), 32, torch.Generator().manual_seed(3),
+                       target=stack("target"), tokens=False)
+    assert set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5)
 
 
 def test_train_dresscode_category_or_all(tmp_path):
@@ -2855,19 +2889,20 @@ def test_train_options_checked_before_any_work(tmp_path, option, value, monkeypa
 
 
 def test_train_every_preset_field_overridable():
-    """Every Preset field is a --option: unset, the preset's value; given, the value given (vae_steps: its own rule
-    when unset, scaled with --max_steps). Bad autoencoder options are one-line errors before any work."""
+    """Every Preset field is a --option: unset, the preset's value; given, the value given (init_vae: taken only
+    when no VAE is trained). Bad autoencoder options are one-line errors before any work."""
     for name, preset in train.PRESETS.items():
         args = train.parse_args([f"--preset={name}"])
         for f in dataclasses.fields(train.Preset):
             assert getattr(args, f.name) == getattr(preset, f.name), (name, f.name)
-        given = {f.name: (2 * getattr(preset, f.name) if f.type in (int, "int") else 0.5 * getattr(preset, f.name) + 1e-3)
-                 for f in dataclasses.fields(train.Preset)}
+        assert train.parse_args([f"--preset={name}", "--vae_steps=5"]).init_vae is None
+        given = {f.name: (2 * getattr(preset, f.name) + 1 if f.type in (int, "int") else 0.5 * getattr(preset, f.name) + 1e-3)
+                 for f in dataclasses.fields(train.Preset) if f.name != "init_vae"}
         args = train.parse_args([f"--preset={name}", *(f"--{k}={v}" for k, v in given.items())])
         assert {k: getattr(args, k) for k in given} == given
     for option, value in (("vae_lr", "0"), ("vae_kl", "-1"), ("vae_batch_size", "0")):
         with pytest.raises(DataError, match=f"--{option}={value}"):
-            train.check_options(train.parse_args(["--preset=tiny", f"--{option}={value}"]))
+            train.check_options(train.parse_args(["--preset=tiny", "--vae_steps=5", f"--{option}={value}"]))
 
 
 # ====================================================================================================
