@@ -29,6 +29,7 @@ Conventions (every function here keeps them):
   drops bad samples up front (one warning with the count) and replaces samples that fail to decode
   later by the next good index (counted in `skipped`).
 """
+import math
 import os
 import sys
 import warnings
@@ -36,7 +37,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.functional as TF
 from PIL import Image, ImageFile, ImageOps
 from torch.utils.data import Dataset
 
@@ -85,6 +85,19 @@ def _header(path):
         raise DataError(f"{path}: unreadable image ({e})") from None
 
 
+def pil_to_tensor(im):
+    """A PIL image's stored values as a (C,H,W) tensor: uint8 for 8-bit modes (L, P: the indices, RGB, RGBA), float32
+    for F. Plain torch, not torchvision: importing torchvision.transforms took 2-5 s of sample.py's start."""
+    x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.float32 if im.mode == "F" else torch.uint8)
+    return x.view(im.height, im.width, len(im.getbands())).permute(2, 0, 1)
+
+
+def uint8_to_pil(x):
+    """(1,H,W) or (3,H,W) uint8 tensor -> PIL "L" or "RGB" image."""
+    return Image.frombytes("L" if len(x) == 1 else "RGB", (x.shape[2], x.shape[1]),
+                           bytes(x.permute(1, 2, 0).contiguous().untyped_storage()))
+
+
 def _eight_bit(im):
     """Greyscale stored in more than 8 bits -> "L", scaled by the range its values are stored in: 16-bit modes
     (I;16*) by 65535; 32-bit integers (I) by the smallest of 255, 65535 and 2^32 - 1 that holds their largest value;
@@ -92,13 +105,13 @@ def _eight_bit(im):
     turn white.) Other modes are returned as they are."""
     if not im.mode.startswith(("I", "F")):
         return im
-    x = TF.pil_to_tensor(im.convert("F")).double().nan_to_num(0)  # (1,H,W), exact for 16-bit values
+    x = pil_to_tensor(im.convert("F")).double().nan_to_num(0)  # (1,H,W), exact for 16-bit values
     top = x.max().item()
     if im.mode.startswith("I;16"):
         top = 65535
     elif not (im.mode == "F" and top <= 1):
         top = next((t for t in (255, 65535, 2 ** 32 - 1) if top <= t), top)
-    return TF.to_pil_image((x / max(top, 1e-12) * 255).round().clamp(0, 255).to(torch.uint8))
+    return uint8_to_pil((x / max(top, 1e-12) * 255).round().clamp(0, 255).to(torch.uint8))
 
 
 def load_image(path):
@@ -128,7 +141,7 @@ def load_mask(path, size=None, resize=False):
             print(f"warning: {path}: the mask is {w}x{h}, another aspect ratio than the source's {W}x{H}: "
                   "it is stretched to the source", file=sys.stderr)
         im = im.resize((W, H), Image.NEAREST)
-    fill = TF.pil_to_tensor(im) >= 128  # (1,H,W)
+    fill = pil_to_tensor(im) >= 128  # (1,H,W)
     return (~fill).float()
 
 
@@ -176,7 +189,7 @@ def load_parse(path):
     im = _decode(path)
     if im.mode not in ("P", "L"):
         raise DataError(f"{path}: parse map is mode {im.mode}; expected a palette ('P') or 'L' map of label ids")
-    parse = TF.pil_to_tensor(im)[0]  # P and L: the stored indices, (H,W) uint8
+    parse = pil_to_tensor(im)[0]  # P and L: the stored indices, (H,W) uint8
     if parse.max() > 19:
         raise DataError(f"{path}: parse map has label {int(parse.max())}; CIHP labels are 0..19")
     return parse
@@ -184,17 +197,17 @@ def load_parse(path):
 
 def to_tensor(pil):
     """PIL image -> (3,H,W) float in [-1,1]."""
-    return TF.pil_to_tensor(pil.convert("RGB")).float() / 127.5 - 1
+    return pil_to_tensor(pil.convert("RGB")).float() / 127.5 - 1
 
 
 def to_pil(x):
     """(3,H,W) (or (1,H,W)) tensor in [-1,1] -> PIL image."""
-    return TF.to_pil_image(((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
+    return uint8_to_pil(((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
 
 
 def mask_to_pil(mask):
     """(1,H,W) mask, 1 = keep -> PIL "L" image in the file convention (white = fill)."""
-    return TF.to_pil_image(((1 - mask.detach().float().cpu()) * 255).round().to(torch.uint8))
+    return uint8_to_pil(((1 - mask.detach().float().cpu()) * 255).round().to(torch.uint8))
 
 
 def grid(images, height=256):
@@ -283,9 +296,18 @@ def augment(source, target, mask, reference, g):
     angle = uniform(g, -20.0, 20.0)
     if flip:
         source, target, mask, reference = (x.flip(-1) for x in (source, target, mask, reference))
-    encoder_reference = TF.rotate(reference, angle, interpolation=TF.InterpolationMode.BILINEAR,
-                                  fill=[1.0] * reference.shape[0])
-    return source, target, mask, reference, encoder_reference
+    return source, target, mask, reference, rotate(reference, angle)
+
+
+def rotate(x, degrees, fill=1.0):
+    """(C,H,W) turned counter-clockwise by `degrees` about its centre, bilinear; what comes in from outside the
+    image is `fill` (blended at the edges). The output pixel at (u, v) from the centre shows the input at (u, v)
+    turned back; affine_grid works in [-1, 1] on each axis, hence the aspect factors H/W and W/H."""
+    C, H, W = x.shape
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    theta = torch.tensor([[c, -s * H / W, 0.0], [s * W / H, c, 0.0]], dtype=x.dtype, device=x.device)
+    grid = F.affine_grid(theta[None], [1, C, H, W], align_corners=False)
+    return F.grid_sample(x[None] - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0] + fill
 
 
 def finish_sample(source, target, mask, reference, name, size, ref_size, g, mask_file, box=None):

@@ -1319,6 +1319,29 @@ def test_data_sample_rng_independent():
     assert len({tuple(v.tolist()) for v in draws.values()}) == len(draws)
 
 
+def test_data_rotate_and_pil_round_trip_match_torchvision():
+    """data.rotate (plain torch) equals torchvision's bilinear rotate wherever the rotated pixel comes from inside the
+    image (at the edges the white fill is blended a little differently), for square and oblong images; data's
+    PIL <-> tensor conversions are exact round trips and agree with torchvision's."""
+    import torchvision.transforms.functional as TF
+    x = torch.rand(3, 40, 56) * 2 - 1
+    for shape in ((3, 40, 56), (3, 32, 32)):
+        x = torch.rand(*shape) * 2 - 1
+        for degrees in (12.0, -17.3):
+            mode = TF.InterpolationMode.BILINEAR
+            inside = TF.rotate(torch.ones(1, *shape[1:]), degrees, interpolation=mode, fill=[0.0]) > 0.999
+            want = TF.rotate(x, degrees, interpolation=mode, fill=[1.0] * 3)
+            assert inside.float().mean() > 0.8
+            torch.testing.assert_close(data.rotate(x, degrees) * inside, want * inside, atol=1e-4, rtol=0)
+    image = (torch.rand(3, 5, 7) * 255).to(torch.uint8)
+    pil = data.uint8_to_pil(image)
+    assert torch.equal(data.pil_to_tensor(pil), image) and torch.equal(TF.pil_to_tensor(pil), image)
+    grey = data.uint8_to_pil(image[:1])
+    assert grey.mode == "L" and torch.equal(data.pil_to_tensor(grey), image[:1])
+    floats = Image.frombytes("F", (7, 5), bytes(torch.rand(5, 7).untyped_storage()))
+    assert torch.equal(data.pil_to_tensor(floats), TF.pil_to_tensor(floats))
+
+
 def test_data_bbox_and_augmentation_keep_the_correspondence():
     """bbox_mask fills the fill region's bounding box. augment flips source, target, mask and reference
     together about half the time, and rotates (white corners) only the image encoder's copy of the reference."""
@@ -2508,8 +2531,9 @@ def test_eval_bad_options_one_line_before_any_work(tmp_path, capsys):
 # ====================================================================================================
 
 # the smallest useful run: 32x32 images (8x8 latents), batch 2, a 2-step VAE phase, no sample grids
+# (a constant rate: the resume tests stop a run by a smaller --max_steps, which would change a cosine's rates)
 SMALL = ["--size=32", "--batch_size=2", "--vae_steps=2", "--sample_every=0", "--log_every=1000", "--world_samples=16",
-         "--num_workers=0"]
+         "--num_workers=0", "--lr_schedule=constant"]
 TAKE_VAE = [a for a in SMALL if not a.startswith("--vae_steps")]  # for runs that take a trained VAE (--init_vae)
 
 
@@ -2691,14 +2715,16 @@ def test_train_init_from_scratch_carries_colour():
             out = vae.decode(vae.encode(colours).mean)[:, :, 8:24, 8:24].mean((2, 3))
         return ((out[0] - out[1]).norm() / (colours[0, :, 0, 0] - colours[1, :, 0, 0]).norm()).item()
 
-    for seed in range(3):
+    # the gain over PyTorch's init was measured on the 4-channel tiny VAE (init_from_scratch's docstring); the
+    # 8-channel one the preset now uses passes colour about as well either way, and at least 0.25 with this init
+    for seed, cfg in itertools.product(range(3), (replace(dtc.TINY_VAE, z_channels=4, embed_dim=4), dtc.TINY_VAE)):
         torch.manual_seed(seed)
-        vae = AutoencoderKL(dtc.TINY_VAE)
+        vae = AutoencoderKL(cfg)
         default = colour_gain(vae)
         dtc.init_from_scratch(vae, torch.Generator().manual_seed(seed))
         branches = [m for n, m in vae.named_modules() if n.endswith(("conv2", "proj_out"))]
         assert branches and all(m.weight.abs().max() == 0 for m in branches)
-        assert colour_gain(vae) > max(0.25, 1.4 * default)
+        assert colour_gain(vae) > (max(0.25, 1.4 * default) if cfg.embed_dim == 4 else 0.25)
         first = vae.state_dict()
         torch.manual_seed(seed + 100)
         dtc.init_from_scratch(vae, torch.Generator().manual_seed(seed))
@@ -2780,6 +2806,14 @@ def test_train_init_vae_reuses_a_trained_tiny_vae(tiny_run, tmp_path):
     with pytest.raises(DataError, match="--init_vae=.*give one of them"):  # a VAE to take, or one to train: not both
         train.main([*SMALL, f"--out_dir={tmp_path / 'c'}", "--max_steps=1", f"--init_vae={exported}"])
     assert not (tmp_path / "c").exists()
+
+
+def test_train_cosine_rate():
+    """The cosine schedule: a linear warm-up to the full rate, half of it midway, near zero at the last step."""
+    assert train.cosine_rate(1.0, 0, 100, warmup=10) == pytest.approx(0.1, rel=1e-3)
+    assert train.cosine_rate(1.0, 9, 100, warmup=10) == pytest.approx(math.cos(math.pi * 9 / 100) / 2 + 0.5)
+    assert train.cosine_rate(1.0, 50, 100, warmup=10) == pytest.approx(0.5)
+    assert 0 < train.cosine_rate(1.0, 99, 100, warmup=10) < 1e-3
 
 
 def test_train_predrawn_world_is_what_prepare_computes():
@@ -2897,7 +2931,8 @@ def test_train_every_preset_field_overridable():
             assert getattr(args, f.name) == getattr(preset, f.name), (name, f.name)
         assert train.parse_args([f"--preset={name}", "--vae_steps=5"]).init_vae is None
         given = {f.name: (2 * getattr(preset, f.name) + 1 if f.type in (int, "int") else 0.5 * getattr(preset, f.name) + 1e-3)
-                 for f in dataclasses.fields(train.Preset) if f.name != "init_vae"}
+                 for f in dataclasses.fields(train.Preset) if f.name not in ("init_vae", "lr_schedule")}
+        given["lr_schedule"] = "constant" if preset.lr_schedule == "cosine" else "cosine"
         args = train.parse_args([f"--preset={name}", *(f"--{k}={v}" for k, v in given.items())])
         assert {k: getattr(args, k) for k in given} == given
     for option, value in (("vae_lr", "0"), ("vae_kl", "-1"), ("vae_batch_size", "0")):

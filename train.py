@@ -97,6 +97,7 @@ class Preset:
     vae_kl: float = 0.0    # weight of the KL term (per latent element) against the L1 (per pixel)
     vae_edge: float = 0.0  # weight of the L1 of the image gradients against the L1 (train_vae)
     world_samples: int = 0  # tiny without --data: the teaching world's training samples, drawn once (PreDrawn)
+    lr_schedule: str = "constant"  # or "cosine": 5 % linear warm-up, then a cosine to zero at max_steps
 
 
 PRESETS = {
@@ -105,7 +106,7 @@ PRESETS = {
     # num_workers: the processes that draw the teaching world before training (both cores; none run during it)
     "tiny": Preset(size=64, batch_size=32, lr=1e-3, max_steps=1500, save_every=250, sample_every=250, num_workers=2,
                    init_vae=BUNDLED_TINY, vae_batch_size=8, vae_lr=1e-3, vae_kl=1e-4, vae_edge=1.0,
-                   world_samples=10_000),
+                   world_samples=10_000, lr_schedule="cosine"),
 }
 # what a resumed run may change (files may have moved); every other option comes from the checkpoint
 CHANGEABLE = {"max_steps", "save_every", "sample_every", "log_every", "num_workers", "device", "data", "sd", "dinov2",
@@ -127,7 +128,7 @@ def parse_args(argv=None):
     p.add_argument("--max_steps", type=int, help="optimizer steps (preset default)")
     p.add_argument("--vae_steps", type=int, help="tiny: train a VAE from scratch for this many autoencoder steps "
                    "first, instead of taking --init_vae's")
-    p.add_argument("--vae_batch_size", type=int, help="tiny: the autoencoder phase's batch")
+    p.add_argument("--vae_batch_size", type=int, help="tiny: the autoencoder phase's batch (at most --batch_size)")
     p.add_argument("--vae_lr", type=float, help="tiny: the autoencoder phase's AdamW learning rate (preset default)")
     p.add_argument("--vae_kl", type=float, help="tiny: weight of the autoencoder's KL term against its L1")
     p.add_argument("--vae_edge", type=float, help="tiny: weight of the autoencoder's image-gradient L1 against its L1")
@@ -137,7 +138,9 @@ def parse_args(argv=None):
                    "once before training (preset default)")
     p.add_argument("--batch_size", type=int, help="per process and micro-step (preset default)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
-    p.add_argument("--lr", type=float, help="AdamW learning rate, constant (sd15: 1e-5)")
+    p.add_argument("--lr", type=float, help="AdamW learning rate (sd15: 1e-5)")
+    p.add_argument("--lr_schedule", choices=["constant", "cosine"], help="constant (sd15, the paper's), or cosine: 5 %% "
+                   "linear warm-up, then a cosine to zero at --max_steps (tiny) (preset default)")
     p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW (torch's and PBE's default)")
     p.add_argument("--clip_grad", type=float, default=1.0, help="max gradient norm; 0 = off")
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights, e.g. 0.9999; 0 = off")
@@ -163,7 +166,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
     for key in ("size", "batch_size", "lr", "max_steps", "save_every", "sample_every", "num_workers", "vae_steps",
-                "vae_batch_size", "vae_lr", "vae_kl", "vae_edge", "world_samples"):  # every Preset field but init_vae
+                "vae_batch_size", "vae_lr", "vae_kl", "vae_edge", "world_samples", "lr_schedule"):  # every Preset field but init_vae
         if getattr(args, key) is None:
             setattr(args, key, getattr(preset, key))
     if args.init_vae is None and not args.vae_steps:  # a VAE is taken unless one is trained
@@ -174,7 +177,7 @@ def parse_args(argv=None):
 def check_options(args):
     """Every option's meaning, checked before any model is built or file written: each problem is one line."""
     for option, least in (("batch_size", 1), ("grad_accum", 1), ("max_steps", 0), ("vae_steps", 0), ("save_every", 1),
-                          ("sample_every", 0), ("log_every", 1), ("num_workers", 0), ("world_samples", 1)):
+                          ("sample_every", 0), ("log_every", 1), ("num_workers", 0)):
         if getattr(args, option) < least:
             raise bad_option(args, option, f"must be at least {least}")
     for option, hi in (("weight_decay", math.inf), ("clip_grad", math.inf), ("p_uncond", 1), ("vgg_weight", math.inf),
@@ -183,6 +186,8 @@ def check_options(args):
             raise bad_option(args, option, f"must be a finite number >= 0{'' if hi == math.inf else f' and <= {hi}'}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise bad_option(args, "lr", "must be a finite number > 0")
+    if args.preset == "tiny" and args.data is None and args.world_samples < 1:
+        raise bad_option(args, "world_samples", "must be at least 1 (the teaching world's training samples)")
     if args.vae_steps and args.init_vae:
         raise bad_option(args, "init_vae", "takes a trained VAE and --vae_steps trains a new one: give one of them")
     if args.vae_steps and not (math.isfinite(args.vae_lr) and args.vae_lr > 0):
@@ -367,6 +372,12 @@ def drawn_conditioning(batch, generator):
 # 3. The steps: tiny's VAE phase, and one DTC optimizer step over this rank's micro-batches
 
 
+def cosine_rate(lr, step, steps, warmup):
+    """The learning rate of step `step` (0-based) of `steps`: a linear warm-up over `warmup` steps, then a cosine
+    from lr down to zero at the last step (Loshchilov & Hutter 2017, without restarts)."""
+    return lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
 def image_gradients(x):
     """(B,C,H,W) -> the differences between vertical and between horizontal neighbours, (B,C,H-1,W), (B,C,H,W-1)."""
     return x[..., 1:, :] - x[..., :-1, :], x[..., :, 1:] - x[..., :, :-1]
@@ -383,11 +394,11 @@ def train_vae(vae, dataset, args, device, show):
     Every process trains the same copy on the same batches: no communication."""
     init_from_scratch(vae, keyed_generator(STREAM_VAE_INIT, args.seed))
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    stream = micro_batches(dataset, args, args.vae_batch_size, 1)
+    stream = micro_batches(dataset, args, min(args.vae_batch_size, args.batch_size), 1)
     bar = tqdm(range(args.vae_steps), desc="vae", disable=not show, dynamic_ncols=True)
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = args.vae_lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / args.vae_steps))
+            group["lr"] = cosine_rate(args.vae_lr, step, args.vae_steps, warmup=50)
         x = next(stream)[2][0]["target"].to(device)
         posterior = vae.encode(x)
         recon = vae.decode(posterior.sample(keyed_generator(STREAM_VAE_POSTERIOR, args.seed, step)))
@@ -482,6 +493,9 @@ def train(args, trainee, frozen, vgg, dataset, ckpt, ranks, rank, device):
     while step < args.max_steps and not stopping:
         t0 = time.perf_counter()
         epoch, position, batches = next(stream)
+        lr = args.lr if args.lr_schedule == "constant" else cosine_rate(args.lr, step, args.max_steps, args.max_steps // 20 + 1)
+        for group in opt.param_groups:
+            group["lr"] = lr
         totals = dtc_step(trainee, ddp, frozen, vgg, batches, step, args, rank, device, autocast)
         grad_norm = nn.utils.clip_grad_norm_(params, args.clip_grad) if args.clip_grad > 0 else None
         opt.step()
@@ -497,7 +511,7 @@ def train(args, trainee, frozen, vgg, dataset, ckpt, ranks, rank, device):
         stopping = packed[3].item() > 0
         if not math.isfinite(loss):  # the last checkpoint on disk is still a good one
             raise SystemExit(f"error: the loss is {loss} at step {step}; try a lower --lr")
-        record = dict(step=step, epoch=epoch, loss=loss, loss_eps=loss_eps, loss_vgg=loss_vgg, lr=args.lr,
+        record = dict(step=step, epoch=epoch, loss=loss, loss_eps=loss_eps, loss_vgg=loss_vgg, lr=lr,
                       grad_norm=None if grad_norm is None else grad_norm.item(),
                       images_per_s=G / (time.perf_counter() - t0))
         if show:
