@@ -11,11 +11,12 @@ Presets (the PRESETS table below):
   sd15  the paper's recipe (§4.1, supp. §5.2): DTC built from SD 1.5 and DINOv2 g/14 (dtc.from_original), 512x512,
         AdamW 1e-5 constant, eps-MSE + 1e-3 x VGG loss on the decoded x0 estimate, guidance dropout 0.2 per sample.
         Trained: main U-Net, hint encoder, adapter, fusion convs, token_proj, null_context. Frozen: VAE, DINOv2.
-  tiny  the same architecture, narrow, from scratch on 64x64 images (16x16 latents). A random frozen VAE would be
-        useless, so phase 1 trains the tiny VAE as an autoencoder (--vae_steps), then freezes it. The tiny image
-        encoder has no pretrained weights, so it is trained jointly with DTC (sd15 keeps DINOv2 frozen). Three
+  tiny  the same architecture, narrow, from scratch on 64x64 images (16x16 latents). Its frozen VAE is the bundled
+        model's (assets/dtc_tiny.safetensors; --init_vae takes another's), as SD users take SD's; --vae_steps=N
+        trains one first instead (train_vae). The teaching world is drawn once before training (PreDrawn). The tiny
+        image encoder has no pretrained weights, so it is trained jointly with DTC (sd15 keeps DINOv2 frozen). Three
         choices make minutes of training enough: one GroupNorm group in the narrow VAE, an init that passes
-        signals through (init_from_scratch) and v-prediction (DTCConfig.prediction). About 20 min on 2 CPU cores.
+        signals through (init_from_scratch) and v-prediction (DTCConfig.prediction). About 12 min on 2 CPU cores.
 --data: a VITON-HD release (train_pairs.txt + train/), a DressCode release (its three categories) or one category
 folder of it (e.g. DressCode/dresses), or a triplet folder (data.py); tiny without --data trains on the generated
 teaching world.
@@ -104,8 +105,8 @@ PRESETS = {
     # 15k steps at a global batch of 32 (4 x 8 GPUs) is ~40 epochs of VITON-HD's 11,647 pairs (paper §4.1: 40 epochs)
     "sd15": Preset(size=512, batch_size=4, lr=1e-5, max_steps=15_000, save_every=1000, sample_every=1000, num_workers=4),
     # num_workers: the processes that draw the teaching world before training (both cores; none run during it)
-    "tiny": Preset(size=64, batch_size=32, lr=1e-3, max_steps=1500, save_every=250, sample_every=250, num_workers=2,
-                   init_vae=BUNDLED_TINY, vae_batch_size=8, vae_lr=1e-3, vae_kl=1e-4, vae_edge=1.0,
+    "tiny": Preset(size=64, batch_size=32, lr=1e-3, max_steps=1200, save_every=200, sample_every=200, num_workers=2,
+                   init_vae=BUNDLED_TINY, vae_batch_size=8, vae_lr=1e-3, vae_kl=1e-6, vae_edge=1.0,
                    world_samples=10_000, lr_schedule="cosine"),
 }
 # what a resumed run may change (files may have moved); every other option comes from the checkpoint
@@ -342,12 +343,12 @@ def draw_world(world, args, show):
 
 
 @torch.no_grad()
-def encode_drawn(drawn, vae, keep_target, device, batch_size=256):
+def encode_drawn(drawn, vae, keep_target, device, show=False, batch_size=256):
     """What the frozen VAE makes of every pre-drawn sample (the work dtc.prepare does per step): the posterior
     moments of the target and of the masked source, and the mask at latent size. The images are dropped."""
     x = drawn.tensors
     moments = {"z0_moments": [], "z_masked_moments": []}
-    for i in range(0, len(drawn), batch_size):
+    for i in tqdm(range(0, len(drawn), batch_size), desc="encoding the world", disable=not show, dynamic_ncols=True):
         target, source, mask = (x[k][i:i + batch_size].to(device) for k in ("target", "source", "mask"))
         for key, image in (("z0_moments", target), ("z_masked_moments", source * mask)):  # PBE: the hole is 0
             posterior = vae.encode(image)
@@ -678,8 +679,8 @@ def setup(args, ckpt, ranks, rank, device):
             if rank == 0:  # the VAE phase is worth keeping: a step-0 checkpoint
                 save_checkpoint(args, trainee, frozen, None, None, 0, 0, 0)
         frozen.vae.requires_grad_(False).eval()
-        if isinstance(dataset, PreDrawn):  # the VAE is frozen from here: encode every sample once
-            dataset = encode_drawn(dataset, frozen.vae, keep_target=vgg is not None, device=device)
+        if isinstance(dataset, PreDrawn) and args.max_steps > 0:  # the VAE is frozen from here: encode every sample once
+            dataset = encode_drawn(dataset, frozen.vae, keep_target=vgg is not None, device=device, show=rank == 0)
     elif device.type == "cuda" and args.dtype != "float32":  # frozen and run under autocast: bfloat16 halves them
         frozen.vae.to(torch.bfloat16)
         frozen.image_encoder.to(torch.bfloat16)
