@@ -2241,6 +2241,23 @@ def test_sample_untrained_model_same_seed_same_bytes(sample_inputs, tmp_path):
 # evaluate.py: the metrics, the trivial fills, the release evaluation
 # ====================================================================================================
 
+def test_eval_edge_energy():
+    """edge_energy: squared neighbour differences inside the region eroded by 2 px. A flat fill has none, a blur
+    less than the sharp image, and the region's border (where the pasted-back source meets the fill) never counts;
+    by hand: vertical stripes of 0 and 1, 2 px wide, in a 16x16 region give one unit step per 2 columns."""
+    fill = torch.zeros(1, 1, 32, 32)
+    fill[:, :, 8:24, 8:24] = 1
+    stripes = (torch.arange(32) // 2 % 2).float().expand(1, 3, 32, 32)
+    # the eroded region is rows and columns 10..21; a horizontal difference x[c+1] - x[c] counts where column c+1 is
+    # in it, c = 9..20, and is a unit step for odd c: 6 per row, 12 rows, 3 channels
+    assert evaluate.edge_energy(stripes, fill).item() == 3 * 12 * 6
+    assert evaluate.edge_energy(torch.full((1, 3, 32, 32), 0.3), fill).item() == 0
+    blurred = F.avg_pool2d(stripes, 3, stride=1, padding=1, count_include_pad=False)
+    assert 0 < evaluate.edge_energy(blurred, fill) < 0.5 * evaluate.edge_energy(stripes, fill)
+    outside = torch.rand(1, 3, 32, 32) * (1 - F.max_pool2d(fill, 5, stride=1, padding=2))  # texture only beyond the
+    assert evaluate.edge_energy(outside, fill).item() == 0                                 # eroded region's reach
+
+
 def test_eval_psnr_ssim_identity_and_perturbed():
     g = torch.Generator().manual_seed(0)
     target = torch.rand(2, 3, 32, 32, generator=g)
@@ -2938,6 +2955,32 @@ def test_train_every_preset_field_overridable():
     for option, value in (("vae_lr", "0"), ("vae_kl", "-1"), ("vae_batch_size", "0")):
         with pytest.raises(DataError, match=f"--{option}={value}"):
             train.check_options(train.parse_args(["--preset=tiny", "--vae_steps=5", f"--{option}={value}"]))
+
+
+def test_cli_threads_one_per_free_core(monkeypatch):
+    """cli.use_free_cores: one torch thread per core free when the command starts (cores less the load average), at
+    least one; OMP_NUM_THREADS, when set, wins. The scripts that call it switch OpenMP to passive waiting before
+    their first `import torch` (it is read only when torch loads OpenMP)."""
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+        for load, want in ((0.0, 4), (1.2, 3), (3.6, 1), (9.0, 1)):
+            monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.0, 0.0))
+            cli.use_free_cores()
+            assert torch.get_num_threads() == want, load
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(2)
+        cli.use_free_cores()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    for script in ("sample.py", "train.py", "evaluate.py"):
+        body = ast.parse(Path(HERE, script).read_text()).body
+        first_torch = next(i for i, node in enumerate(body) if isinstance(node, (ast.Import, ast.ImportFrom))
+                           and "torch" in ast.unparse(node))
+        assert any("OMP_WAIT_POLICY" in ast.unparse(node) for node in body[:first_torch]), script
+        assert "use_free_cores()" in ast.unparse(body[-1]), script
 
 
 # ====================================================================================================
