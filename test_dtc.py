@@ -868,6 +868,18 @@ def test_diffusion_ddim_equals_diffusers(steps):
             z = ref
 
 
+def test_diffusion_ddim_timesteps_for_every_step_count():
+    """--steps 1 ... 1000 all sample: every count gives that many distinct timesteps inside the schedule, falling;
+    SD's spacing with its offset of 1 is kept wherever it fits, and 1000 steps visit every timestep, 999 ... 0 (the
+    offset made t = 1000 there, past the schedule's end: an IndexError before)."""
+    schedule = diffusion.Schedule()
+    for steps in range(1, 1001):
+        ts = schedule.ddim_timesteps(steps)
+        assert len(ts) == steps and ts.max() <= 999 and ts.min() >= 0 and (ts[:-1] > ts[1:]).all(), steps
+    assert schedule.ddim_timesteps(1000).tolist() == list(range(999, -1, -1))
+    assert schedule.ddim_timesteps(50)[[0, -1]].tolist() == [981, 1] and schedule.ddim_timesteps(999)[-1] == 1
+
+
 def test_diffusion_ddpm_noising_and_step_equal_diffusers():
     from diffusers import DDPMScheduler
     # the full 1000-step ancestral chain: no offset (timesteps 999 ... 0)
