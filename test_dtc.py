@@ -1168,6 +1168,16 @@ def test_dtc_config_working_size_stored_and_defaulted():
     assert model.cfg.train_size == 64
 
 
+def test_dtc_config_guidance_stored_and_defaulted(tmp_path):
+    """The guidance a model samples with by default is in its config, so in its checkpoint's metadata; a checkpoint
+    written before the field existed reads as the paper's 5."""
+    model = dtc.DiffuseToChoose(dtc_config(guidance=2.5))
+    dtc.save_dtc(model, tmp_path / "m.safetensors")
+    assert load_dtc(tmp_path / "m.safetensors")[0].cfg.guidance == 2.5
+    old = {k: v for k, v in dataclasses.asdict(dtc_config()).items() if k != "guidance"}
+    assert dtc.DTCConfig.from_dict(old).guidance == 5.0 and dtc.DTCConfig().guidance == 5.0
+
+
 def test_dtc_checkpoint_round_trip(tmp_path):
     cfg = dtc_config(fusion="add")
     model = randomise(dtc.DiffuseToChoose(cfg))
