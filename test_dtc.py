@@ -2642,8 +2642,8 @@ def test_train_bad_data_one_line_or_skipped(tmp_path, capsys):
 
 
 def test_train_sigterm_saves_then_resumes(tmp_path, capsys):
-    """SIGTERM mid-run: the step finishes, ckpt.pt is saved, exit 0; --resume continues from there with the
-    run's own options."""
+    """SIGTERM mid-run: the step finishes, ckpt.pt is saved, the run exits with status 143 (128 + SIGTERM) and a
+    last line saying how to resume; --resume continues from there with the run's own options."""
     out = tmp_path / "out"
     p = subprocess.Popen([sys.executable, "train.py", *SMALL, f"--out_dir={out}", "--max_steps=100000"], cwd=HERE,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -2656,8 +2656,9 @@ def test_train_sigterm_saves_then_resumes(tmp_path, capsys):
         time.sleep(0.2)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=120)
-    assert p.returncode == 0, err[-3000:]
-    assert "continue with --resume" in err
+    assert p.returncode == 128 + signal.SIGTERM, err[-3000:]  # unfinished: not a success (it was 0)
+    assert err.strip().splitlines()[-1].startswith("stopped by SIGTERM at step ")
+    assert err.strip().endswith(f"ckpt.pt saved; continue with python train.py --out_dir={out} --resume")
     step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
     assert step >= 1 and len(losses(out)) == step
     # the run's options come from the checkpoint: only max_steps (changeable) is taken, --lr is refused
@@ -2868,12 +2869,46 @@ def test_train_too_few_samples_stops_before_any_work(tmp_path, capsys):
 def test_train_options_checked_before_any_work(tmp_path, option, value, monkeypatch, capsys):
     """What the options alone say is wrong is said before any model is built or file written."""
     monkeypatch.setattr(train, "build_model", lambda args: pytest.fail("built a model"))
-    with pytest.raises(DataError if option not in ("vgg_weights",) else CheckpointError) as e:
+    with pytest.raises(DataError) as e:
         train.main([*SMALL, f"--out_dir={tmp_path / 'out'}", f"--{option}={value}"])
     assert str(value) in str(e.value) and "\n" not in str(e.value) and not (tmp_path / "out").exists()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(DataError, match="--device=cuda: CUDA is not available"):
         train.main([*SMALL, f"--out_dir={tmp_path / 'out'}", "--device=cuda"])
+
+
+def test_train_out_dir_is_a_file_one_line(tmp_path, capsys, monkeypatch):
+    """--out_dir naming an existing file was a FileExistsError traceback after the checks: now one line before any
+    model is built, and the file as it was."""
+    monkeypatch.setattr(train, "build_model", lambda args: pytest.fail("built a model"))
+    planted = planted_outputs(tmp_path, ("run",))
+    assert cli.run(train.main, [*SMALL, f"--out_dir={tmp_path / 'run'}"]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'run'} (--out_dir): is a file, expected a folder\n"
+    assert_nothing_lost(tmp_path, planted)
+
+
+def test_train_interrupted_in_the_vae_phase_leaves_no_folder(tmp_path, capsys, monkeypatch):
+    """Ctrl-C in tiny's VAE phase left an empty --out_dir behind (and a plain SystemExit): now the folder is made
+    only once the VAE is trained, and the run ends with status 130 and a line saying nothing was written."""
+    start_vae = train.init_from_scratch
+
+    def start_then_interrupt(module, generator):  # Ctrl-C as the VAE phase starts
+        start_vae(module, generator)
+        if isinstance(module, AutoencoderKL):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(train, "init_from_scratch", start_then_interrupt)
+    assert cli.run(train.main, [*SMALL, f"--out_dir={tmp_path / 'run'}", "--max_steps=1"]) == 128 + signal.SIGINT
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == ("stopped by SIGINT in the VAE phase, before the first checkpoint: nothing "
+                                             "was written; run the same command again") and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_last_step_writes_a_sample_grid(tmp_path):
+    """The README's smoke run (--max_steps=30, samples every 250 steps) wrote no picture: the last step draws one."""
+    train.main([*SMALL, f"--out_dir={tmp_path}", "--max_steps=2", "--sample_every=250"])
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_000002.png"]
 
 
 def test_train_every_preset_field_overridable():
