@@ -8,7 +8,8 @@ Conventions (every function here keeps them):
   applied), transparency composited on WHITE, and converted to RGB.
 - Masks inside the model are Paint-by-Example's: float (1,H,W), 1 = keep, 0 = the region to fill.
   Mask FILES on disk follow the user convention: white = region to fill, thresholded at 128 (JPEG leaves
-  grey edges), so a file is inverted on reading and on writing.
+  grey edges), transparent = keep (a white shape on a transparent layer is that shape), so a file is
+  inverted on reading and on writing.
 - Sizes are (H, W), as torch writes them; messages print W x H, as image viewers do. File sizes always
   come from the files opened, never from constants.
 - A sample is a dict: "source" (3,H,W) the photo (masked later by the model code), "target" (3,H,W)
@@ -102,25 +103,31 @@ def _eight_bit(im):
     return TF.to_pil_image((x / max(top, 1e-12) * 255).round().clamp(0, 255).to(torch.uint8))
 
 
+def _on_background(im, colour):
+    """An image with transparency (RGBA, LA, palette or grey with a transparent colour) composited on `colour`
+    (an RGB triple), as RGB; any other image as it is."""
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        im = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", im.size, (*colour, 255)), im).convert("RGB")
+    return im
+
+
 def load_image(path):
     """PIL RGB image; transparency (RGBA, LA, palette or grey with a transparent colour) goes on white; greyscale
     of 16 or 32 bits by its value range (_eight_bit); CMYK by PIL's conversion."""
-    im = _eight_bit(_decode(path))
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
-        im = im.convert("RGBA")
-        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, im).convert("RGB")
-    return im.convert("RGB")  # grey, palette and CMYK too
+    return _on_background(_eight_bit(_decode(path)), (255, 255, 255)).convert("RGB")  # grey, palette, CMYK too
 
 
 def load_mask(path, size=None, resize=False):
-    """(1,H,W) float, 1 = keep, from a file where white (>= 128) = the region to fill.
+    """(1,H,W) float, 1 = keep, from a file where white (>= 128) = the region to fill. Transparency means keep:
+    the file is read as if laid on black, so a white shape painted on a transparent layer is that shape, whatever
+    colour the transparent pixels hold.
 
     size: the source's (H, W). A mask of another size is an error, unless resize=True, which resizes
     the file with NEAREST before thresholding (with a one-line warning when that stretches it: another aspect
     ratio than a rounded scaling of the source would have).
     """
-    im = _eight_bit(_decode(path)).convert("L")  # RGB or palette masks: their luminance
+    im = _on_background(_eight_bit(_decode(path)), (0, 0, 0)).convert("L")  # RGB or palette masks: their luminance
     if size is not None and im.size != (size[1], size[0]):
         (w, h), (H, W) = im.size, size
         if not resize:

@@ -1758,6 +1758,22 @@ def test_data_dresscode_bad_rows(tmp_path):
         DressCodeDataset(tmp_path, "test", (40, 30), category="lower_body", paired=False)
 
 
+def test_data_transparent_mask_pixels_keep(tmp_path):
+    """A white shape on a transparent layer (RGBA, its transparent pixels white in RGB) is that shape, as the same
+    shape in black and white; so is the LA version. Before, alpha was ignored: all white, the whole image."""
+    shape = np.zeros((19, 25), np.uint8)
+    shape[4:15, 6:18] = 255
+    Image.fromarray(shape, "L").save(tmp_path / "bw.png")
+    rgba = np.full((19, 25, 4), 255, np.uint8)
+    rgba[..., 3] = shape
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "layer.png")
+    Image.fromarray(np.stack([np.full_like(shape, 255), shape], -1), "LA").save(tmp_path / "layer_la.png")
+    expected = load_mask(tmp_path / "bw.png")
+    assert expected.min() == 0 and expected.max() == 1
+    assert torch.equal(load_mask(tmp_path / "layer.png"), expected)
+    assert torch.equal(load_mask(tmp_path / "layer_la.png"), expected)
+
+
 def planted_outputs(tmp_path, names=("result.png", "result_grid.png", "result_0.png", "result_1.png")):
     """Earlier outputs with known bytes, to check that a failed run replaced none of them."""
     for name in names:
@@ -2032,6 +2048,8 @@ def test_sample_explain_writes_its_picture(sample_inputs, tmp_path):
     (dict(dtc="baseline.safetensors"), "no hint branch", ("--explain",)),
     (dict(target="missing.png"), "missing.png", ("--explain",)),
     (dict(baseline="sd15.ckpt"), "not a DTC checkpoint", ("--explain",)),
+    (dict(reference="."), "is a folder, expected a file (--reference)", ()),  # was "file not found"
+    (dict(dtc="."), "is a folder, expected a file (--dtc)", ()),
 ])
 def test_sample_bad_input_exits_with_one_line(sample_inputs, tmp_path, capsys, case, expect, flags):
     """Each bad input: exit status 1, one line naming the problem, no traceback, the existing output untouched
@@ -2057,9 +2075,9 @@ def test_sample_box_equals_mask_file(sample_inputs, tmp_path):
     mask.paste(255, (10, 8, 36, 30))
     mask.save(tmp_path / "box.png")
     assert sample.cli(sample_args(d, tmp_path / "m.png", mask=tmp_path / "box.png")) == 0
-    assert sample.cli(sample_args(d, tmp_path / "b.png", box="10,8,36,30")) == 0
+    assert sample.cli(sample_args(d, tmp_path / "b.png", mask=None, box="10,8,36,30")) == 0
     assert (tmp_path / "m.png").read_bytes() == (tmp_path / "b.png").read_bytes()
-    assert sample.cli(sample_args(d, tmp_path / "c.png", box="10,8,37,30")) == 0
+    assert sample.cli(sample_args(d, tmp_path / "c.png", mask=None, box="10,8,37,30")) == 0
     assert (tmp_path / "c.png").read_bytes() != (tmp_path / "b.png").read_bytes()  # one column more: not the same
 
 
@@ -2068,7 +2086,7 @@ def test_sample_box_equals_mask_file(sample_inputs, tmp_path):
 def test_sample_bad_box_one_line(sample_inputs, tmp_path, capsys, box, expect):
     import sample
     d, _, _ = sample_inputs
-    assert sample.cli(sample_args(d, tmp_path / "r.png", box=box)) == 1
+    assert sample.cli(sample_args(d, tmp_path / "r.png", mask=None, box=box)) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expect in err and "--box" in err and not (tmp_path / "r.png").exists()
 
@@ -2105,11 +2123,12 @@ def test_sample_cuda_without_cuda_one_line(sample_inputs, tmp_path, capsys, monk
     sample_fails(sample_inputs, tmp_path, capsys, ["--device=cuda", "CUDA is not available"], device="cuda")
 
 
-@pytest.mark.parametrize("option,value", [("size", 0), ("size", -64), ("guidance", "nan"), ("guidance", "inf"),
-                                          ("guidance", -1), ("eta", "nan"), ("eta", 1.5), ("seed", -1),
-                                          ("out", "result.gif"), ("out", "result")])
+@pytest.mark.parametrize("option,value", [("size", 0), ("size", -64), ("size", 4096), ("guidance", "nan"),
+                                          ("guidance", "inf"), ("guidance", -1), ("eta", "nan"), ("eta", 1.5),
+                                          ("seed", -1), ("seed", 2 ** 32), ("out", "result.gif"), ("out", "result")])
 def test_sample_every_option_checked_before_any_work(sample_inputs, tmp_path, capsys, option, value):
-    """Meaningless values and output names that are no image format: one line naming the option."""
+    """Meaningless values and output names that are no image format: one line naming the option. --size=4096 was a
+    traceback allocating terabytes: the working size stops at 2048."""
     sample_fails(sample_inputs, tmp_path, capsys, [f"{value}"] if option == "out" else [f"--{option}={value}"],
                  **{option: value})
 
@@ -2234,6 +2253,90 @@ def test_sample_untrained_model_same_seed_same_bytes(sample_inputs, tmp_path):
     for name in ("token_proj.weight", "null_context", "adapter.layers.0.weight"):
         assert torch.equal(a.state_dict()[name], b.state_dict()[name]) and not torch.equal(a.state_dict()[name],
                                                                                          c.state_dict()[name]), name
+
+
+def test_sample_1000_steps_writes_its_result(sample_inputs, tmp_path):
+    """--steps=1000, the documented maximum, samples (an IndexError at t = 1000 before). The bundled model takes over
+    a minute for 1000 steps on a CPU, so this runs the test model at 16 px; the bundled model's path is the same
+    code with --steps=40 (test_sample_cli_end_to_end's command)."""
+    import sample
+    d, _, _ = sample_inputs
+    assert sample.cli(sample_args(d, tmp_path / "r.png", steps=1000, size=16)) == 0
+    assert Image.open(tmp_path / "r.png").size == (50, 37)
+
+
+def test_sample_transparent_mask_equals_black_and_white(sample_inputs, tmp_path):
+    """A mask painted white on a transparent layer and exported as RGBA (the README's advice) gives the same bytes
+    as the same shape in black and white; before, "the mask covers the whole image"."""
+    import sample
+    d, _, _ = sample_inputs
+    layer = Image.new("RGBA", (25, 19), (255, 255, 255, 0))  # transparent, white in RGB: still keep
+    layer.paste((255, 255, 255, 255), (6, 4, 18, 15))  # the fixture's mask.png: white on this box
+    layer.save(tmp_path / "layer.png")
+    assert sample.cli(sample_args(d, tmp_path / "bw.png")) == 0
+    assert sample.cli(sample_args(d, tmp_path / "layer_result.png", mask=tmp_path / "layer.png")) == 0
+    assert (tmp_path / "layer_result.png").read_bytes() == (tmp_path / "bw.png").read_bytes()
+
+
+@pytest.mark.parametrize("given,words", [(dict(mask=None), ["--mask (or --box) missing"]),
+                                         (dict(reference=None), ["--reference missing"]),
+                                         (dict(source=None, reference=None), ["--source and --reference missing"])])
+def test_sample_own_inputs_never_completed_with_the_example(sample_inputs, tmp_path, capsys, given, words):
+    """--source without --mask/--box used the bundled T-shirt mask on the user's photo, and a missing --reference
+    the bundled reference: now some of --source, --mask (--box), --reference without the others is one line naming
+    what is missing (the example runs only when none is given)."""
+    sample_fails(sample_inputs, tmp_path, capsys, words, **given)
+
+
+@pytest.mark.parametrize("given,flags,words", [
+    (dict(box="10,8,36,30"), (), ["--box=10,8,36,30", "not both"]),
+    (dict(target="source.png"), (), ["--target=", "only with --explain"]),
+    (dict(baseline="baseline.safetensors"), (), ["--baseline=", "only with --explain"]),
+    (dict(baseline="dtc.safetensors"), ("--explain",), ["dtc.safetensors (--baseline): has a hint branch"])])
+def test_sample_conflicting_or_ignored_options_one_line(sample_inputs, tmp_path, capsys, given, flags, words):
+    """Options that were silently ignored: --mask with --box (the box won), --target or --baseline without
+    --explain, and a --baseline with a hint branch (the explain picture's baseline must have none)."""
+    d, _, _ = sample_inputs
+    paths = {k: (v if k == "box" else d / v) for k, v in given.items()}
+    import sample
+    (tmp_path / "out").mkdir()
+    planted = planted_outputs(tmp_path / "out")
+    assert sample.cli([*sample_args(d, tmp_path / "out" / "result.png", **paths), *flags]) == 1
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err and all(w in lines[0] for w in words), err
+    assert_nothing_lost(tmp_path / "out", planted)
+
+
+def test_sample_ctrl_c_one_line_exit_130(sample_inputs, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while sampling was a 23-frame KeyboardInterrupt traceback: now one line and the shell's status for
+    it, 130 (cli.run, for every command), with the earlier outputs as they were."""
+    import sample
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sample, "generate", interrupted)
+    d, _, _ = sample_inputs
+    planted = planted_outputs(tmp_path)
+    assert sample.cli(sample_args(d, tmp_path / "result.png")) == 130
+    assert capsys.readouterr().err == "interrupted (Ctrl-C)\n"
+    assert_nothing_lost(tmp_path, planted)
+
+
+def test_sample_guidance_default_is_the_models(sample_inputs, tmp_path):
+    """Without --guidance a model samples at the guidance stored with it: a copy of the test model saved with 2.0
+    draws what the original draws with --guidance=2, and not what it draws at its own 5."""
+    import sample
+    d, _, _ = sample_inputs
+    model, frozen = load_dtc(d / "dtc.safetensors")
+    model.cfg = replace(model.cfg, guidance=2.0)
+    dtc.save_dtc(model, tmp_path / "g2.safetensors", frozen)
+    assert sample.cli(sample_args(d, tmp_path / "stored.png", dtc=tmp_path / "g2.safetensors")) == 0
+    assert sample.cli(sample_args(d, tmp_path / "given.png", guidance=2)) == 0
+    assert sample.cli(sample_args(d, tmp_path / "five.png")) == 0
+    stored = (tmp_path / "stored.png").read_bytes()
+    assert stored == (tmp_path / "given.png").read_bytes() != (tmp_path / "five.png").read_bytes()
 
 
 # ====================================================================================================
