@@ -1688,7 +1688,9 @@ def _atr_map(h, w, cat, k):
 def write_dresscode(root, h=40, w=30):
     """A miniature DressCode release: three people per category at h x w, their garments (one colour each), ATR
     label maps (mode L) and the three pair files (tabs in some, spaces in others; a train file whose column 2
-    names another garment, which training must ignore). Returns {id: label map}."""
+    names another garment, which training must ignore), and at the root the release's own pair files of the same
+    names, rows "model<TAB>garment<TAB>category index" (which made the release look like VITON-HD's to a rule that
+    read the root's train_pairs.txt). Returns {id: label map}."""
     parses = {}
     for cat, ids in DC_IDS.items():
         for folder in ("images", "label_maps"):
@@ -1704,6 +1706,10 @@ def write_dresscode(root, h=40, w=30):
         (root / cat / "train_pairs.txt").write_text("".join(f"{a}_0.jpg\t{b}_1.jpg\n" for a, b in zip(ids, ids[1:] + ids[:1])))
         (root / cat / "test_pairs_paired.txt").write_text("".join(f"{a}_0.jpg    {a}_1.jpg\n" for a in ids))
         (root / cat / "test_pairs_unpaired.txt").write_text("".join(f"{a}_0.jpg {b}_1.jpg\n" for a, b in zip(ids, ids[::-1])))
+    for name in ("train_pairs.txt", "test_pairs_paired.txt", "test_pairs_unpaired.txt"):
+        rows = [[*line.split(), str(k)] for k, cat in enumerate(DRESSCODE_CATEGORIES)
+                for line in (root / cat / name).read_text().splitlines()]
+        (root / name).write_text("".join("\t".join(row) + "\n" for row in rows))
     return parses
 
 
@@ -1756,6 +1762,20 @@ def test_data_dresscode_bad_rows(tmp_path):
     (tmp_path / "lower_body" / "test_pairs_unpaired.txt").write_text("050192_0.jpg\t050193_1.jpg\t1\n")
     with pytest.raises(DataError, match="test_pairs_unpaired.txt line 1: expected"):
         DressCodeDataset(tmp_path, "test", (40, 30), category="lower_body", paired=False)
+
+
+def test_data_find_layout_of_real_release_roots(tmp_path):
+    """One rule for train.py and evaluate.py: a DressCode root with its own root pair files (train_pairs.txt among
+    them, which made evaluate.py take it for VITON-HD), one of its category folders, a VITON-HD root and a triplet
+    folder."""
+    write_dresscode(tmp_path / "dc")
+    assert (tmp_path / "dc" / "train_pairs.txt").read_text().splitlines()[0] == "048392_0.jpg\t048393_1.jpg\t0"
+    _write_viton(tmp_path / "viton")
+    write_triplets(tmp_path / "triplets", [TeachingWorld(32, "heldout", length=1, seed=0, ref_size=(32, 32))[0]])
+    assert data.find_layout(tmp_path / "dc") == ("dresscode", tmp_path / "dc", "all")
+    assert data.find_layout(f"{tmp_path / 'dc' / 'dresses'}/") == ("dresscode", tmp_path / "dc", "dresses")
+    assert data.find_layout(tmp_path / "viton") == ("vitonhd", tmp_path / "viton", None)
+    assert data.find_layout(tmp_path / "triplets") == ("triplets", tmp_path / "triplets", None)
 
 
 def test_data_transparent_mask_pixels_keep(tmp_path):
@@ -2626,6 +2646,64 @@ def test_eval_bad_options_one_line_before_any_work(tmp_path, capsys):
     assert cli.run(evaluate.main, argv) == 1
     assert capsys.readouterr().err == f"error: {tmp_path / 'preds'}: no image named s2.*\n"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("option,value,words", [("steps", 1001, "1 ... 1000"), ("guidance", "nan", "finite"),
+                                                ("guidance", -3.5, ">= 0"), ("seed", -1, "0 ... 2^32 - 1"),
+                                                ("size", 0, "1 ... 2048"), ("size", 4096, "1 ... 2048")])
+def test_eval_sampling_options_checked_as_sample_py_checks_them(tmp_path, capsys, option, value, words):
+    """evaluate.py accepted these silently (1001 steps ran for over ten minutes; guidance nan printed nan scores
+    and exited 0): now the ranges of sample.py, from the same code (cli.check_sampling_options), one line each,
+    before any model is read (--dtc names no file here) and before --out_dir is written."""
+    planted = planted_outputs(tmp_path, ("earlier.png",))
+    argv = [f"--data={tmp_path}", "--dtc=missing.safetensors", f"--out_dir={tmp_path}", f"--{option}={value}"]
+    assert cli.run(evaluate.main, argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --{option}={value}: ") and words in err and err.count("\n") == 1, err
+    assert_nothing_lost(tmp_path, planted)
+
+
+def test_eval_size_rounds_as_sample_py(tmp_path, capsys):
+    """--size=70 was a traceback (the test model needs multiples of 4): now rounded to the model's multiple, 72, as
+    sample.py rounds it, and the evaluation runs."""
+    world = TeachingWorld(size=32, split="heldout", length=2, seed=0, ref_size=(32, 32))
+    data.write_triplets(tmp_path / "set", [dict(world[i], name=f"s{i}") for i in range(2)])
+    frozen = dtc.Frozen(vae=AutoencoderKL(DTC_VAE), image_encoder=DINOv2(DTC_VIT))
+    dtc.save_dtc(dtc.DiffuseToChoose(dtc_config()), tmp_path / "m.safetensors", frozen)
+    scores = evaluate.main([f"--data={tmp_path / 'set'}", f"--dtc={tmp_path / 'm.safetensors'}", "--size=70",
+                            "--steps=1", f"--out_dir={tmp_path / 'out'}"])
+    assert math.isfinite(scores["psnr_masked"]) and Image.open(tmp_path / "out" / "s0.png").size == (72, 72)
+
+
+def test_eval_release_extracts_features_once_per_image(tmp_path, eval_weights):
+    """FID and KID share the feature network's output: it sees each real and each generated image once (it saw
+    each twice, once per metric, before)."""
+    class Counting(TinyFeatures):
+        seen = 0
+
+        def forward(self, x):
+            Counting.seen += len(x)
+            return super().forward(x)
+
+    write_dresscode(tmp_path / "dc")
+    people = sorted((tmp_path / "dc").glob("dresses/images/*_0.jpg"))
+    (tmp_path / "same").mkdir()
+    for p in people:
+        Image.open(p).save(tmp_path / "same" / f"{p.stem}.png")
+    scores = evaluate.main([f"--data={tmp_path / 'dc' / 'dresses'}", f"--pred_dir={tmp_path / 'same'}",
+                            "--pairs=unpaired", "--eval_size=40x30", *eval_weights], fid_feature=Counting())
+    assert Counting.seen == 2 * len(people) == 6 and math.isfinite(scores["fid"]) and math.isfinite(scores["kid"])
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_data_option_is_a_file_named_right(tmp_path, capsys, command):
+    """A file as --data said "folder not found" (train.py) or failed later (evaluate.py): now "is a file, expected a
+    folder", naming the option."""
+    (tmp_path / "notes.txt").write_text("earlier")
+    main = {"train": train.main, "evaluate": evaluate.main}[command]
+    assert cli.run(main, [f"--data={tmp_path / 'notes.txt'}", f"--out_dir={tmp_path / 'out'}"]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'notes.txt'}: is a file, expected a folder (--data)\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 # ====================================================================================================
