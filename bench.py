@@ -13,7 +13,7 @@ The whole GPU table (every row, torch.compile's too; about 6-8 minutes on an H10
         --compile --out=bench_gpu.md
 
 On a CPU `all --arch=tiny` (2 DDIM steps, one timed run per measurement, batches 1 and 2 unless given) takes about
-half a minute on 2 cores; `compare --size=256 --batch=1` compares the real-size networks (32x32 latents) in minutes.
+40 s on 2 cores; `compare --size=256 --batch=1` compares the real-size networks (32x32 latents) in minutes.
 diffusers and timm are test-only dependencies: without them the reference rows are skipped.
 """
 import argparse
