@@ -12,8 +12,9 @@ The whole GPU table (every row, torch.compile's too; about 6-8 minutes on an H10
     python bench.py all --device=cuda --size=512 --steps=40 --guidance=5 --dtype=bfloat16 --batch_sizes=4,8 \\
         --compile --out=bench_gpu.md
 
-On a CPU `all --arch=tiny` runs in seconds; `compare --size=256 --batch=1` compares the real-size networks (32x32
-latents) in minutes. diffusers and timm are test-only dependencies: without them the reference rows are skipped.
+On a CPU `all --arch=tiny` (2 DDIM steps, one timed run per measurement, batches 1 and 2 unless given) takes about
+40 s on 2 cores; `compare --size=256 --batch=1` compares the real-size networks (32x32 latents) in minutes.
+diffusers and timm are test-only dependencies: without them the reference rows are skipped.
 """
 import argparse
 import gc
@@ -30,7 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import reference
-from cli import pick_device, pick_dtype, run
+from cli import HelpFormatter, pick_device, pick_dtype, run
 from diffusion import Schedule
 from dinov2 import PRESETS, DINOv2
 from dtc import (TINY_ENCODER, TINY_VAE, DiffuseToChoose, DTCConfig, Frozen, diffusion_loss, encode_image_tokens,
@@ -45,20 +46,22 @@ def flag(s):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["sample", "train", "compare", "all"])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("mode", choices=["sample", "train", "compare", "all"], help="which tables (see above)")
     p.add_argument("--arch", default="sd15", choices=["sd15", "tiny"],
                    help="sd15: SD 1.5 U-Net (9 channels), SD VAE, DINOv2 g/14; tiny: small configs for CPU smoke runs")
-    p.add_argument("--size", type=int, default=None, help="image side in pixels (default 512 for sd15, 32 for tiny)")
-    p.add_argument("--steps", type=int, default=40, help="DDIM steps (paper: 40)")
+    p.add_argument("--size", type=int, help="image side in pixels (default: 512 for sd15, 32 for tiny)")
+    p.add_argument("--steps", type=int, help="DDIM steps (default: 40 for sd15, the paper's; 2 for tiny)")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (paper: 5)")
     p.add_argument("--batch", type=int, default=1, help="images per sampling batch")
-    p.add_argument("--batch_sizes", default="1,2,4", help="training batch sizes, comma-separated")
+    p.add_argument("--batch_sizes", help="training batch sizes, comma-separated (default: 1,2,4 for sd15; 1,2 for "
+                   "tiny)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights (+ autocast when not float32); auto: bfloat16 on a GPU that has it, else float32")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (the median is reported)")
-    p.add_argument("--peak_tflops", type=float, default=None,
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
+    p.add_argument("--repeats", type=int, help="timed runs per measurement, the median reported (default: 3 for "
+                   "sd15, 1 for tiny)")
+    p.add_argument("--peak_tflops", type=float,
                    help="peak for MFU (default on cuda: 989, H100 SXM bf16 dense; on cpu: no MFU)")
     for name, text in [("compile", "add a torch.compile row (the other rows stay eager)"),
                        ("channels_last", "base rows channels_last"),
@@ -67,9 +70,16 @@ def parse_args(argv=None):
         p.add_argument(f"--{name}", type=flag, nargs="?", const=True, default=False, help=text)
     p.add_argument("--tile", type=int, default=None, help="decode tile in latents (default: 2x2 tiles)")
     p.add_argument("--overlap", type=int, default=None, help="decode tile overlap in latents (default: latent/8)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="also write the tables to this markdown file")
-    return p.parse_args(argv)
+    p.add_argument("--seed", type=int, default=0, help="of the random weights and inputs")
+    p.add_argument("--out", help="also write the tables to this markdown file; default: none")
+    args = p.parse_args(argv)
+    # the tiny architecture is a quick look at the tables on a CPU: fewer steps, runs and batch sizes
+    tiny = args.arch == "tiny"
+    for option, sd15, small in (("size", 512, 32), ("steps", 40, 2), ("repeats", 3, 1),
+                                ("batch_sizes", "1,2,4", "1,2")):
+        if getattr(args, option) is None:
+            setattr(args, option, small if tiny else sd15)
+    return args
 
 
 # -----------------------------------------------------------------------------
@@ -557,7 +567,6 @@ def main(argv=None):
     device = torch.device(pick_device(args.device))
     cuda, cfg = device.type == "cuda", arch(args.arch)[0]
     dtype = pick_dtype(args.dtype, device.type)
-    args.size = args.size or (512 if args.arch == "sd15" else 32)
     args.image_size, latent = cfg.image_size, args.size // cfg.vae_factor
     args.overlap = args.overlap if args.overlap is not None else max(1, latent // 8)
     args.tile = args.tile or (latent + args.overlap + 1) // 2  # two tiles per side

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from checkpoint import (CheckpointError, cast_floats, config_from_metadata, likely_cause, load_strict, read_state_dict,
-                        strip_prefix)
+from checkpoint import (CheckpointError, cast_floats, config_from_metadata, likely_cause, load_strict, not_a_file,
+                        read_state_dict, strip_prefix)
 from diffusion import Schedule
 from dinov2 import IMAGENET_MEAN, IMAGENET_STD, DINOv2, DINOv2Config, load_dinov2
 from unet import UNet, UNetConfig, infer_unet_config
@@ -181,6 +181,8 @@ class DTCConfig:
     # z_masked into its prediction; an eps network must instead reproduce z_t to ~1% before its x0 means anything
     prediction: str = "eps"
     train_size: int = 512          # the (square) image size it was trained at: sample.py and evaluate.py work at it
+    guidance: float = 5.0          # the classifier-free guidance scale to sample with, unless a command is given one
+                                   # (the paper's 5; checkpoints written before it was stored read as 5)
 
     @staticmethod
     def from_dict(d):
@@ -195,6 +197,13 @@ class DTCConfig:
         """What an image side must be a multiple of to pass the VAE's and the U-Net's downsamplings whole
         (tiny: 16, SD: 64)."""
         return self.vae_factor * 2 ** (len(self.unet.channel_mult) - 1)
+
+    def working_size(self, w, h, longer=None):
+        """(w, h) scaled so the longer side is `longer` (None: train_size), each side rounded to a multiple of
+        size_multiple (at least one): the size sample.py and evaluate.py work at."""
+        longer, m = longer or self.train_size, self.size_multiple
+        s = longer / max(w, h)
+        return max(m, round(w * s / m) * m), max(m, round(h * s / m) * m)
 
 
 def baseline_config(cfg):
@@ -443,11 +452,13 @@ def sample_latents(model, schedule, cond, steps=40, guidance=5.0, eta=0.0, sampl
 
 
 @torch.no_grad()
-def generate(model, frozen, source, mask, reference, generator, steps=40, guidance=5.0, eta=0.0, zero_hint=False,
+def generate(model, frozen, source, mask, reference, generator, steps=40, guidance=None, eta=0.0, zero_hint=False,
              trace=None, progress=True):
     """One call from images to results: prepare, sample_latents, VAE decode. Returns the results (B,3,H,W) in [-1,1],
-    float32, before any paste-back, and the conditioning. zero_hint: the hint image all zeros (an empty canvas), to
-    measure what the hint contributes; trace: see sample_latents."""
+    float32, before any paste-back, and the conditioning. guidance None: the model's own (DTCConfig.guidance);
+    zero_hint: the hint image all zeros (an empty canvas), to measure what the hint contributes; trace: see
+    sample_latents."""
+    guidance = model.cfg.guidance if guidance is None else guidance
     cond = prepare(frozen, source, mask, reference, model.cfg.image_size, generator)
     if zero_hint:
         cond["hint"] = torch.zeros_like(cond["hint"])
@@ -603,8 +614,8 @@ def load_dtc(path, dtype=None):
     """Returns (model, frozen or None). Strict: a file that is not a DTC checkpoint gets a clear error."""
     from safetensors import safe_open
     source = str(path)
-    if not os.path.isfile(source):
-        raise CheckpointError(f"{source}: file not found")
+    if why := not_a_file(source):
+        raise CheckpointError(f"{source}: {why}")
     try:
         with safe_open(source, "pt") as f:
             meta = f.metadata() or {}

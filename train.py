@@ -55,8 +55,8 @@ from torch.utils.data import DataLoader, default_collate
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, first_sentence, load_pickle
-from cli import bad_option, pick_device, run, use_free_cores
-from data import (DRESSCODE_CATEGORIES, DataError, DressCodeDataset, TripletDataset, VitonHDDataset, grid,
+from cli import HelpFormatter, Interrupted, bad_option, check_files, check_folder, pick_device, run, use_free_cores
+from data import (DataError, DressCodeDataset, TripletDataset, VitonHDDataset, check_output_folder, find_layout, grid,
                   keyed_generator, mask_to_pil, to_pil)
 from diffusion import Schedule
 from dinov2 import DINOv2
@@ -115,55 +115,64 @@ CHANGEABLE = {"max_steps", "save_every", "sample_every", "log_every", "num_worke
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="the recipe (see Presets above)")
     p.add_argument("--data", help="VITON-HD release, DressCode release (all categories) or one of its category "
-                   "folders, or a triplet folder (tiny default: the teaching world)")
-    p.add_argument("--out_dir", default="runs/dtc")
+                   "folders, or a triplet folder (default: tiny trains on the teaching world; sd15 needs one)")
+    p.add_argument("--out_dir", default="runs/dtc", help="the run's folder (made when training starts)")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt (a fresh start if none)")
-    p.add_argument("--sd", help="sd15: SD 1.5, SD 1.5-inpainting or Paint-by-Example single file")
-    p.add_argument("--dinov2", help="sd15: DINOv2 hub file, e.g. dinov2_vitg14_pretrain.pth")
-    p.add_argument("--vgg_weights", help="torchvision vgg19 file; without it the perceptual loss is off")
+    p.add_argument("--sd", help="sd15: SD 1.5, SD 1.5-inpainting or Paint-by-Example single file; default: none")
+    p.add_argument("--dinov2", help="sd15: DINOv2 hub file, e.g. dinov2_vitg14_pretrain.pth; default: none")
+    p.add_argument("--vgg_weights", help="torchvision vgg19 file (default: none, and the perceptual loss is off)")
     p.add_argument("--vgg_weight", type=float, default=1e-3, help="lambda of the VGG loss (docs/method.md §3.1)")
     p.add_argument("--p_uncond", type=float, default=0.2, help="guidance dropout per sample (the hint is kept)")
-    p.add_argument("--max_steps", type=int, help="optimizer steps (preset default)")
+    p.add_argument("--max_steps", type=int, help="optimizer steps (default: the preset's)")
     p.add_argument("--vae_steps", type=int, help="tiny: train a VAE from scratch for this many autoencoder steps "
-                   "first, instead of taking --init_vae's")
-    p.add_argument("--vae_batch_size", type=int, help="tiny: the autoencoder phase's batch (at most --batch_size)")
-    p.add_argument("--vae_lr", type=float, help="tiny: the autoencoder phase's AdamW learning rate (preset default)")
-    p.add_argument("--vae_kl", type=float, help="tiny: weight of the autoencoder's KL term against its L1")
-    p.add_argument("--vae_edge", type=float, help="tiny: weight of the autoencoder's image-gradient L1 against its L1")
+                   "first, instead of taking --init_vae's (default: the preset's, 0)")
+    p.add_argument("--vae_batch_size", type=int, help="tiny: the autoencoder phase's batch, at most --batch_size "
+                   "(default: the preset's)")
+    p.add_argument("--vae_lr", type=float, help="tiny: the autoencoder phase's AdamW learning rate (default: the "
+                   "preset's)")
+    p.add_argument("--vae_kl", type=float, help="tiny: weight of the autoencoder's KL term against its L1 (default: "
+                   "the preset's)")
+    p.add_argument("--vae_edge", type=float, help="tiny: weight of the autoencoder's image-gradient L1 against its L1 "
+                   "(default: the preset's)")
     p.add_argument("--init_vae", help="tiny: take the frozen VAE of this dtc.safetensors (default: the bundled "
-                   "model's, assets/dtc_tiny.safetensors)")
+                   "model's, assets/dtc_tiny.safetensors, unless --vae_steps trains one)")
     p.add_argument("--world_samples", type=int, help="tiny without --data: distinct teaching-world samples, drawn "
-                   "once before training (preset default)")
-    p.add_argument("--batch_size", type=int, help="per process and micro-step (preset default)")
+                   "once before training (default: the preset's)")
+    p.add_argument("--batch_size", type=int, help="per process and micro-step (default: the preset's)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
-    p.add_argument("--lr", type=float, help="AdamW learning rate (sd15: 1e-5)")
+    p.add_argument("--lr", type=float, help="AdamW learning rate, the peak of a cosine schedule (default: the preset's; "
+                   "sd15: 1e-5)")
     p.add_argument("--lr_schedule", choices=["constant", "cosine"], help="constant (sd15, the paper's), or cosine: 5 %% "
-                   "linear warm-up, then a cosine to zero at --max_steps (tiny) (preset default)")
+                   "linear warm-up, then a cosine to zero at --max_steps (tiny) (default: the preset's)")
     p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW (torch's and PBE's default)")
     p.add_argument("--clip_grad", type=float, default=1.0, help="max gradient norm; 0 = off")
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights, e.g. 0.9999; 0 = off")
-    p.add_argument("--size", type=int, help="training resolution (sd15: 512, tiny: 64)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--size", type=int, help="training resolution (default: the preset's; sd15: 512, tiny: 64)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                    help="autocast dtype (auto: bfloat16 on GPU, float32 on CPU); the weights stay float32")
     p.add_argument("--grad_checkpointing", action="store_true", help="recompute U-Net blocks in backward")
-    p.add_argument("--save_every", type=int, help="steps between checkpoints")
-    p.add_argument("--sample_every", type=int, help="steps between sample grids; 0 = none")
+    p.add_argument("--save_every", type=int, help="steps between checkpoints (default: the preset's)")
+    p.add_argument("--sample_every", type=int, help="steps between sample grids, and one at the last step; 0 = none "
+                   "(default: the preset's)")
     p.add_argument("--log_every", type=int, default=50, help="steps between printed lines (log.jsonl has all)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num_workers", type=int, help="DataLoader worker processes (preset default)")
+    p.add_argument("--seed", type=int, default=0, help="keys every random draw of the run (data order, init, noise)")
+    p.add_argument("--num_workers", type=int, help="DataLoader worker processes (default: the preset's)")
     p.add_argument("--skip_bad", action="store_true", help="skip bad samples with a warning instead of stopping")
     p.add_argument("--overfit_batch", action="store_true",
                    help="debugging: one fixed batch with fixed t and noise every step; the loss must fall")
     # DTC variants for the ablations (paper §4.3 and Table 2)
     p.add_argument("--image_tokens", default="all", choices=["all", "cls"], help="cls: PBE-style, CLS token only")
     p.add_argument("--hint", type=int, default=1, choices=[0, 1], help="0: no hint branch (PBE-style baseline)")
-    p.add_argument("--no_hint", dest="hint", action="store_const", const=0, help="same as --hint=0")
-    p.add_argument("--fusion", default="film", choices=["film", "add", "xattn"])
-    p.add_argument("--hint_input", default="full", choices=["full", "latent_only"])
+    p.add_argument("--no_hint", dest="hint", action="store_const", const=0, help="same as --hint=0 (default: the hint branch on)")
+    p.add_argument("--fusion", default="film", choices=["film", "add", "xattn"],
+                   help="how the hint features enter the main U-Net's skips (paper Table 1)")
+    p.add_argument("--hint_input", default="full", choices=["full", "latent_only"],
+                   help="the hint encoder's input: full = [z_t, z_masked + adapter(hint), mask], t, context; "
+                   "latent_only = z_masked + adapter(hint) alone, computed once per image")
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
     for key in ("size", "batch_size", "lr", "max_steps", "save_every", "sample_every", "num_workers", "vae_steps",
@@ -202,11 +211,9 @@ def check_options(args):
     if not 0 <= args.seed < 2 ** 63:
         raise bad_option(args, "seed", "must be 0 ... 2^63 - 1")
     pick_device(args.device)  # --device=cuda without CUDA: said here, before any work
-    for option in ("sd", "dinov2", "vgg_weights", "init_vae"):
-        if getattr(args, option) and not os.path.isfile(getattr(args, option)):
-            raise CheckpointError(f"{getattr(args, option)}: file not found (--{option})")
-    if args.data is not None and not os.path.isdir(args.data):
-        raise DataError(f"{args.data}: folder not found (--data)")
+    check_files(args, "sd", "dinov2", "vgg_weights", "init_vae")
+    check_folder(args, "data")
+    check_output_folder(args.out_dir, "--out_dir")
 
 
 # -----------------------------------------------------------------------------
@@ -251,22 +258,20 @@ def build_model(args):
 
 
 def build_dataset(args, ref_size, train=True):
-    """VITON-HD when the folder has train_pairs.txt and train/; DressCode when it holds the category folders (all
-    three) or is one of them (that category); else a triplet folder; tiny without --data: the teaching world."""
+    """The dataset of the layout --data holds (data.find_layout, the rule evaluate.py reads it by too): a VITON-HD
+    or DressCode release, one DressCode category, or a triplet folder; tiny without --data: the teaching world."""
     if args.data is None:
         if args.preset != "tiny":
             raise DataError("--data is required (a VITON-HD or DressCode release, or a triplet folder)")
         return TeachingWorld(args.size, "train" if train else "heldout", length=args.world_samples if train else 4,
                              seed=args.seed, ref_size=ref_size)
     common = dict(train=train, seed=args.seed, skip_bad=args.skip_bad)
-    if os.path.isfile(os.path.join(args.data, "train_pairs.txt")) and os.path.isdir(os.path.join(args.data, "train")):
-        return VitonHDDataset(args.data, "train", args.size, ref_size, **common)
-    if any(os.path.isdir(os.path.join(args.data, c)) for c in DRESSCODE_CATEGORIES):
-        return DressCodeDataset(args.data, "train", args.size, ref_size, **common)
-    folder = os.path.normpath(args.data)
-    if os.path.basename(folder) in DRESSCODE_CATEGORIES and os.path.isdir(os.path.join(folder, "images")):
-        return DressCodeDataset(os.path.dirname(folder), "train", args.size, ref_size, category=os.path.basename(folder), **common)
-    return TripletDataset(args.data, args.size, ref_size, **common)
+    layout, root, category = find_layout(args.data)
+    if layout == "vitonhd":
+        return VitonHDDataset(root, "train", args.size, ref_size, **common)
+    if layout == "dresscode":
+        return DressCodeDataset(root, "train", args.size, ref_size, category=category, **common)
+    return TripletDataset(root, args.size, ref_size, **common)
 
 
 def check_enough_samples(dataset, args, b, accum, ranks=1):
@@ -411,7 +416,8 @@ def train_vae(vae, dataset, args, device, show):
         opt.zero_grad(set_to_none=True)
         bar.set_postfix(l1=f"{l1.item():.4f}")
         if STOP:
-            raise SystemExit("stopped in the VAE phase, before the first checkpoint: start again")
+            raise Interrupted(STOP, "in the VAE phase, before the first checkpoint: nothing was written; run the "
+                              "same command again")
     with torch.no_grad():
         std = vae.encode(next(stream)[2][0]["target"].to(device)).mean.std().item()
         fold_latent_scale(vae, 1 / (LATENT_SCALE * std))
@@ -453,15 +459,15 @@ def dtc_step(trainee, ddp, frozen, vgg, batches, step, args, rank, device, autoc
 # -----------------------------------------------------------------------------
 # 4. The loop
 
-STOP = False  # set by Ctrl-C / SIGTERM: the loop saves at the end of the current step and exits
+STOP = 0  # the signal (Ctrl-C's SIGINT, SIGTERM) that asked the run to stop after the current step; 0: none
 
 
 def request_stop(signum, frame):
     global STOP
     if STOP:  # asked twice: quit now
         raise KeyboardInterrupt
-    STOP = True
-    print(f"\n{signal.Signals(signum).name}: saving after this step (again to quit at once)", file=sys.stderr)
+    STOP = signum
+    print(f"\n{signal.Signals(signum).name}: stopping after this step (again to quit at once)", file=sys.stderr)
 
 
 def train(args, trainee, frozen, vgg, dataset, ckpt, ranks, rank, device):
@@ -505,7 +511,7 @@ def train(args, trainee, frozen, vgg, dataset, ckpt, ranks, rank, device):
             for n, p in named:
                 ema[n].lerp_(p.detach(), 1 - args.ema)
         step += 1
-        packed = torch.cat([totals, torch.tensor([float(STOP)], device=totals.device)])
+        packed = torch.cat([totals, torch.tensor([float(STOP > 0)], device=totals.device)])
         if ranks > 1:  # the logged losses are global means; every process stops together
             dist.all_reduce(packed)
         loss, loss_eps, loss_vgg = (packed[:3] / (ranks * args.grad_accum)).tolist()
@@ -524,23 +530,25 @@ def train(args, trainee, frozen, vgg, dataset, ckpt, ranks, rank, device):
                 bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
             if step % args.save_every == 0 or step == args.max_steps or stopping:
                 save_checkpoint(args, trainee, frozen, opt, ema, step, epoch, position + 1)
-            if args.sample_every and step % args.sample_every == 0:
+            if args.sample_every and (step % args.sample_every == 0 or step == args.max_steps):  # the last one too
                 save_samples(trainee, frozen, fixed, os.path.join(args.out_dir, "samples", f"step_{step:06d}.png"),
                              args.seed, device, autocast)
     bar.close()
     if show:
         log.close()
         plot_losses(os.path.join(args.out_dir, "log.jsonl"), os.path.join(args.out_dir, "loss.png"))
-        if stopping:
-            print(f"stopped at step {step}: {args.out_dir}/ckpt.pt saved; continue with --resume", file=sys.stderr)
-        else:
-            if ema is not None:  # the final weights are the averaged ones
-                with torch.no_grad():
-                    for n, p in named:
-                        p.copy_(ema[n])
-            path = os.path.join(args.out_dir, "dtc.safetensors")
-            save_dtc(trainee.model, path, frozen=frozen if args.preset == "tiny" else None)
-            print(f"done: {path}")
+    if stopping:  # an unfinished run is no success: exit status 128 + the signal's number (a peer's stop: SIGTERM's)
+        raise Interrupted(STOP or signal.SIGTERM, f"at step {step} of {args.max_steps}: "
+                          f"{os.path.join(args.out_dir, 'ckpt.pt')} saved; continue with "
+                          f"python train.py --out_dir={args.out_dir} --resume")
+    if show:
+        if ema is not None:  # the final weights are the averaged ones
+            with torch.no_grad():
+                for n, p in named:
+                    p.copy_(ema[n])
+        path = os.path.join(args.out_dir, "dtc.safetensors")
+        save_dtc(trainee.model, path, frozen=frozen if args.preset == "tiny" else None)
+        print(f"done: {path}")
 
 
 # -----------------------------------------------------------------------------
@@ -579,7 +587,8 @@ def samples_to_show(args, trainee):
 
 @torch.no_grad()
 def save_samples(trainee, frozen, fixed, path, seed, device, autocast, steps=20):
-    """One row per fixed sample: source | mask (white = fill) | reference | hint | sample (DDIM, guidance 5)."""
+    """One row per fixed sample: source | mask (white = fill) | reference | hint | sample (DDIM, the model's
+    guidance)."""
     source, mask, reference = (fixed[k].to(device) for k in ("source", "mask", "reference"))
     g = torch.Generator().manual_seed(seed)
     with autocast:
@@ -669,27 +678,28 @@ def setup(args, ckpt, ranks, rank, device):
         frozen.vae.load_state_dict(trained.vae.state_dict())
     if isinstance(dataset, TeachingWorld):  # drawn once, before any step (PreDrawn says why)
         dataset = draw_world(dataset, args, show=rank == 0)
-    os.makedirs(args.out_dir, exist_ok=True)  # everything checked: the run starts writing here
+    vae_phase = args.preset == "tiny" and ckpt is None and not args.init_vae
+    if vae_phase:  # it writes nothing: a run stopped in it leaves no folder behind
+        train_vae(frozen.vae, dataset, args, device, show=rank == 0)
+        if ranks > 1:  # GPU kernels need not be deterministic: every process takes rank 0's VAE
+            for t in frozen.vae.state_dict().values():
+                dist.broadcast(t, 0)
     if args.preset == "tiny":
-        if ckpt is None and not args.init_vae:
-            train_vae(frozen.vae, dataset, args, device, show=rank == 0)
-            if ranks > 1:  # GPU kernels need not be deterministic: every process takes rank 0's VAE
-                for t in frozen.vae.state_dict().values():
-                    dist.broadcast(t, 0)
-            if rank == 0:  # the VAE phase is worth keeping: a step-0 checkpoint
-                save_checkpoint(args, trainee, frozen, None, None, 0, 0, 0)
         frozen.vae.requires_grad_(False).eval()
         if isinstance(dataset, PreDrawn) and args.max_steps > 0:  # the VAE is frozen from here: encode every sample once
             dataset = encode_drawn(dataset, frozen.vae, keep_target=vgg is not None, device=device, show=rank == 0)
     elif device.type == "cuda" and args.dtype != "float32":  # frozen and run under autocast: bfloat16 halves them
         frozen.vae.to(torch.bfloat16)
         frozen.image_encoder.to(torch.bfloat16)
+    os.makedirs(args.out_dir, exist_ok=True)  # everything checked, the VAE trained: the run starts writing here
+    if vae_phase and rank == 0:  # the VAE phase is worth keeping: a step-0 checkpoint
+        save_checkpoint(args, trainee, frozen, None, None, 0, 0, 0)
     return trainee, frozen, dataset, vgg
 
 
 def main(argv=None):
     global STOP
-    STOP = False
+    STOP = 0
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     ranks, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
