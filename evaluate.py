@@ -261,7 +261,7 @@ def parse_args(argv=None):
 
 def load_generator(args):
     """(model, frozen) of --dtc, the frozen parts from --sd/--dinov2 when the file holds only the trained ones."""
-    model, frozen = load_dtc(args.dtc)
+    model, frozen = load_dtc(args.dtc, dtype=torch.float32)  # (the bundled files are float16: slow on a CPU)
     if frozen is None:
         from dtc import from_original
         _, frozen = from_original(args.sd, args.dinov2)
@@ -357,7 +357,7 @@ def main(argv=None, fid_feature=None):
     encoder = load_dinov2(args.dinov2) if args.dinov2 else frozen.image_encoder
     image_size = model.cfg.image_size if (model is not None and not args.dinov2) else 224
     if args.features_from:
-        judge, judge_frozen = load_dtc(args.features_from)
+        judge, judge_frozen = load_dtc(args.features_from, dtype=torch.float32)
         if judge_frozen is None:
             raise CheckpointError(f"{args.features_from}: holds no image encoder")
         encoder, image_size = judge_frozen.image_encoder, judge.cfg.image_size
