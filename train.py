@@ -140,7 +140,7 @@ def parse_args(argv=None):
     p.add_argument("--init_vae", help="tiny: take the frozen VAE of this dtc.safetensors (default: the bundled "
                    "model's, assets/dtc_tiny.safetensors, unless --vae_steps trains one)")
     p.add_argument("--world_samples", type=int, help="tiny without --data: distinct teaching-world samples, drawn "
-                   "once before training (default: the preset's)")
+                   "once before training (default: the preset's, or as many as a shorter run sees)")
     p.add_argument("--batch_size", type=int, help="per process and micro-step (default: the preset's)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
     p.add_argument("--lr", type=float, help="AdamW learning rate, the peak of a cosine schedule (default: the preset's; "
@@ -176,9 +176,12 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
     for key in ("size", "batch_size", "lr", "max_steps", "save_every", "sample_every", "num_workers", "vae_steps",
-                "vae_batch_size", "vae_lr", "vae_kl", "vae_edge", "world_samples", "lr_schedule"):  # every Preset field but init_vae
+                "vae_batch_size", "vae_lr", "vae_kl", "vae_edge", "lr_schedule"):  # every Preset field but 2 below
         if getattr(args, key) is None:
             setattr(args, key, getattr(preset, key))
+    if args.world_samples is None:  # no more samples than the run will see: a smoke run draws a small world
+        seen = max(1, args.max_steps) * args.batch_size * args.grad_accum * int(os.environ.get("WORLD_SIZE", 1))
+        args.world_samples = min(preset.world_samples, seen)
     if args.init_vae is None and not args.vae_steps:  # a VAE is taken unless one is trained
         args.init_vae = preset.init_vae
     return args
