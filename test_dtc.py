@@ -1346,7 +1346,6 @@ def test_data_rotate_and_pil_round_trip_match_torchvision():
     image (at the edges the white fill is blended a little differently), for square and oblong images; data's
     PIL <-> tensor conversions are exact round trips and agree with torchvision's."""
     import torchvision.transforms.functional as TF
-    x = torch.rand(3, 40, 56) * 2 - 1
     for shape in ((3, 40, 56), (3, 32, 32)):
         x = torch.rand(*shape) * 2 - 1
         for degrees in (12.0, -17.3):
