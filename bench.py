@@ -273,8 +273,8 @@ def components(model, frozen, x, cond, v, args):
 
     def hint_enc():  # "full": every step (it reads z_t, t and the context); "latent_only": once per image
         if once:
-            return model.hint_features(cond["z_masked"] + model.adapter(cond["hint"]))
-        return [model.hint_features(zm + model.adapter(h), *rest)  # per forward: 13 taps of (2B/n, C, h, w)
+            return model.hint_features(model.hint_latent(cond["z_masked"], cond["hint"]))
+        return [model.hint_features(model.hint_latent(zm, h), *rest)  # per forward: 13 taps of (2B/n, C, h, w)
                 for zm, h, *rest in zip(*(a.chunk(n) for a in (z_masked, kw["hint"], z_t, t, mask_lat, ctx)))]
 
     feats = None  # the U-Net step's hint features: 13 taps of (2B, C, h, w)

@@ -24,7 +24,7 @@ from checkpoint import CheckpointError
 from cli import (HelpFormatter, bad_option, check_files, check_sampling_options, pick_device, pick_dtype, run,
                  use_free_cores)
 from data import DataError, check_output_image, grid, load_image, load_mask, to_pil, to_tensor, write_images
-from dtc import from_original, generate, load_dtc, make_hint
+from dtc import from_original, generate, hint_image, load_dtc
 from vae import LATENT_SCALE
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -169,7 +169,7 @@ def explain(model, frozen, baseline, source, mask, reference, target, args, tile
     t, z_t, _ = trace[len(trace) // 2]  # the fusion at the middle step, conditional branch
     tt = torch.full((1,), t, dtype=torch.long, device=z_t.device)
     context = model.context(cond["tokens"].to(z_t.dtype))
-    z_hint = cond["z_masked"] + model.adapter(cond["hint"].to(z_t.dtype))
+    z_hint = model.hint_latent(cond["z_masked"], cond["hint"].to(z_t.dtype))
     feats = model.hint_features(z_hint, z_t, tt, cond["mask_lat"], context)
     if model.cfg.fusion == "film":
         gamma, beta = model.fusion[0](feats[0]).chunk(2, 1)
@@ -255,7 +255,7 @@ def main(argv=None):
         target = None if target_pil is None else to_tensor(target_pil.resize((w, h), Image.BICUBIC))[None].to(device)
         with autocast:
             explained = explain(model, frozen, baseline, source, mask, reference, target, args)
-    hint = to_pil(make_hint(reference.float().cpu(), mask.float().cpu())[0] * 2 - 1)
+    hint = to_pil(hint_image(model.cfg.hint_kind, reference.float().cpu(), mask.float().cpu(), source.float().cpu())[0] * 2 - 1)
     mask_pil = Image.eval(keep_pil, lambda v: 255 - v)  # white = filled, as the user drew it
     paths, grid_path, explain_path = output_paths(args)
     # all or nothing: the results and the pictures replace the earlier ones only once every one of them is written

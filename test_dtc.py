@@ -5,6 +5,7 @@ Run: python -m pytest -q test_dtc.py
 """
 import ast
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
@@ -1000,22 +1001,85 @@ def test_dtc_v_prediction_loss_and_sampling_use_v():
     assert (z - z0).abs().max() > 1
 
 
-@pytest.mark.parametrize("fusion,hint_input", [("film", "full"), ("add", "full"), ("xattn", "full"), ("film", "latent_only")])
-def test_dtc_fresh_model_equals_base_unet(fusion, hint_input):
-    """Zero-initialised fusion: a fresh DTC computes exactly its main U-Net; perturbing the fusion convs changes it."""
+@pytest.mark.parametrize("fusion,hint_input,hint_kind", [("film", "full", "image"), ("add", "full", "image"),
+                                                         ("xattn", "full", "image"), ("film", "latent_only", "image"),
+                                                         ("film", "full", "latent")])
+def test_dtc_fresh_model_equals_base_unet(fusion, hint_input, hint_kind):
+    """Zero-initialised fusion: a fresh DTC computes exactly its main U-Net; perturbing the fusion convs changes it.
+    (hint_kind "latent": the hint is a latent, read without an adapter.)"""
     torch.manual_seed(0)
-    model = dtc.DiffuseToChoose(dtc_config(fusion=fusion, hint_input=hint_input))
+    model = dtc.DiffuseToChoose(dtc_config(fusion=fusion, hint_input=hint_input, hint_kind=hint_kind))
+    assert hasattr(model, "adapter") == (hint_kind != "latent")
     for name, child in model.named_children():
         if name != "fusion":  # everything random but the zero-initialised fusion
             randomise(child)
     z, zm = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     mask = torch.rand(2, 1, 8, 8)
     ctx = model.context(torch.randn(2, 5, 64))
-    hint, t = torch.rand(2, 3, 16, 16), torch.tensor([10, 900])
+    hint, t = torch.rand(2, 3, 16, 16) if hint_kind != "latent" else torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
     base = model.unet(torch.cat([z, zm, mask], 1), t, ctx)
     assert torch.equal(model(z, t, zm, mask, ctx, hint=hint), base)
     randomise(model.fusion)
     assert (model(z, t, zm, mask, ctx, hint=hint) - base).abs().max() > 1e-3
+
+
+def test_dtc_xattn_finds_the_hint_at_its_own_place():
+    """fusion="xattn" has positions: with queries and keys that compare (almost) only positions (the skip is flat, so
+    its LayerNorm is 0; the hint's content scaled down) and values and output the identity, what a hint blob adds to
+    the skip is at the blob's place, and moving the blob moves it. Without the positions every skip pixel would
+    receive the same mixture."""
+    layer = dtc.CrossAttentionFusion(64)
+    with torch.no_grad():
+        layer.norm_kv.weight.fill_(0.01)
+        for lin in (layer.to_q, layer.to_k):
+            lin.weight.copy_(6 * torch.eye(64))
+        layer.to_v.weight.copy_(torch.eye(64))
+        layer.proj_out.weight.copy_(torch.eye(64))
+    skip = torch.zeros(1, 64, 12, 12)
+    for y, x in ((2, 3), (9, 7)):
+        feats = torch.zeros(1, 64, 12, 12)
+        feats[0, :, y, x] = torch.randn(64, generator=torch.Generator().manual_seed(0))
+        change = layer(skip, feats).abs().sum(1)[0]  # (12,12)
+        assert divmod(change.argmax().item(), 12) == (y, x)
+        assert change[y, x] > 5 * change.flatten().sort().values[-2]  # the rest attend (almost) to themselves
+    pos = dtc.positions_2d(12, 12, 64)
+    assert pos.shape == (144, 64) and (pos @ pos.T).argmax(1).equal(torch.arange(144))  # each place most like itself
+
+
+def test_dtc_edge_hint_marks_stripe_borders():
+    """hint_kind "edges": per-channel Sobel edges of the reference, nonzero on a stripe's borders, flat areas black
+    (-1); on the hint canvas the rectangle holds them."""
+    image = -torch.ones(1, 3, 16, 16)
+    image[:, :, :, 6:10] = 1  # a white vertical stripe on black
+    image[:, 0, 12:, :] = 0.5  # a flat red-channel band at the bottom: a horizontal border in channel 0 only
+    edges = dtc.sobel_edges(image)
+    assert edges.shape == image.shape
+    assert (edges[:, :, :10, [5, 6, 9, 10]] > 0).all()  # both sides of both stripe borders (above the band)
+    assert (edges[:, 1:, :, :4] == -1).all() and (edges[:, 1:, :, 12:] == -1).all()  # flat: exactly -1
+    assert (edges[:, 0, [11, 12], 1:4] > -1).all() and (edges[:, 1:, [11, 12], 1:4] == -1).all()  # per channel
+    mask = torch.ones(1, 1, 32, 32)
+    mask[..., 8:24, 4:28] = 0
+    hint = dtc.hint_image("edges", image, mask, torch.zeros(1, 3, 32, 32))
+    assert hint.shape == (1, 3, 32, 32) and hint[..., :8, :].eq(0).all() and hint[..., 8:24, 4:28].max() > 0.9
+
+
+def test_dtc_latent_hint_pastes_into_the_masked_source():
+    """hint_kind "latent": the hint image is the masked source (hole mid-grey) with the reference in the largest
+    rectangle; prepare hands the hint encoder its VAE latent, drawn after z_masked's posterior sample."""
+    source, reference = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 8, 8) * 2 - 1
+    mask = torch.ones(1, 1, 32, 32)
+    mask[..., 4:30, 6:20] = 0
+    pasted = dtc.hint_image("latent", reference, mask, source)
+    assert torch.equal(pasted[..., :4, :], (source[..., :4, :] + 1) / 2)  # outside the hole: the source
+    assert torch.equal(pasted[..., 4:30, 6:20], dtc.make_hint(reference, mask)[..., 4:30, 6:20])  # the rectangle
+    frozen = dtc.Frozen(vae=randomise(AutoencoderKL(VAEConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, norm_groups=1))),
+                        image_encoder=None)
+    cond = dtc.prepare(frozen, source, mask, reference, 32, torch.Generator().manual_seed(1), tokens=False,
+                       hint_kind="latent")
+    g = torch.Generator().manual_seed(1)
+    frozen.vae.encode(source * mask).sample(g)
+    want = frozen.vae.encode(pasted * 2 - 1).sample(g) * LATENT_SCALE
+    assert cond["hint"].shape == cond["z_masked"].shape and torch.equal(cond["hint"], want)
 
 
 def test_dtc_film_formula_and_taps():
@@ -1957,6 +2021,33 @@ def test_world_hint_matches_target():
         assert hint_error(s) < 0.2
     distorted = TeachingWorld(64, "heldout", length=12, seed=3, train=False)
     assert 0.01 < sum(hint_error(distorted[i]) for i in range(12)) / 12 - sum(errors) / 12 < 0.15  # warp, shading: mild
+
+
+def world_digest(world, n=6):
+    """A short digest of the first n samples' images, rounded to 1/1000 (a check of "the same world")."""
+    h = hashlib.sha256()
+    for i in range(n):
+        sample = world[i]
+        for k in ("source", "target", "mask", "reference", "encoder_reference"):
+            h.update(str((sample[k] * 1000).round().int().flatten().tolist()).encode())
+    return h.hexdigest()[:16]
+
+
+def test_world_misalign_zero_is_the_aligned_world_and_more_breaks_the_hint():
+    """--misalign=0 draws exactly the world before the knob existed (digests taken from that code, train split with
+    its augmentation and held-out); a strong misalignment breaks the hint's pixel correspondence (hint_error, drawn
+    without warp and shading: 0.07 aligned, 0.23 at misalign 1) and only the scene, not the product or its
+    reference."""
+    assert world_digest(TeachingWorld(64, "train", length=6, seed=3, misalign=0.0)) == "a393c28378826c51"
+    assert world_digest(TeachingWorld(64, "heldout", length=6, seed=3)) == "8673a1d9cb1af9c9"
+    kw = dict(length=12, seed=3, train=False, distort=False)
+    aligned, off = TeachingWorld(64, "heldout", **kw), TeachingWorld(64, "heldout", misalign=1.0, **kw)
+    a = sum(hint_error(aligned[i]) for i in range(12)) / 12
+    b = sum(hint_error(off[i]) for i in range(12)) / 12
+    assert a < 0.1 and b > a + 0.1, (a, b)
+    assert all(torch.equal(aligned[i]["reference"], off[i]["reference"]) for i in range(3))
+    with pytest.raises(ValueError, match="misalign"):
+        TeachingWorld(64, misalign=-0.5)
 
 
 def test_world_augmentation_keeps_the_hint():
@@ -3038,6 +3129,22 @@ def test_train_xattn_fusion_trains_saves_and_loads(tiny_run, tmp_path):
     assert all(layer.proj_out.weight.abs().max() > 0 for layer in model.fusion)
 
 
+@pytest.mark.parametrize("hint_kind", ["latent", "edges"])
+def test_train_hint_kinds_train_save_and_load(tiny_run, tmp_path, hint_kind):
+    """--hint_kind=latent (no adapter: the hint encoder reads the pasted image's latent) and --hint_kind=edges train
+    a step on a misaligned world, save and load, and sample."""
+    exported = os.path.join(tiny_run, "dtc.safetensors")
+    train.main([*TAKE_VAE, f"--out_dir={tmp_path}", "--max_steps=1", f"--init_vae={exported}",
+                f"--hint_kind={hint_kind}", "--misalign=0.5"])
+    model, frozen = load_dtc(tmp_path / "dtc.safetensors")
+    assert model.cfg.hint_kind == hint_kind and hasattr(model, "adapter") == (hint_kind != "latent")
+    s = TeachingWorld(32, "heldout", length=1, seed=0, train=False)[0]
+    x, cond = dtc.generate(model, frozen, s["source"][None], s["mask"][None], s["reference"][None],
+                           torch.Generator().manual_seed(0), steps=2, progress=False)
+    assert x.shape == (1, 3, 32, 32) and x.isfinite().all()
+    assert cond["hint"].shape[1] == (model.cfg.latent_channels if hint_kind == "latent" else 3)
+
+
 def test_train_init_vae_reuses_a_trained_tiny_vae(tiny_run, tmp_path):
     """--init_vae takes the tiny VAE of an exported run (no VAE phase); a file without one is refused by name."""
     exported = os.path.join(tiny_run, "dtc.safetensors")
@@ -3064,13 +3171,14 @@ def test_train_cosine_rate():
     assert 0 < train.cosine_rate(1.0, 99, 100, warmup=10) < 1e-3
 
 
-def test_train_predrawn_world_is_what_prepare_computes():
+@pytest.mark.parametrize("hint_kind", ["image", "latent"])
+def test_train_predrawn_world_is_what_prepare_computes(hint_kind):
     """The pre-drawn world (train.PreDrawn) holds the world's epoch-0 samples, the same drawn in this process or in
     two workers, and for a
     batch of it drawn_conditioning gives what dtc.prepare computes on the same samples with the same generator:
     the pre-drawing moves work out of the step without changing what the step sees (but the augmentation of
-    later epochs: each sample keeps its epoch-0 draws)."""
-    args = train.parse_args(SMALL)
+    later epochs: each sample keeps its epoch-0 draws). With the latent hint, its posterior too."""
+    args = train.parse_args([*SMALL, f"--hint_kind={hint_kind}"])
     torch.manual_seed(0)
     trainee, frozen = train.build_model(args)
     frozen.vae.eval()
@@ -3078,8 +3186,9 @@ def test_train_predrawn_world_is_what_prepare_computes():
     drawn = train.draw_world(world, args, show=False)
     again = train.draw_world(world, train.argparse.Namespace(**{**vars(args), "num_workers": 2}), show=False)
     assert all(torch.equal(v, again.tensors[k]) for k, v in drawn.tensors.items())  # in 2 worker processes too
-    encoded = train.encode_drawn(drawn, frozen.vae, keep_target=False, device="cpu")
-    assert set(encoded.tensors) == {"z0_moments", "z_masked_moments", "mask_lat", "encoder_reference", "hint"}
+    encoded = train.encode_drawn(drawn, frozen.vae, keep_target=False, hint_kind=hint_kind, device="cpu")
+    hint_key = "hint_moments" if hint_kind == "latent" else "hint"
+    assert set(encoded.tensors) == {"z0_moments", "z_masked_moments", "mask_lat", "encoder_reference", hint_key}
     indices = [5, 2, 11]
     samples = [world[i] for i in indices]
     stack = lambda k: torch.stack([x[k] for x in samples])
@@ -3087,7 +3196,7 @@ def test_train_predrawn_world_is_what_prepare_computes():
         assert torch.equal(drawn.batch(indices)[k], stack(k)), k
     got = train.drawn_conditioning(encoded.batch(indices), torch.Generator().manual_seed(3))
     want = dtc.prepare(frozen, stack("source"), stack("mask"), stack("reference"), 32, torch.Generator().manual_seed(3),
-                       target=stack("target"), tokens=False)
+                       target=stack("target"), tokens=False, hint_kind=hint_kind)
     assert set(got) == set(want)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5)
@@ -3158,7 +3267,8 @@ def test_train_too_few_samples_stops_before_any_work(tmp_path, capsys):
 
 @pytest.mark.parametrize("option,value", [("batch_size", 0), ("grad_accum", 0), ("max_steps", -1), ("lr", 0),
                                           ("lr", "nan"), ("ema", 1), ("p_uncond", 1.5), ("size", 0),
-                                          ("save_every", 0), ("vgg_weights", "nope.pth"), ("data", "nowhere")])
+                                          ("save_every", 0), ("vgg_weights", "nope.pth"), ("data", "nowhere"),
+                                          ("misalign", -1), ("misalign", "inf")])
 def test_train_options_checked_before_any_work(tmp_path, option, value, monkeypatch, capsys):
     """What the options alone say is wrong is said before any model is built or file written."""
     monkeypatch.setattr(train, "build_model", lambda args: pytest.fail("built a model"))

@@ -43,6 +43,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from functools import partial
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -60,9 +61,9 @@ from data import (DataError, DressCodeDataset, TripletDataset, VitonHDDataset, c
                   keyed_generator, mask_to_pil, to_pil)
 from diffusion import Schedule
 from dinov2 import DINOv2
-from dtc import (TINY_ENCODER, TINY_VAE, DiffuseToChoose, Frozen, VGGLoss, diffusion_loss,
-                 encode_image_tokens, fold_latent_scale, from_original, generate, init_from_scratch, latent_mask,
-                 load_dtc, make_hint, prepare, save_dtc, tiny_config)
+from dtc import (HINT_KINDS, TINY_ENCODER, TINY_VAE, DiffuseToChoose, Frozen, VGGLoss, diffusion_loss,
+                 encode_image_tokens, fold_latent_scale, from_original, generate, hint_image, init_from_scratch,
+                 latent_mask, load_dtc, prepare, save_dtc, tiny_config)
 from vae import LATENT_SCALE, AutoencoderKL, DiagonalGaussian
 from world import TeachingWorld
 
@@ -173,6 +174,11 @@ def parse_args(argv=None):
     p.add_argument("--hint_input", default="full", choices=["full", "latent_only"],
                    help="the hint encoder's input: full = [z_t, z_masked + adapter(hint), mask], t, context; "
                    "latent_only = z_masked + adapter(hint) alone, computed once per image")
+    p.add_argument("--hint_kind", default="image", choices=list(HINT_KINDS),
+                   help="what the hint shows (paper §4.3): image = the reference in the mask's largest rectangle (DTC); "
+                   "edges = its Sobel edges; latent = the reference pasted into the masked source, VAE-encoded, no adapter")
+    p.add_argument("--misalign", type=float, default=0.0, help="tiny without --data: how far the worn product departs "
+                   "from the hint's rectangle (shift, scale, turn, sleeves, folds, shading); 0 = aligned, 1 = strong")
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
     for key in ("size", "batch_size", "lr", "max_steps", "save_every", "sample_every", "num_workers", "vae_steps",
@@ -207,6 +213,10 @@ def check_options(args):
         raise bad_option(args, "vae_lr", "must be a finite number > 0 (the autoencoder phase trains with it)")
     if args.vae_steps and args.vae_batch_size < 1:
         raise bad_option(args, "vae_batch_size", "must be at least 1 (the autoencoder phase trains with it)")
+    if not (math.isfinite(args.misalign) and args.misalign >= 0):
+        raise bad_option(args, "misalign", "must be a finite number >= 0 (0: the hint lines up with the product)")
+    if args.misalign and (args.data is not None or args.preset != "tiny"):
+        raise bad_option(args, "misalign", "draws the teaching world: it needs the tiny preset without --data")
     if not 0 <= args.ema < 1:
         raise bad_option(args, "ema", "the EMA decay must be >= 0 and < 1 (0: off)")
     if args.size < 1:
@@ -241,7 +251,8 @@ class Trainee(nn.Module):
 
 def build_model(args):
     """(trainee, frozen), float32 (autocast computes in bfloat16 on GPU)."""
-    variant = dict(image_tokens=args.image_tokens, hint=bool(args.hint), fusion=args.fusion, hint_input=args.hint_input)
+    variant = dict(image_tokens=args.image_tokens, hint=bool(args.hint), fusion=args.fusion, hint_input=args.hint_input,
+                   hint_kind=args.hint_kind)
     if args.preset == "sd15":
         if not args.sd or not args.dinov2:
             raise CheckpointError("the sd15 preset needs --sd (an SD 1.5 file) and --dinov2 (a DINOv2 hub file)")
@@ -267,7 +278,7 @@ def build_dataset(args, ref_size, train=True):
         if args.preset != "tiny":
             raise DataError("--data is required (a VITON-HD or DressCode release, or a triplet folder)")
         return TeachingWorld(args.size, "train" if train else "heldout", length=args.world_samples if train else 4,
-                             seed=args.seed, ref_size=ref_size)
+                             seed=args.seed, ref_size=ref_size, misalign=args.misalign)
     common = dict(train=train, seed=args.seed, skip_bad=args.skip_bad)
     layout, root, category = find_layout(args.data)
     if layout == "vitonhd":
@@ -318,29 +329,31 @@ class PreDrawn:
     distinct samples there are. Every draw is keyed, so a resumed run draws the same world again.
     After draw_world: source, target, mask (1 = keep), encoder_reference and hint, per sample (N,C,H,W);
     after encode_drawn (once the VAE is frozen): encoder_reference, hint, mask_lat and the VAE posteriors'
-    moments (N,2E,h,w) of the target and the masked source (and the target, for the VGG loss)."""
+    moments (N,2E,h,w) of the target and the masked source (and the target, for the VGG loss; with the latent hint,
+    its image's moments in place of the hint)."""
 
     def __init__(self, tensors):
         self.tensors = tensors
 
     def __len__(self):
-        return len(self.tensors["hint"])
+        return len(self.tensors["mask_lat" if "mask_lat" in self.tensors else "mask"])
 
     def batch(self, indices):
         return {k: v[indices] for k, v in self.tensors.items()}
 
 
-def with_hints(samples):
-    """DataLoader collate for draw_world: the batch and its hint images, made in the worker processes."""
+def with_hints(samples, hint_kind):
+    """DataLoader collate for draw_world: the batch and its hint images (dtc.hint_image), made in the workers."""
     batch = default_collate(samples)
-    batch["hint"] = make_hint(batch["reference"], batch["mask"])
+    batch["hint"] = hint_image(hint_kind, batch["reference"], batch["mask"], batch["source"])
     return batch
 
 
 def draw_world(world, args, show):
     """Every sample of the teaching world, drawn by --num_workers processes (each on one thread) -> PreDrawn."""
     keys = ("source", "target", "mask", "encoder_reference", "hint")
-    loader = DataLoader(world, batch_size=64, num_workers=args.num_workers, collate_fn=with_hints)
+    loader = DataLoader(world, batch_size=64, num_workers=args.num_workers,
+                        collate_fn=partial(with_hints, hint_kind=args.hint_kind))
     parts = {k: [] for k in keys}
     for batch in tqdm(loader, desc="drawing the world", disable=not show, dynamic_ncols=True):
         for k in keys:
@@ -351,19 +364,23 @@ def draw_world(world, args, show):
 
 
 @torch.no_grad()
-def encode_drawn(drawn, vae, keep_target, device, show=False, batch_size=256):
+def encode_drawn(drawn, vae, keep_target, hint_kind, device, show=False, batch_size=256):
     """What the frozen VAE makes of every pre-drawn sample (the work dtc.prepare does per step): the posterior
-    moments of the target and of the masked source, and the mask at latent size. The images are dropped."""
+    moments of the target and of the masked source (and of the latent hint's pasted image), and the mask at latent
+    size. The images are dropped."""
     x = drawn.tensors
-    moments = {"z0_moments": [], "z_masked_moments": []}
+    moments = {"z0_moments": [], "z_masked_moments": []} | ({"hint_moments": []} if hint_kind == "latent" else {})
     for i in tqdm(range(0, len(drawn), batch_size), desc="encoding the world", disable=not show, dynamic_ncols=True):
-        target, source, mask = (x[k][i:i + batch_size].to(device) for k in ("target", "source", "mask"))
-        for key, image in (("z0_moments", target), ("z_masked_moments", source * mask)):  # PBE: the hole is 0
-            posterior = vae.encode(image)
+        target, source, mask, hint = (x[k][i:i + batch_size].to(device) for k in ("target", "source", "mask", "hint"))
+        images = dict(z0_moments=target, z_masked_moments=source * mask, hint_moments=hint * 2 - 1)  # PBE: hole = 0
+        for key in moments:
+            posterior = vae.encode(images[key])
             moments[key].append(torch.cat([posterior.mean, posterior.logvar], 1).cpu())
     out = {k: torch.cat(v) for k, v in moments.items()}
     out["mask_lat"] = latent_mask(x["mask"], out["z0_moments"].shape[-2:])
-    out["encoder_reference"], out["hint"] = x["encoder_reference"], x["hint"]
+    out["encoder_reference"] = x["encoder_reference"]
+    if hint_kind != "latent":
+        out["hint"] = x["hint"]
     if keep_target:
         out["target"] = x["target"]
     return PreDrawn(out)
@@ -371,10 +388,14 @@ def encode_drawn(drawn, vae, keep_target, device, show=False, batch_size=256):
 
 def drawn_conditioning(batch, generator):
     """dtc.prepare's result for a pre-drawn batch, without the tokens: the posterior samples drawn in prepare's
-    order (masked source, then target)."""
+    order (masked source, the latent hint if any, then target)."""
     z_masked = DiagonalGaussian(batch["z_masked_moments"]).sample(generator) * LATENT_SCALE
+    if "hint_moments" in batch:
+        hint = DiagonalGaussian(batch["hint_moments"]).sample(generator) * LATENT_SCALE
+    else:
+        hint = batch["hint"]
     z0 = DiagonalGaussian(batch["z0_moments"]).sample(generator) * LATENT_SCALE
-    return dict(z_masked=z_masked, z0=z0, mask_lat=batch["mask_lat"], hint=batch["hint"])
+    return dict(z_masked=z_masked, z0=z0, mask_lat=batch["mask_lat"], hint=hint)
 
 
 # -----------------------------------------------------------------------------
@@ -445,7 +466,7 @@ def dtc_step(trainee, ddp, frozen, vgg, batches, step, args, rank, device, autoc
                 else:  # the tokens here only when the image encoder is frozen (else Trainee computes them)
                     cond = prepare(frozen, batch["source"], batch["mask"], batch["reference"],
                                    trainee.model.cfg.image_size, g, target=target, encoder_reference=encoder_reference,
-                                   tokens=trainee.image_encoder is None)
+                                   tokens=trainee.image_encoder is None, hint_kind=trainee.model.cfg.hint_kind)
                 cond = {k: v.float() for k, v in cond.items()}  # float32 latents: the noise target stays exact
                 drop = (torch.rand(len(encoder_reference), generator=g) < args.p_uncond).to(device)
                 loss_eps, eps, z_t, t = ddp(cond, encoder_reference, g, drop)
@@ -690,7 +711,8 @@ def setup(args, ckpt, ranks, rank, device):
     if args.preset == "tiny":
         frozen.vae.requires_grad_(False).eval()
         if isinstance(dataset, PreDrawn) and args.max_steps > 0:  # the VAE is frozen from here: encode every sample once
-            dataset = encode_drawn(dataset, frozen.vae, keep_target=vgg is not None, device=device, show=rank == 0)
+            dataset = encode_drawn(dataset, frozen.vae, keep_target=vgg is not None, hint_kind=args.hint_kind,
+                                   device=device, show=rank == 0)
     elif device.type == "cuda" and args.dtype != "float32":  # frozen and run under autocast: bfloat16 halves them
         frozen.vae.to(torch.bfloat16)
         frozen.image_encoder.to(torch.bfloat16)
