@@ -348,46 +348,44 @@ def fusion_layers(cfg):
     return nn.ModuleList(layers)
 
 
-def positions_2d(H, W, channels, device=None):
-    """2-D sinusoidal position embeddings (H*W, channels), rows first (as MAE's and DETR's): half the channels
-    encode the row, half the column, each as sin and cos at channels/4 frequencies (1 ... 1/10000 per pixel)."""
-    f = channels // 4
-    freqs = 10000.0 ** (-torch.arange(f, device=device, dtype=torch.float32) / f)  # (f,)
-    rows, cols = (torch.arange(n, device=device, dtype=torch.float32)[:, None] * freqs for n in (H, W))
-    rows, cols = torch.cat([rows.sin(), rows.cos()], 1), torch.cat([cols.sin(), cols.cos()], 1)  # (H,2f), (W,2f)
-    return torch.cat([rows[:, None].expand(H, W, -1), cols[None].expand(H, W, -1)], -1).reshape(H * W, 4 * f)
-
-
 class CrossAttentionFusion(nn.Module):
     """fusion="xattn", the third fusion of the paper's Table 1: at one tap, every pixel of the main U-Net's skip
-    attends to the pixels of the hint encoder's features at the same tap (queries from the skip, keys and
-    values from the hint features; multi-head, 64 channels a head as SD's attention; pre-LayerNorm over
-    channels). The paper says only "cross-attention". Ours adds the same 2-D sinusoidal position embedding to
-    the normalised queries' and keys' inputs, so a skip pixel can find the hint at its own place as well as by
-    what it looks like (without positions it can only do the latter, and in the teaching world it learned
-    nothing: no better than no hint). Returns what is added to the skip; proj_out starts at zero, so a fresh
-    model is its base U-Net."""
+    attends to the hint encoder's features at the same tap (queries from the skip, keys and values from the hint
+    features; multi-head, 64 channels a head as SD's attention; pre-LayerNorm over channels). The paper says only
+    "cross-attention". Ours attends within a window x window neighbourhood of the pixel's own place, with a learned
+    bias per head and offset (Swin's relative position bias), so a pixel finds the hint where it is and, among its
+    neighbours, by what it looks like. Tried first and dropped: attention over the whole map with no positions (a
+    pixel can find the hint only by its look: no better than no hint in the teaching world), and over the whole map
+    with 2-D sinusoidal positions on queries and keys (still no better than no hint after 250 steps: matching places
+    through random projections is learned slowly). Returns what is added to the skip; proj_out starts at zero, so a
+    fresh model is its base U-Net."""
 
-    def __init__(self, channels, head_dim=64):
+    def __init__(self, channels, head_dim=64, window=5):
         super().__init__()
-        self.heads = max(1, channels // head_dim)
+        self.heads, self.window = max(1, channels // head_dim), window
         self.norm_q, self.norm_kv = nn.LayerNorm(channels), nn.LayerNorm(channels)
         self.to_q = nn.Linear(channels, channels, bias=False)
         self.to_k = nn.Linear(channels, channels, bias=False)
         self.to_v = nn.Linear(channels, channels, bias=False)
+        self.position_bias = nn.Parameter(torch.zeros(self.heads, window * window))
         self.proj_out = nn.Linear(channels, channels)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
     def forward(self, skip, feats):
         B, C, H, W = skip.shape
-        q_in, kv_in = skip.flatten(2).transpose(1, 2), feats.flatten(2).transpose(1, 2)  # (B,HW,C)
-        heads = lambda x: x.view(B, H * W, self.heads, C // self.heads).transpose(1, 2)  # (B,heads,HW,C/heads)
-        pos = positions_2d(H, W, C, skip.device).to(skip.dtype)  # (HW,C), the same for both sides
-        q_in, kv_in = self.norm_q(q_in), self.norm_kv(kv_in)
-        out = F.scaled_dot_product_attention(heads(self.to_q(q_in + pos)), heads(self.to_k(kv_in + pos)),
-                                             heads(self.to_v(kv_in)))
-        return self.proj_out(out.transpose(1, 2).reshape(B, H * W, C)).transpose(1, 2).reshape(B, C, H, W)
+        heads, k = self.heads, self.window
+        q = self.to_q(self.norm_q(skip.flatten(2).transpose(1, 2)))  # (B,HW,C)
+        kv = self.norm_kv(feats.flatten(2).transpose(1, 2))
+        # each pixel's k x k neighbourhood of keys and values: (B,HW,C) -> (B,heads,C/heads,k*k,HW), zero outside
+        around = lambda x: F.unfold(x.transpose(1, 2).reshape(B, C, H, W), k, padding=k // 2).view(
+            B, heads, C // heads, k * k, H * W)
+        inside = F.unfold(skip.new_ones(1, 1, H, W), k, padding=k // 2).view(1, 1, k * k, H * W) > 0
+        q = q.transpose(1, 2).reshape(B, heads, C // heads, 1, H * W)
+        scores = (q * around(self.to_k(kv))).sum(2) / math.sqrt(C // heads) + self.position_bias[:, :, None]
+        attention = scores.masked_fill(~inside, float("-inf")).softmax(2)  # (B,heads,k*k,HW), over the window
+        out = (attention[:, :, None] * around(self.to_v(kv))).sum(3).reshape(B, C, H * W)  # (B,C,HW)
+        return self.proj_out(out.transpose(1, 2)).transpose(1, 2).reshape(B, C, H, W)
 
 
 def tap_channels(cfg):
