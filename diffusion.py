@@ -41,8 +41,9 @@ class Schedule:
         return (a.sqrt() * eps.float() - (1 - a).sqrt() * z0.float()).to(z0.dtype)
 
     def ddim_timesteps(self, steps):
-        """SD's "leading" spacing with offset 1: 50 steps -> 981, 961, ..., 1."""
-        return (torch.arange(steps) * (self.num_steps // steps)).flip(0) + 1
+        """SD's "leading" spacing with offset 1: 50 steps -> [981, 961, ..., 1]. Python ints, which the sampling loop
+        takes one by one (and fake tensors, bench.py's memory simulation, have no values to give)."""
+        return [i * (self.num_steps // steps) + 1 for i in reversed(range(steps))]
 
     def ddim_step(self, z_t, eps, t, t_prev, eta=0.0, generator=None):
         """DDIM (Song et al. 2021, Eq. 12). t_prev < 0 uses alphas_cumprod[0] (SD: set_alpha_to_one=False)."""

@@ -138,11 +138,13 @@ def latent_mask(mask, size):
 
 
 @torch.no_grad()
-def prepare(frozen, source, mask, reference, image_size, generator=None, target=None, encoder_reference=None):
+def prepare(frozen, source, mask, reference, image_size, generator=None, target=None, encoder_reference=None,
+            hint=None):
     """Everything computed once per image, without gradients (the VAE and the image encoder are frozen).
     Returns a dict of z0 (latents of the target, for training), z_masked, mask_lat, tokens, hint.
     encoder_reference: what the image encoder sees instead of `reference` (training: the rotated copy,
-    data.augment); the hint is always built from `reference`."""
+    data.augment); the hint is always built from `reference`, unless given (bench.py's fake tensors have no
+    values for make_hint to search)."""
     vae = frozen.vae
     dtype = next(vae.parameters()).dtype
     masked = source * mask  # PBE: the hole becomes 0, mid-grey
@@ -150,7 +152,7 @@ def prepare(frozen, source, mask, reference, image_size, generator=None, target=
     out = dict(z_masked=z_masked, mask_lat=latent_mask(mask, z_masked.shape[-2:]).to(dtype),
                tokens=encode_image_tokens(frozen.image_encoder, reference if encoder_reference is None
                                           else encoder_reference, image_size),
-               hint=make_hint(reference, mask).to(dtype))
+               hint=(make_hint(reference, mask) if hint is None else hint).to(dtype))
     if target is not None:  # PBE: the latents of the training target are a posterior sample too
         out["z0"] = vae.encode(target.to(dtype)).sample(generator) * LATENT_SCALE
     return out
@@ -277,6 +279,19 @@ class DiffuseToChoose(nn.Module):
                 hint_feats = self.hint_features(z_hint, z_t, t, mask_lat, context)
             skips, h = self.fuse(skips, h, hint_feats)
         return self.unet.decode(h, skips, emb, context)
+
+
+# What trains (train.py --train; bench.py's memory rows): "all", every part of DiffuseToChoose (the paper); "hint",
+# the main U-Net frozen as initialised, so that only the hint encoder, adapter, fusion, token projection and null
+# context train (ControlNet's recipe, the one-GPU recipe: a third of the trained parameters)
+TRAINED = ("all", "hint")
+
+
+def freeze_for(model, train):
+    """model with requires_grad set for `train` (one of TRAINED); returns model."""
+    model.requires_grad_(True)
+    model.unet.requires_grad_(train == "all")
+    return model
 
 
 # -----------------------------------------------------------------------------
@@ -420,7 +435,7 @@ def sample_latents(model, schedule, cond, steps=40, guidance=5.0, eta=0.0, sampl
         z_masked, mask_lat, hint = torch.cat([z_masked] * 2), torch.cat([mask_lat] * 2), torch.cat([hint] * 2)
         if hint_feats is not None:
             hint_feats = [torch.cat([f] * 2) for f in hint_feats]
-    ts = schedule.ddim_timesteps(steps).tolist() if sampler == "ddim" else list(range(schedule.num_steps))[::-1]
+    ts = schedule.ddim_timesteps(steps) if sampler == "ddim" else list(range(schedule.num_steps))[::-1]
     for i, t in enumerate(tqdm(ts, desc=f"{sampler} sampling", disable=not progress, leave=False)):
         zz = torch.cat([z] * 2) if guidance != 1.0 else z
         tt = torch.full((zz.shape[0],), t, device=z.device, dtype=torch.long)
