@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from checkpoint import CheckpointError
-from cli import bad_option, pick_device, pick_dtype, run
+from cli import bad_option, check_dtype, pick_device, pick_dtype, run
 from diffusion import Schedule
 from data import DataError, check_output_image, grid, load_image, load_mask, to_pil, to_tensor, write_images
 from dtc import from_original, generate, load_dtc, make_hint
@@ -78,7 +78,7 @@ def check_options(args):
         raise bad_option(args, "eta", "DDIM eta must be 0 ... 1 (0: deterministic, 1: DDPM-like)")
     if not 0 <= args.seed <= 2 ** 63 - args.num_samples:
         raise bad_option(args, "seed", f"must be 0 ... 2^63 - {args.num_samples} (sample i uses seed + i)")
-    pick_device(args.device)  # --device=cuda without CUDA: said here, before any work
+    check_dtype(args)  # --device=cuda without CUDA, --dtype the device lacks: said here, before any work
     if args.dtc is None and args.sd is not None and args.dinov2 is None:
         raise CheckpointError("--sd needs --dinov2 (the DINOv2 hub file)")
     for option in ("sd", "dinov2", "dtc"):

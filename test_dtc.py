@@ -2083,6 +2083,20 @@ def test_sample_cuda_without_cuda_one_line(sample_inputs, tmp_path, capsys, monk
     sample_fails(sample_inputs, tmp_path, capsys, ["--device=cuda", "CUDA is not available"], device="cuda")
 
 
+def test_sample_bfloat16_checked_against_the_device(sample_inputs, tmp_path, capsys, monkeypatch):
+    """--dtype=bfloat16 on the CPU runs after a one-line warning; on a GPU without bfloat16 it is one line, exit 1."""
+    import sample
+    d, _, _ = sample_inputs
+    assert sample.cli(sample_args(d, tmp_path / "r.png", dtype="bfloat16")) == 0
+    assert capsys.readouterr().err.count("warning: --dtype=bfloat16 on the CPU") == 1
+    assert (tmp_path / "r.png").exists()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100")
+    sample_fails(sample_inputs, tmp_path, capsys, ["--dtype=bfloat16: this GPU (Tesla V100) has no bfloat16"],
+                 device="cuda", dtype="bfloat16")
+
+
 @pytest.mark.parametrize("option,value", [("size", 0), ("size", -64), ("guidance", "nan"), ("guidance", "inf"),
                                           ("guidance", -1), ("eta", "nan"), ("eta", 1.5), ("seed", -1),
                                           ("out", "result.gif"), ("out", "result")])
@@ -2659,6 +2673,80 @@ def test_train_grad_checkpointing_same_losses(tiny_run, tmp_path):
     """--grad_checkpointing recomputes activations in backward: the run's losses are unchanged."""
     train.main([*SMALL, f"--out_dir={tmp_path}", "--max_steps=6", "--grad_checkpointing"])
     assert losses(tmp_path) == pytest.approx(losses(tiny_run), rel=1e-5)
+
+
+def test_train_hint_recipe_trains_resumes_and_samples(tmp_path):
+    """--train=hint, the one-GPU recipe: the main U-Net stays as initialised while the hint branch trains; a run
+    stopped after 3 steps and resumed to 6 is the uninterrupted run, bit for bit; sample.py loads its result.
+    Without a hint branch it is one line, before any work."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    train.main([*SMALL, f"--out_dir={full}", "--max_steps=6", "--train=hint"])
+    train.main([*SMALL, f"--out_dir={part}", "--max_steps=3", "--train=hint"])
+    train.main([*SMALL, f"--out_dir={part}", "--max_steps=6", "--resume"])
+    assert losses(part) == losses(full)
+    a, b = (torch.load(d / "ckpt.pt", weights_only=True) for d in (full, part))
+    for k, v in a["trainee"].items():
+        assert torch.equal(v, b["trainee"][k]), k
+    torch.manual_seed(0)  # setup's seeding: the run's initial weights
+    start = train.build_model(train.parse_args(SMALL))[0].state_dict()
+    moved = {k.split(".")[1] for k, v in a["trainee"].items() if not torch.equal(v, start[k])}
+    assert "unet" not in moved and {"hint_encoder", "fusion", "adapter", "token_proj"} <= moved, moved
+    write_world_triplets(tmp_path / "t", 1)
+    files = {k: next((tmp_path / "t" / k).iterdir()) for k in ("source", "mask", "reference")}
+    r = run_script(["sample.py", f"--dtc={full}/dtc.safetensors", *(f"--{k}={v}" for k, v in files.items()),
+                    f"--out={tmp_path / 'r.png'}", "--steps=2", "--size=32"])
+    assert r.returncode == 0 and Image.open(tmp_path / "r.png").size == (32, 32), r.stderr[-3000:]
+    with pytest.raises(DataError, match="--train=hint: trains the hint branch, and --hint=0 has none"):
+        train.main([*SMALL, f"--out_dir={tmp_path / 'none'}", "--train=hint", "--hint=0"])
+    assert not (tmp_path / "none").exists()
+
+
+def test_train_bfloat16_autocast_on_cpu(tiny_run, tmp_path, capsys):
+    """--dtype=bfloat16 on the CPU: a one-line warning, then the GPU's bfloat16 autocast path at tiny size; the losses
+    are float32's to within bfloat16's rounding (the VAE phase, outside autocast, is the same)."""
+    train.main([*SMALL, f"--out_dir={tmp_path}", "--max_steps=2", "--dtype=bfloat16"])
+    assert capsys.readouterr().err.count("warning: --dtype=bfloat16 on the CPU") == 1
+    bf16 = losses(tmp_path)
+    assert bf16 != losses(tiny_run)[:2] and bf16 == pytest.approx(losses(tiny_run)[:2], rel=0.05)
+
+
+def test_train_sd15_full_size_dry_run(monkeypatch):
+    """One sd15 training step at SD widths on fake tensors (shapes and dtypes, no storage: no weights, no GPU, no
+    downloads) through train.py's dtc_step: DINOv2 g/14 and the VAE frozen in bfloat16, the main U-Net, hint encoder,
+    FiLM and VGG loss under bfloat16 autocast over float32 weights, clipping and AdamW; as the paper trains, then
+    as the one-GPU recipe with gradient checkpointing. Then dtc.generate with two guided DDIM steps. A shape or
+    dtype error at full size fails here. make_hint searches the mask's values, which fake tensors do not have: a
+    canvas of its shape stands in."""
+    monkeypatch.setattr(dtc, "make_hint", lambda reference, mask: torch.rand(len(mask), 3, *mask.shape[2:]))
+    args = train.parse_args(["--preset=sd15"])
+    with torch.device("meta"):
+        model, vgg = DiffuseToChoose(dtc.DTCConfig()), VGGLoss()
+        frozen = dtc.Frozen(AutoencoderKL(VAEConfig()).to(torch.bfloat16).requires_grad_(False).eval(),
+                            DINOv2(PRESETS["vitg14"]).to(torch.bfloat16).requires_grad_(False).eval())
+    cpu, autocast = torch.device("cpu"), torch.autocast("cpu", dtype=torch.bfloat16)
+    with bench.fake_tensors(True):
+        bench.placed([model, frozen.vae, frozen.image_encoder, vgg], cpu)
+        image = lambda: torch.rand(1, 3, 512, 512) * 2 - 1
+        mask = torch.ones(1, 1, 512, 512)
+        mask[..., 128:384, 128:384] = 0
+        batch = dict(source=image(), mask=mask, reference=torch.rand(1, 3, 224, 224), target=image(),
+                     encoder_reference=torch.rand(1, 3, 224, 224))
+        for recipe, checkpointing in (("all", False), ("hint", True)):
+            trainee = train.Trainee(dtc.freeze_for(model, recipe))
+            model.unet.grad_checkpointing = model.hint_encoder.grad_checkpointing = checkpointing
+            params = [p for p in trainee.parameters() if p.requires_grad]
+            totals = train.dtc_step(trainee, trainee, frozen, vgg, [batch], 0, args, 0, cpu, autocast)
+            assert totals.shape == (3,) and all(p.grad is not None for p in params)
+            assert len(params) < len(list(model.parameters())) if recipe == "hint" else all(
+                p.requires_grad for p in model.parameters())
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt = torch.optim.AdamW(params, lr=1e-5)
+            opt.step()
+            assert all(len(opt.state[p]) == 3 for p in params)  # step, exp_avg, exp_avg_sq
+        with autocast:
+            x, cond = dtc.generate(model.eval(), frozen, batch["source"], mask, batch["reference"], None, steps=2,
+                                   progress=False)
+    assert x.shape == (1, 3, 512, 512) and cond["tokens"].shape == (1, 257, 1536)
 
 
 def test_train_vae_rescale_is_exact():

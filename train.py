@@ -53,14 +53,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, first_sentence, load_pickle
-from cli import bad_option, pick_device, run
+from cli import bad_option, check_dtype, pick_device, pick_dtype, run
 from data import (DRESSCODE_CATEGORIES, DataError, DressCodeDataset, TripletDataset, VitonHDDataset, grid,
                   keyed_generator, mask_to_pil, to_pil)
 from diffusion import Schedule
 from dinov2 import DINOv2
-from dtc import (TINY_ENCODER, TINY_VAE, DiffuseToChoose, Frozen, VGGLoss, diffusion_loss,
-                 encode_image_tokens, fold_latent_scale, from_original, generate, init_from_scratch, load_dtc,
-                 prepare, save_dtc, tiny_config)
+from dtc import (TINY_ENCODER, TINY_VAE, TRAINED, DiffuseToChoose, Frozen, VGGLoss, diffusion_loss,
+                 encode_image_tokens, fold_latent_scale, freeze_for, from_original, generate, init_from_scratch,
+                 load_dtc, prepare, save_dtc, tiny_config)
 from vae import LATENT_SCALE, AutoencoderKL
 from world import TeachingWorld
 
@@ -133,6 +133,10 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                    help="autocast dtype (auto: bfloat16 on GPU, float32 on CPU); the weights stay float32")
     p.add_argument("--grad_checkpointing", action="store_true", help="recompute U-Net blocks in backward")
+    p.add_argument("--train", default="all", choices=TRAINED,
+                   help="all: every part of the DTC model (the paper); hint: the main U-Net frozen as initialised, "
+                   "the hint encoder, adapter, fusion, token projection and null context trained (ControlNet's "
+                   "recipe; with --grad_checkpointing sd15 trains at 512x512, batch 2, on one 24 GB GPU: README)")
     p.add_argument("--save_every", type=int, help="steps between checkpoints")
     p.add_argument("--sample_every", type=int, help="steps between sample grids; 0 = none")
     p.add_argument("--log_every", type=int, default=50, help="steps between printed lines (log.jsonl has all)")
@@ -180,7 +184,9 @@ def check_options(args):
         raise bad_option(args, "size", "the training resolution must be a positive number of pixels")
     if not 0 <= args.seed < 2 ** 63:
         raise bad_option(args, "seed", "must be 0 ... 2^63 - 1")
-    pick_device(args.device)  # --device=cuda without CUDA: said here, before any work
+    if args.train == "hint" and not args.hint:
+        raise bad_option(args, "train", "trains the hint branch, and --hint=0 has none")
+    check_dtype(args)  # --device=cuda without CUDA, --dtype the device lacks: said here, before any work
     for option in ("sd", "dinov2", "vgg_weights", "init_vae"):
         if getattr(args, option) and not os.path.isfile(getattr(args, option)):
             raise CheckpointError(f"{getattr(args, option)}: file not found (--{option})")
@@ -216,7 +222,7 @@ def build_model(args):
             raise CheckpointError("the sd15 preset needs --sd (an SD 1.5 file) and --dinov2 (a DINOv2 hub file)")
         model, frozen = from_original(args.sd, args.dinov2, dtype=torch.float32, seed=args.seed,
                                       train_size=args.size, **variant)
-        return Trainee(model), frozen
+        return Trainee(freeze_for(model, args.train)), frozen
     encoder = DINOv2(replace(TINY_ENCODER, img_size=args.size))
     encoder.mask_token.requires_grad_(False)  # for DINOv2's own masked-patch training: unused here
     cfg = tiny_config(args.size, **variant)
@@ -226,7 +232,7 @@ def build_model(args):
     # The VAE's init is in train_vae
     for part in (model.unet, model.hint_encoder) if cfg.hint else (model.unet,):
         init_from_scratch(part, keyed_generator(STREAM_DTC_INIT, args.seed))
-    return Trainee(model, encoder), Frozen(vae=AutoencoderKL(TINY_VAE), image_encoder=encoder)
+    return Trainee(freeze_for(model, args.train), encoder), Frozen(vae=AutoencoderKL(TINY_VAE), image_encoder=encoder)
 
 
 def build_dataset(args, ref_size, train=True):
@@ -352,7 +358,7 @@ def request_stop(signum, frame):
 
 def train(args, trainee, frozen, vgg, dataset, ckpt, ranks, rank, device):
     show = rank == 0
-    amp = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
+    amp = pick_dtype(args.dtype, device.type) == torch.bfloat16
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
     named = [(n, p) for n, p in trainee.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -560,8 +566,8 @@ def setup(args, ckpt, ranks, rank, device):
             if rank == 0:  # the VAE phase is worth keeping: a step-0 checkpoint
                 save_checkpoint(args, trainee, frozen, None, None, 0, 0, 0)
         frozen.vae.requires_grad_(False).eval()
-    elif device.type == "cuda" and args.dtype != "float32":  # frozen and run under autocast: bfloat16 halves them
-        frozen.vae.to(torch.bfloat16)
+    elif device.type == "cuda" and pick_dtype(args.dtype, "cuda") == torch.bfloat16:
+        frozen.vae.to(torch.bfloat16)  # frozen and run under autocast: bfloat16 halves them
         frozen.image_encoder.to(torch.bfloat16)
     return trainee, frozen, dataset, vgg
 
