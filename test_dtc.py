@@ -3133,11 +3133,71 @@ def test_bench_without_diffusers(monkeypatch, capsys):
     assert srows[-1][1:] == ["skipped"] * (len(sh) - 1) and "torch.compile row skipped on the CPU" in text
 
 
-def test_bench_cuda_without_cuda_one_line(capsys, monkeypatch):
-    """bench.py picks its device as the other commands do: --device=cuda without a GPU is one line, exit 1."""
+@pytest.mark.parametrize("mode", ["sample", "memory"])
+def test_bench_cuda_without_cuda_one_line(capsys, monkeypatch, mode):
+    """bench.py picks its device as the other commands do: --device=cuda without a GPU is one line, exit 1 (memory
+    --device=cuda, which measures beside the simulation, too)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert cli.run(bench.main, ["sample", "--arch=tiny", "--device=cuda"]) == 1
+    assert cli.run(bench.main, [mode, "--arch=tiny", "--device=cuda"]) == 1
     assert capsys.readouterr().err == "error: --device=cuda: CUDA is not available here; use --device=cpu (or auto)\n"
+
+
+def test_bench_peak_memory_counts_what_memtracker_counts():
+    """PeakMemory, the memory table's counter, against PyTorch's MemTracker on a training step where MemTracker
+    works (a U-Net, every parameter trained, real tensors, AdamW's state made by a first step): the same peak."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+    unet = UNet(SD_UNET)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-5)
+    x, t, ctx = inputs(SD_UNET)
+
+    def step():
+        unet(x, t, ctx).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    with bench.PeakMemory(bench.tensors_of([unet, opt, x, t, ctx])) as ours:
+        step()
+    tracker = MemTracker()
+    tracker.track_external(unet, opt, x, t, ctx)
+    with tracker:
+        step()
+    assert ours.peak == pytest.approx(tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"], rel=1e-3)
+    assert ours.now == sum(v.nbytes for v in bench.tensors_of([unet, opt, x, t, ctx]))  # what is left: held again
+
+
+def test_bench_memory_simulation_is_the_real_accounting():
+    """The simulation counts what real tensors hold: bench.py's memory rows at the tiny architecture, on fake tensors
+    and on real CPU tensors, have the same peak (to 0.1 %): training as the paper and as the one-GPU recipe with
+    checkpointing, sampling with hint features per step and, DINOv2 moved off, once per image."""
+    cfgs, cpu = bench.arch("tiny"), torch.device("cpu")
+    args = bench.parse_args(["memory", "--arch=tiny", "--size=32"])
+    for recipe, checkpointing in (("all", False), ("hint", True)):
+        fake, real = (bench.train_peak(cfgs, 2, checkpointing, recipe, args, cpu, f) for f in (True, False))
+        assert fake["peak"] == pytest.approx(real["peak"], rel=1e-3) and fake["trained"] == real["trained"]
+    for hint_input, offload in (("full", False), ("latent_only", True)):
+        fake, real = (bench.sample_peak(cfgs, 2, hint_input, offload, args, cpu, f) for f in (True, False))
+        assert fake == pytest.approx(real, rel=1e-3)
+
+
+def test_bench_memory_table(capsys):
+    """`bench.py memory --arch=tiny`: both tables complete, and the last line key=value in GiB for every row; training
+    never below its floor (weights, gradients and AdamW's states), and more memory with the batch."""
+    bench.main(["memory", "--arch=tiny", "--size=32", "--batch_sizes=1,2"])
+    text = capsys.readouterr().out
+    (sh, srows), (th, trows) = tables(text)
+    assert sh == bench.MEMORY_SAMPLE_HEADER and th == bench.MEMORY_TRAIN_HEADER
+    assert len(srows) == 8 and len(trows) == 8
+    keys = dict(kv.split("=") for kv in text.strip().splitlines()[-1].split())
+    assert {"sample_b1", "sample_b4_latent_only_offload", "train_b1", "train_b2_ckpt", "onegpu_b2",
+            "onegpu_b2_ckpt"} <= keys.keys() and len(keys) == 16
+    for r in trows:
+        row = dict(zip(th, r))
+        assert float(row["floor GiB"]) <= float(row["simulated GiB"]) < float(row["DDP per process GiB"])
+        assert row["measured GiB"] == "—"
+    for key in ("train", "onegpu"):
+        assert float(keys[f"{key}_b1"]) < float(keys[f"{key}_b2"])
+    assert float(keys["sample_b1"]) < float(keys["sample_b4"])
 
 
 # ====================================================================================================
