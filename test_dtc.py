@@ -2743,6 +2743,7 @@ def test_train_sd15_full_size_dry_run(monkeypatch):
             opt = torch.optim.AdamW(params, lr=1e-5)
             opt.step()
             assert all(len(opt.state[p]) == 3 for p in params)  # step, exp_avg, exp_avg_sq
+            model.zero_grad(set_to_none=True)
         with autocast:
             x, cond = dtc.generate(model.eval(), frozen, batch["source"], mask, batch["reference"], None, steps=2,
                                    progress=False)

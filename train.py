@@ -136,7 +136,7 @@ def parse_args(argv=None):
     p.add_argument("--train", default="all", choices=TRAINED,
                    help="all: every part of the DTC model (the paper); hint: the main U-Net frozen as initialised, "
                    "the hint encoder, adapter, fusion, token projection and null context trained (ControlNet's "
-                   "recipe; with --grad_checkpointing sd15 trains at 512x512, batch 2, on one 24 GB GPU: README)")
+                   "recipe, for one 24 GB GPU: memory per batch size in the README)")
     p.add_argument("--save_every", type=int, help="steps between checkpoints")
     p.add_argument("--sample_every", type=int, help="steps between sample grids; 0 = none")
     p.add_argument("--log_every", type=int, default=50, help="steps between printed lines (log.jsonl has all)")
