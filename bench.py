@@ -731,7 +731,7 @@ def simulated_and_measured(peak, device):
 
 
 def gib(b):
-    return "—" if b is None else b if isinstance(b, str) else f"{b / GiB:.2f}"
+    return "—" if b is None else b if isinstance(b, str) else f"{b / GiB:.4g}"
 
 
 MEMORY_SAMPLE_HEADER = ["batch", "hint features", "DINOv2 after encoding", "simulated GiB", "measured GiB"]
@@ -781,7 +781,7 @@ def memory_section(args, device):
             "16 bytes per trained parameter (float32 weight, gradient, AdamW's two moments) + the frozen weights. "
             "DDP per process: + one float32 copy of the trained gradients (DDP's gradient buckets).\n"
             f"- {seconds:.0f} s on {torch.get_num_threads()} CPU thread(s), torch {torch.__version__}.",
-            " ".join(f"{k}={v / GiB:.2f}" for k, v in keys.items())]
+            " ".join(f"{k}={gib(v)}" for k, v in keys.items())]
 
 
 def main(argv=None):
