@@ -7,7 +7,7 @@ Speed and memory of Diffuse to Choose with random weights of the real architectu
     python bench.py compare  one forward each: our U-Net, DINOv2 and VAE vs diffusers' and timm's, same weights
     python bench.py all      sample (with compare) and train
     python bench.py memory   peak memory of sampling and training at 512x512, bfloat16, simulated on fake tensors
-                             (no GPU, no weights; CPU time in the README); with --device=cuda also measured
+                             (no GPU, no weights; 386 s on one CPU thread); with --device=cuda also measured
 
 The whole GPU table (every row, torch.compile's too; about 6-8 minutes on an H100, estimated, 50 GB at batch 8):
 
