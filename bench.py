@@ -14,8 +14,9 @@ The whole GPU table (every row, torch.compile's too; about 6-8 minutes on an H10
     python bench.py all --device=cuda --size=512 --steps=40 --guidance=5 --dtype=bfloat16 --batch_sizes=4,8 \\
         --compile --out=bench_gpu.md
 
-On a CPU `all --arch=tiny` runs in seconds; `compare --size=256 --batch=1` compares the real-size networks (32x32
-latents) in minutes. diffusers and timm are test-only dependencies: without them the reference rows are skipped.
+On a CPU `all --arch=tiny` (2 DDIM steps, one timed run per measurement, batches 1 and 2 unless given) takes about
+40 s on 2 cores; `compare --size=256 --batch=1` compares the real-size networks (32x32 latents) in minutes.
+diffusers and timm are test-only dependencies: without them the reference rows are skipped.
 """
 import argparse
 import gc
@@ -37,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 import reference
-from cli import pick_device, pick_dtype, run
+from cli import HelpFormatter, pick_device, pick_dtype, run
 from diffusion import Schedule
 from dinov2 import PRESETS, DINOv2
 from dtc import (TINY_ENCODER, TINY_VAE, DiffuseToChoose, DTCConfig, Frozen, VGGLoss, diffusion_loss,
@@ -52,21 +53,22 @@ def flag(s):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["sample", "train", "compare", "all", "memory"])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("mode", choices=["sample", "train", "compare", "all", "memory"], help="which tables (see above)")
     p.add_argument("--arch", default="sd15", choices=["sd15", "tiny"],
                    help="sd15: SD 1.5 U-Net (9 channels), SD VAE, DINOv2 g/14; tiny: small configs for CPU smoke runs")
-    p.add_argument("--size", type=int, default=None, help="image side in pixels (default 512 for sd15, 32 for tiny)")
-    p.add_argument("--steps", type=int, default=40, help="DDIM steps (paper: 40)")
+    p.add_argument("--size", type=int, help="image side in pixels (default: 512 for sd15, 32 for tiny)")
+    p.add_argument("--steps", type=int, help="DDIM steps (default: 40 for sd15, the paper's; 2 for tiny)")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (paper: 5)")
     p.add_argument("--batch", type=int, default=1, help="images per sampling batch")
-    p.add_argument("--batch_sizes", default=None, help="training batch sizes, comma-separated (default 1,2,4; "
-                   "memory: 1,2,4,8)")
+    p.add_argument("--batch_sizes", help="training batch sizes, comma-separated (default: 1,2,4 for sd15, 1,2,4,8 "
+                   "for sd15's memory; 1,2 for tiny)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights (+ autocast when not float32); auto: bfloat16 on a GPU that has it, else float32")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (the median is reported)")
-    p.add_argument("--peak_tflops", type=float, default=None,
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
+    p.add_argument("--repeats", type=int, help="timed runs per measurement, the median reported (default: 3 for "
+                   "sd15, 1 for tiny)")
+    p.add_argument("--peak_tflops", type=float,
                    help="peak for MFU (default on cuda: 989, H100 SXM bf16 dense; on cpu: no MFU)")
     for name, text in [("compile", "add a torch.compile row (the other rows stay eager)"),
                        ("channels_last", "base rows channels_last"),
@@ -75,9 +77,16 @@ def parse_args(argv=None):
         p.add_argument(f"--{name}", type=flag, nargs="?", const=True, default=False, help=text)
     p.add_argument("--tile", type=int, default=None, help="decode tile in latents (default: 2x2 tiles)")
     p.add_argument("--overlap", type=int, default=None, help="decode tile overlap in latents (default: latent/8)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="also write the tables to this markdown file")
-    return p.parse_args(argv)
+    p.add_argument("--seed", type=int, default=0, help="of the random weights and inputs")
+    p.add_argument("--out", help="also write the tables to this markdown file; default: none")
+    args = p.parse_args(argv)
+    # the tiny architecture is a quick look at the tables on a CPU: fewer steps, runs and batch sizes
+    tiny = args.arch == "tiny"
+    for option, sd15, small in (("size", 512, 32), ("steps", 40, 2), ("repeats", 3, 1),
+                                ("batch_sizes", "1,2,4,8" if args.mode == "memory" else "1,2,4", "1,2")):
+        if getattr(args, option) is None:
+            setattr(args, option, small if tiny else sd15)
+    return args
 
 
 # -----------------------------------------------------------------------------
@@ -271,8 +280,8 @@ def components(model, frozen, x, cond, v, args):
 
     def hint_enc():  # "full": every step (it reads z_t, t and the context); "latent_only": once per image
         if once:
-            return model.hint_features(cond["z_masked"] + model.adapter(cond["hint"]))
-        return [model.hint_features(zm + model.adapter(h), *rest)  # per forward: 13 taps of (2B/n, C, h, w)
+            return model.hint_features(model.hint_latent(cond["z_masked"], cond["hint"]))
+        return [model.hint_features(model.hint_latent(zm, h), *rest)  # per forward: 13 taps of (2B/n, C, h, w)
                 for zm, h, *rest in zip(*(a.chunk(n) for a in (z_masked, kw["hint"], z_t, t, mask_lat, ctx)))]
 
     feats = None  # the U-Net step's hint features: 13 taps of (2B, C, h, w)
@@ -508,7 +517,7 @@ def sample_section(args, device, base, compare_only=False):
 def training_step(model, frozen, vgg, opt, x, device, dtype, hint=None):
     """One optimizer step as train.py's loop takes it: prepare() without gradients, float32 conditioning, the Eq. 1
     loss with 20 % guidance dropout and, with vgg, 1e-3 x the VGG loss on the decoded x0 estimate (through the
-    frozen decoder), backward, gradient clipping at 1, opt's step. hint: the canvas, else make_hint's."""
+    frozen decoder), backward, gradient clipping at 1, opt's step. hint: the canvas, else hint_image's."""
     schedule = Schedule()
     with autocast(device, dtype):
         cond = prepare(frozen, x["source"], x["mask"], x["reference"], model.cfg.image_size, target=x["target"],
@@ -789,8 +798,6 @@ def main(argv=None):
     device = torch.device(pick_device(args.device))
     cuda, cfg = device.type == "cuda", arch(args.arch)[0]
     dtype = torch.bfloat16 if args.mode == "memory" else pick_dtype(args.dtype, device.type)
-    args.batch_sizes = args.batch_sizes or ("1,2,4,8" if args.mode == "memory" else "1,2,4")
-    args.size = args.size or (512 if args.arch == "sd15" else 32)
     args.image_size, latent = cfg.image_size, args.size // cfg.vae_factor
     args.overlap = args.overlap if args.overlap is not None else max(1, latent // 8)
     args.tile = args.tile or (latent + args.overlap + 1) // 2  # two tiles per side

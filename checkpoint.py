@@ -25,6 +25,14 @@ def first_sentence(text):
     return text.split(". ")[0].rstrip(".")
 
 
+def not_a_file(path):
+    """Why `path` is no file to read ("file not found", or "is a folder, expected a file"); None when it is one.
+    Every reader of the project words a missing input this way."""
+    if os.path.isdir(path):
+        return "is a folder, expected a file"
+    return None if os.path.isfile(path) else "file not found"
+
+
 def damaged(source, error):
     """The error for a file that does not decode (truncated, corrupt or not this format), in one line."""
     return CheckpointError(f"{source}: cannot read the file (truncated or corrupt?): "
@@ -35,8 +43,8 @@ def load_pickle(path):
     """torch.load of a pickled file with weights_only=True (tensors and plain containers only: a pickle that would
     run code or build arbitrary objects is refused); every failure is a CheckpointError naming the file."""
     source = str(path)
-    if not os.path.isfile(source):
-        raise CheckpointError(f"{source}: file not found")
+    if why := not_a_file(source):
+        raise CheckpointError(f"{source}: {why}")
     try:
         return torch.load(source, map_location="cpu", weights_only=True, mmap=False)
     except pickle.UnpicklingError as e:
@@ -58,8 +66,8 @@ def read_state_dict(path_or_state_dict, source="<state dict>"):
         sd, source = load_pickle(path_or_state_dict), str(path_or_state_dict)
     else:
         source = str(path_or_state_dict)
-        if not os.path.isfile(source):
-            raise CheckpointError(f"{source}: file not found")
+        if why := not_a_file(source):
+            raise CheckpointError(f"{source}: {why}")
         try:
             sd = load_safetensors(source, device="cpu")
         except Exception as e:  # safetensors raises its own types on damage

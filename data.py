@@ -8,7 +8,8 @@ Conventions (every function here keeps them):
   applied), transparency composited on WHITE, and converted to RGB.
 - Masks inside the model are Paint-by-Example's: float (1,H,W), 1 = keep, 0 = the region to fill.
   Mask FILES on disk follow the user convention: white = region to fill, thresholded at 128 (JPEG leaves
-  grey edges), so a file is inverted on reading and on writing.
+  grey edges), transparent = keep (a white shape on a transparent layer is that shape), so a file is
+  inverted on reading and on writing.
 - Sizes are (H, W), as torch writes them; messages print W x H, as image viewers do. File sizes always
   come from the files opened, never from constants.
 - A sample is a dict: "source" (3,H,W) the photo (masked later by the model code), "target" (3,H,W)
@@ -29,6 +30,7 @@ Conventions (every function here keeps them):
   drops bad samples up front (one warning with the count) and replaces samples that fail to decode
   later by the next good index (counted in `skipped`).
 """
+import math
 import os
 import sys
 import warnings
@@ -36,10 +38,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.functional as TF
 from PIL import Image, ImageFile, ImageOps
 from torch.utils.data import Dataset
 
+from checkpoint import not_a_file
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # an output's extension sets its format
@@ -55,8 +57,8 @@ class DataError(ValueError):
 def _decode(path):
     """The fully decoded, upright PIL image at `path` (any mode)."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
+    if why := not_a_file(path):
+        raise DataError(f"{path}: {why}")
     # PIL's default; set here because any library may flip it globally, and a truncated file must
     # fail loudly instead of training on a half-grey photo
     ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -71,8 +73,8 @@ def _decode(path):
 def _header(path):
     """(W, H, mode) from the file header alone (fast, for the up-front checks), EXIF rotation applied."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
+    if why := not_a_file(path):
+        raise DataError(f"{path}: {why}")
     try:
         with Image.open(path) as im:
             W, H = im.size
@@ -85,6 +87,19 @@ def _header(path):
         raise DataError(f"{path}: unreadable image ({e})") from None
 
 
+def pil_to_tensor(im):
+    """A PIL image's stored values as a (C,H,W) tensor: uint8 for 8-bit modes (L, P: the indices, RGB, RGBA), float32
+    for F. Plain torch, not torchvision: importing torchvision.transforms took 2-5 s of sample.py's start."""
+    x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.float32 if im.mode == "F" else torch.uint8)
+    return x.view(im.height, im.width, len(im.getbands())).permute(2, 0, 1)
+
+
+def uint8_to_pil(x):
+    """(1,H,W) or (3,H,W) uint8 tensor -> PIL "L" or "RGB" image."""
+    return Image.frombytes("L" if len(x) == 1 else "RGB", (x.shape[2], x.shape[1]),
+                           bytes(x.permute(1, 2, 0).contiguous().untyped_storage()))
+
+
 def _eight_bit(im):
     """Greyscale stored in more than 8 bits -> "L", scaled by the range its values are stored in: 16-bit modes
     (I;16*) by 65535; 32-bit integers (I) by the smallest of 255, 65535 and 2^32 - 1 that holds their largest value;
@@ -92,34 +107,40 @@ def _eight_bit(im):
     turn white.) Other modes are returned as they are."""
     if not im.mode.startswith(("I", "F")):
         return im
-    x = TF.pil_to_tensor(im.convert("F")).double().nan_to_num(0)  # (1,H,W), exact for 16-bit values
+    x = pil_to_tensor(im.convert("F")).double().nan_to_num(0)  # (1,H,W), exact for 16-bit values
     top = x.max().item()
     if im.mode.startswith("I;16"):
         top = 65535
     elif not (im.mode == "F" and top <= 1):
         top = next((t for t in (255, 65535, 2 ** 32 - 1) if top <= t), top)
-    return TF.to_pil_image((x / max(top, 1e-12) * 255).round().clamp(0, 255).to(torch.uint8))
+    return uint8_to_pil((x / max(top, 1e-12) * 255).round().clamp(0, 255).to(torch.uint8))
+
+
+def _on_background(im, colour):
+    """An image with transparency (RGBA, LA, palette or grey with a transparent colour) composited on `colour`
+    (an RGB triple), as RGB; any other image as it is."""
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        im = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", im.size, (*colour, 255)), im).convert("RGB")
+    return im
 
 
 def load_image(path):
     """PIL RGB image; transparency (RGBA, LA, palette or grey with a transparent colour) goes on white; greyscale
     of 16 or 32 bits by its value range (_eight_bit); CMYK by PIL's conversion."""
-    im = _eight_bit(_decode(path))
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
-        im = im.convert("RGBA")
-        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, im).convert("RGB")
-    return im.convert("RGB")  # grey, palette and CMYK too
+    return _on_background(_eight_bit(_decode(path)), (255, 255, 255)).convert("RGB")  # grey, palette, CMYK too
 
 
 def load_mask(path, size=None, resize=False):
-    """(1,H,W) float, 1 = keep, from a file where white (>= 128) = the region to fill.
+    """(1,H,W) float, 1 = keep, from a file where white (>= 128) = the region to fill. Transparency means keep:
+    the file is read as if laid on black, so a white shape painted on a transparent layer is that shape, whatever
+    colour the transparent pixels hold.
 
     size: the source's (H, W). A mask of another size is an error, unless resize=True, which resizes
     the file with NEAREST before thresholding (with a one-line warning when that stretches it: another aspect
     ratio than a rounded scaling of the source would have).
     """
-    im = _eight_bit(_decode(path)).convert("L")  # RGB or palette masks: their luminance
+    im = _on_background(_eight_bit(_decode(path)), (0, 0, 0)).convert("L")  # RGB or palette masks: their luminance
     if size is not None and im.size != (size[1], size[0]):
         (w, h), (H, W) = im.size, size
         if not resize:
@@ -128,7 +149,7 @@ def load_mask(path, size=None, resize=False):
             print(f"warning: {path}: the mask is {w}x{h}, another aspect ratio than the source's {W}x{H}: "
                   "it is stretched to the source", file=sys.stderr)
         im = im.resize((W, H), Image.NEAREST)
-    fill = TF.pil_to_tensor(im) >= 128  # (1,H,W)
+    fill = pil_to_tensor(im) >= 128  # (1,H,W)
     return (~fill).float()
 
 
@@ -140,6 +161,19 @@ def check_output_image(path, what):
         raise DataError(f"{path} ({what}): is an existing folder; name an image file")
     if path.suffix.lower() not in OUTPUT_FORMATS:
         raise DataError(f"{path} ({what}): the extension sets the format and must be one of {', '.join(OUTPUT_FORMATS)}")
+    _check_parent(path, what)
+
+
+def check_output_folder(path, what):
+    """Raises DataError unless a folder of outputs can be made at `path` (or is there): not an existing file, and
+    its nearest existing parent a folder. `what` (the option) is named in the message."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{path} ({what}): is a file, expected a folder")
+    _check_parent(path, what)
+
+
+def _check_parent(path, what):
     parent = next(p for p in path.absolute().parents if p.exists())
     if not parent.is_dir():
         raise DataError(f"{path} ({what}): {parent} is a file, not a folder")
@@ -176,7 +210,7 @@ def load_parse(path):
     im = _decode(path)
     if im.mode not in ("P", "L"):
         raise DataError(f"{path}: parse map is mode {im.mode}; expected a palette ('P') or 'L' map of label ids")
-    parse = TF.pil_to_tensor(im)[0]  # P and L: the stored indices, (H,W) uint8
+    parse = pil_to_tensor(im)[0]  # P and L: the stored indices, (H,W) uint8
     if parse.max() > 19:
         raise DataError(f"{path}: parse map has label {int(parse.max())}; CIHP labels are 0..19")
     return parse
@@ -184,17 +218,17 @@ def load_parse(path):
 
 def to_tensor(pil):
     """PIL image -> (3,H,W) float in [-1,1]."""
-    return TF.pil_to_tensor(pil.convert("RGB")).float() / 127.5 - 1
+    return pil_to_tensor(pil.convert("RGB")).float() / 127.5 - 1
 
 
 def to_pil(x):
     """(3,H,W) (or (1,H,W)) tensor in [-1,1] -> PIL image."""
-    return TF.to_pil_image(((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
+    return uint8_to_pil(((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
 
 
 def mask_to_pil(mask):
     """(1,H,W) mask, 1 = keep -> PIL "L" image in the file convention (white = fill)."""
-    return TF.to_pil_image(((1 - mask.detach().float().cpu()) * 255).round().to(torch.uint8))
+    return uint8_to_pil(((1 - mask.detach().float().cpu()) * 255).round().to(torch.uint8))
 
 
 def grid(images, height=256):
@@ -283,9 +317,18 @@ def augment(source, target, mask, reference, g):
     angle = uniform(g, -20.0, 20.0)
     if flip:
         source, target, mask, reference = (x.flip(-1) for x in (source, target, mask, reference))
-    encoder_reference = TF.rotate(reference, angle, interpolation=TF.InterpolationMode.BILINEAR,
-                                  fill=[1.0] * reference.shape[0])
-    return source, target, mask, reference, encoder_reference
+    return source, target, mask, reference, rotate(reference, angle)
+
+
+def rotate(x, degrees, fill=1.0):
+    """(C,H,W) turned counter-clockwise by `degrees` about its centre, bilinear; what comes in from outside the
+    image is `fill` (blended at the edges). The output pixel at (u, v) from the centre shows the input at (u, v)
+    turned back; affine_grid works in [-1, 1] on each axis, hence the aspect factors H/W and W/H."""
+    C, H, W = x.shape
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    theta = torch.tensor([[c, -s * H / W, 0.0], [s * W / H, c, 0.0]], dtype=x.dtype, device=x.device)
+    grid = F.affine_grid(theta[None], [1, C, H, W], align_corners=False)
+    return F.grid_sample(x[None] - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0] + fill
 
 
 def finish_sample(source, target, mask, reference, name, size, ref_size, g, mask_file, box=None):
@@ -457,8 +500,8 @@ def check_pair_files(paths, pairs_file, n):
     """Header-level checks of the files of one pair-file row (no decoding, so they stay fast on a whole
     release): each exists and is an image, and the parse map is a map of label ids at the photo's size."""
     for path in paths.values():
-        if not path.is_file():
-            raise DataError(f"{path}: file not found (needed by {pairs_file.name} line {n})")
+        if why := not_a_file(path):
+            raise DataError(f"{path}: {why} (needed by {pairs_file.name} line {n})")
     W, H, _ = _header(paths["image"])
     _header(paths["cloth"])
     w, h, mode = _header(paths["parse"])
@@ -493,8 +536,8 @@ def keep_good(bad, total, skip_bad, what):
 def read_pairs_file(pairs_file):
     """[(line number, [column, ...]), ...] of the non-empty rows; columns split on any whitespace (tabs or
     spaces: the releases' files are read that way by every public loader)."""
-    if not pairs_file.is_file():
-        raise DataError(f"{pairs_file}: file not found")
+    if why := not_a_file(pairs_file):
+        raise DataError(f"{pairs_file}: {why}")
     lines = [(n, line.split()) for n, line in enumerate(pairs_file.read_text().splitlines(), 1) if line.strip()]
     if not lines:
         raise DataError(f"{pairs_file}: no pairs")
@@ -637,3 +680,25 @@ class DressCodeDataset(SampleDataset):
 
     def __repr__(self):
         return f"DressCodeDataset({self.root})"
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Which layout a folder holds: train.py and evaluate.py read --data through this one rule
+
+def find_layout(folder):
+    """(layout, root, category) of a --data folder, from the names in it:
+    - ("dresscode", root, "all"): a DressCode release, which holds the category folders. Its root also holds pair
+      files named like VITON-HD's (train_pairs.txt, test_pairs_paired.txt, test_pairs_unpaired.txt, rows
+      "model garment category"), so it is recognised first, by its folders;
+    - ("dresscode", parent, category): one category folder of it (e.g. DressCode/dresses, with its images/);
+    - ("vitonhd", root, None): a VITON-HD release, whose root holds train_pairs.txt and/or test_pairs.txt (beside
+      train/ and test/; a missing folder is named by the reader, per pair-file line);
+    - ("triplets", root, None): anything else, a triplet folder (source/, mask/, reference/, optional target/)."""
+    root = Path(folder)
+    if any((root / c).is_dir() for c in DRESSCODE_CATEGORIES):
+        return "dresscode", root, "all"
+    if root.name in DRESSCODE_CATEGORIES and (root / "images").is_dir():
+        return "dresscode", root.parent, root.name
+    if any((root / f"{split}_pairs.txt").is_file() for split in ("train", "test")):
+        return "vitonhd", root, None
+    return "triplets", root, None

@@ -142,11 +142,11 @@ class DINOv2(nn.Module):
         assert cfg.ffn in ("mlp", "swiglu"), cfg.ffn
         self.cfg = cfg
         D, grid = cfg.embed_dim, cfg.img_size // cfg.patch_size
-        self.cls_token = nn.Parameter(0.02 * torch.randn(1, 1, D))
+        self.cls_token = nn.Parameter(torch.randn(1, 1, D).mul_(0.02))
         # one row for the CLS token, then the grid x grid patches row by row; registers get none
-        self.pos_embed = nn.Parameter(0.02 * torch.randn(1, 1 + grid * grid, D))
+        self.pos_embed = nn.Parameter(torch.randn(1, 1 + grid * grid, D).mul_(0.02))
         if cfg.num_registers:
-            self.register_tokens = nn.Parameter(0.02 * torch.randn(1, cfg.num_registers, D))
+            self.register_tokens = nn.Parameter(torch.randn(1, cfg.num_registers, D).mul_(0.02))
         # replaces masked patches in DINOv2's own training (iBOT loss); unused here, but it is in
         # every hub file, so we keep it and the load stays strict
         self.mask_token = nn.Parameter(torch.zeros(1, D))

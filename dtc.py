@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from checkpoint import (CheckpointError, cast_floats, config_from_metadata, likely_cause, load_strict, read_state_dict,
-                        strip_prefix)
+from checkpoint import (CheckpointError, cast_floats, config_from_metadata, likely_cause, load_strict, not_a_file,
+                        read_state_dict, strip_prefix)
 from diffusion import Schedule
 from dinov2 import IMAGENET_MEAN, IMAGENET_STD, DINOv2, DINOv2Config, load_dinov2
 from unet import UNet, UNetConfig, infer_unet_config
@@ -66,12 +66,13 @@ def largest_rectangle(mask):
     return best
 
 
-def make_hint(reference, mask):
+def make_hint(reference, mask, canvas=None):
     """The hint image: a black canvas the size of the source, the reference stretched into the largest
     rectangle of the region to fill (paper supplement §5.1). (B,3,h,w) [-1,1], (B,1,H,W) -> (B,3,H,W) in [0,1].
+    canvas: (B,3,H,W) in [0,1] to paste into instead of black (the latent hint's masked source).
     UNSTATED: value range and aspect; docs/method.md §2.1 (black [0,1] canvas, stretch resize)."""
     B, _, H, W = mask.shape
-    hint = reference.new_zeros(B, 3, H, W)
+    hint = reference.new_zeros(B, 3, H, W) if canvas is None else canvas.to(reference.dtype).clone()
     for i in range(B):
         rect = largest_rectangle(mask[i, 0])
         if rect is None:
@@ -81,6 +82,34 @@ def make_hint(reference, mask):
                             antialias=True, align_corners=False)
         hint[i, :, top:bottom, left:right] = ((ref[0] + 1) / 2).clamp(0, 1).to(hint.dtype)
     return hint
+
+
+def sobel_edges(image):
+    """Per-channel Sobel edges (the paper's supplement; its main text names Canny, thresholds 30/140, which needs
+    OpenCV): (B,3,h,w) [-1,1] -> the gradient magnitude of each channel, (B,3,h,w) [-1,1], -1 where flat (black on
+    the hint's canvas) and 1 at a full black-to-white step. Borders replicated, so the canvas edge is not an edge."""
+    x = F.pad((image.float() + 1) / 2, (1, 1, 1, 1), mode="replicate")
+    C = x.shape[1]
+    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=x.device)
+    kernels = torch.stack([kx, kx.T]).repeat(C, 1, 1)[:, None]  # (2C,1,3,3): d/dx and d/dy of each channel
+    g = F.conv2d(x, kernels, groups=C).unflatten(1, (C, 2))  # (B,C,2,h,w)
+    magnitude = g.pow(2).sum(2).sqrt() / 4  # a unit step gives 4 across the Sobel kernel
+    return (magnitude.clamp(0, 1) * 2 - 1).to(image.dtype)
+
+
+HINT_KINDS = ("image", "edges", "latent")
+
+
+def hint_image(kind, reference, mask, source):
+    """The hint branch's input image (B,3,H,W) in [0,1], for DTCConfig.hint_kind (paper §3.2 and §4.3):
+    "image" the reference in the mask's largest rectangle on black (DTC); "edges" its Sobel edges so; "latent" the
+    reference pasted into the masked source (hole mid-grey), which prepare then encodes with the VAE: the hint
+    encoder reads that latent directly, with no adapter."""
+    if kind == "image":
+        return make_hint(reference, mask)
+    if kind == "edges":
+        return make_hint(sobel_edges(reference), mask)
+    return make_hint(reference, mask, canvas=(source * mask + 1) / 2)
 
 
 # -----------------------------------------------------------------------------
@@ -139,20 +168,25 @@ def latent_mask(mask, size):
 
 @torch.no_grad()
 def prepare(frozen, source, mask, reference, image_size, generator=None, target=None, encoder_reference=None,
-            hint=None):
+            tokens=True, hint_kind="image", hint=None):
     """Everything computed once per image, without gradients (the VAE and the image encoder are frozen).
-    Returns a dict of z0 (latents of the target, for training), z_masked, mask_lat, tokens, hint.
+    Returns a dict of z0 (latents of the target, for training), z_masked, mask_lat, tokens, hint (the [0,1] hint
+    image, or with hint_kind "latent" the latent of the reference pasted into the masked source).
     encoder_reference: what the image encoder sees instead of `reference` (training: the rotated copy,
-    data.augment); the hint is always built from `reference`, unless given (bench.py's fake tensors have no
-    values for make_hint to search)."""
+    data.augment); the hint is always built from `reference`. tokens=False: without the tokens (an image encoder
+    that trains computes them itself, with gradients). hint: hint_image's result, given ready (bench.py's fake
+    tensors have no values for make_hint to search); with hint_kind "latent" it is still encoded here."""
     vae = frozen.vae
     dtype = next(vae.parameters()).dtype
     masked = source * mask  # PBE: the hole becomes 0, mid-grey
     z_masked = vae.encode(masked.to(dtype)).sample(generator) * LATENT_SCALE
-    out = dict(z_masked=z_masked, mask_lat=latent_mask(mask, z_masked.shape[-2:]).to(dtype),
-               tokens=encode_image_tokens(frozen.image_encoder, reference if encoder_reference is None
-                                          else encoder_reference, image_size),
-               hint=(make_hint(reference, mask) if hint is None else hint).to(dtype))
+    hint = (hint_image(hint_kind, reference, mask, source) if hint is None else hint).to(dtype)
+    if hint_kind == "latent":  # drawn between z_masked and z0, as train.drawn_conditioning draws them
+        hint = vae.encode(hint * 2 - 1).sample(generator) * LATENT_SCALE
+    out = dict(z_masked=z_masked, mask_lat=latent_mask(mask, z_masked.shape[-2:]).to(dtype), hint=hint)
+    if tokens:
+        out["tokens"] = encode_image_tokens(frozen.image_encoder, reference if encoder_reference is None
+                                            else encoder_reference, image_size)
     if target is not None:  # PBE: the latents of the training target are a posterior sample too
         out["z0"] = vae.encode(target.to(dtype)).sample(generator) * LATENT_SCALE
     return out
@@ -170,6 +204,7 @@ class DTCConfig:
     image_tokens: str = "all"      # "all": CLS + patches (DTC); "cls": CLS only (PBE-style baseline)
     hint: bool = True              # False: no hint branch (the PBE-style baseline)
     hint_input: str = "full"       # "full": [z_t, z_masked + A(hint), mask], t, context; "latent_only": z_masked + A(hint)
+    hint_kind: str = "image"       # the hint's content (dtc.hint_image): "image" (DTC), "edges", "latent" (no adapter)
     fusion: str = "film"           # "film": skip * (1 + gamma) + beta (DTC); "add": skip + conv(f); "xattn": skip
                                    # + attention(skip -> f) (the other two rows of the paper's Table 1)
     mask_channel: str = "keep"     # the U-Net's mask input: "keep" (PBE, 1 = keep) or "fill" (SD-inpainting weights)
@@ -180,6 +215,8 @@ class DTCConfig:
     # z_masked into its prediction; an eps network must instead reproduce z_t to ~1% before its x0 means anything
     prediction: str = "eps"
     train_size: int = 512          # the (square) image size it was trained at: sample.py and evaluate.py work at it
+    guidance: float = 5.0          # the classifier-free guidance scale to sample with, unless a command is given one
+                                   # (the paper's 5; checkpoints written before it was stored read as 5)
 
     @staticmethod
     def from_dict(d):
@@ -194,6 +231,13 @@ class DTCConfig:
         """What an image side must be a multiple of to pass the VAE's and the U-Net's downsamplings whole
         (tiny: 16, SD: 64)."""
         return self.vae_factor * 2 ** (len(self.unet.channel_mult) - 1)
+
+    def working_size(self, w, h, longer=None):
+        """(w, h) scaled so the longer side is `longer` (None: train_size), each side rounded to a multiple of
+        size_multiple (at least one): the size sample.py and evaluate.py work at."""
+        longer, m = longer or self.train_size, self.size_multiple
+        s = longer / max(w, h)
+        return max(m, round(w * s / m) * m), max(m, round(h * s / m) * m)
 
 
 def baseline_config(cfg):
@@ -220,7 +264,8 @@ class DiffuseToChoose(nn.Module):
             # hint encoder: a trainable copy of input blocks + middle block (13 taps for SD)
             hint_in = cfg.unet.in_channels if cfg.hint_input == "full" else cfg.latent_channels
             self.hint_encoder = UNet(replace(cfg.unet, in_channels=hint_in), encoder_only=True)
-            self.adapter = HintAdapter(cfg.latent_channels, cfg.vae_factor)
+            if cfg.hint_kind != "latent":  # the latent hint is a VAE latent already
+                self.adapter = HintAdapter(cfg.latent_channels, cfg.vae_factor)
             # fusion at the 13 taps (section 5), zero-initialised so that a fresh DTC computes exactly its base U-Net
             self.fusion = fusion_layers(cfg)
 
@@ -241,6 +286,11 @@ class DiffuseToChoose(nn.Module):
         """[z_t, z, mask]: the main U-Net's input (z = z_masked) and the full hint input (z = z_masked + A(hint)),
         the mask channel in the polarity the weights expect (cfg.mask_channel)."""
         return torch.cat([z_t, z, mask_lat if self.cfg.mask_channel == "keep" else 1 - mask_lat], 1)
+
+    def hint_latent(self, z_masked, hint):
+        """What the hint encoder reads in place of z_masked: z_masked + adapter(hint image) (paper §3.2), or the
+        latent hint as it is (hint_kind "latent")."""
+        return hint if self.cfg.hint_kind == "latent" else z_masked + self.adapter(hint.to(z_masked.dtype))
 
     def hint_features(self, z_hint, z_t=None, t=None, mask_lat=None, context=None):
         """The hint encoder's 13 taps (12 skips + middle). z_hint = z_masked + adapter(hint), (B,4,h,w).
@@ -275,15 +325,14 @@ class DiffuseToChoose(nn.Module):
         h, skips = self.unet.encode(self.unet_input(z_t, z_masked, mask_lat), emb, context)
         if self.cfg.hint:
             if hint_feats is None:
-                z_hint = z_masked + self.adapter(hint.to(z_t.dtype))
-                hint_feats = self.hint_features(z_hint, z_t, t, mask_lat, context)
+                hint_feats = self.hint_features(self.hint_latent(z_masked, hint), z_t, t, mask_lat, context)
             skips, h = self.fuse(skips, h, hint_feats)
         return self.unet.decode(h, skips, emb, context)
 
 
 # What trains (train.py --train; bench.py's memory rows): "all", every part of DiffuseToChoose (the paper); "hint",
-# the main U-Net frozen as initialised, so that only the hint encoder, adapter, fusion, token projection and null
-# context train (ControlNet's recipe, the one-GPU recipe: a third of the trained parameters)
+# the main U-Net frozen as initialised, so that only the hint encoder, adapter (none with hint_kind "latent"), fusion,
+# token projection and null context train (ControlNet's recipe, the one-GPU recipe: a third of the trained parameters)
 TRAINED = ("all", "hint")
 
 
@@ -313,13 +362,25 @@ def fusion_layers(cfg):
     return nn.ModuleList(layers)
 
 
+def positions_2d(H, W, channels, device=None):
+    """2-D sinusoidal position embeddings (H*W, channels), rows first (as MAE's and DETR's): half the channels
+    encode the row, half the column, each as sin and cos at channels/4 frequencies (1 ... 1/10000 per pixel)."""
+    f = channels // 4
+    freqs = 10000.0 ** (-torch.arange(f, device=device, dtype=torch.float32) / f)  # (f,)
+    rows, cols = (torch.arange(n, device=device, dtype=torch.float32)[:, None] * freqs for n in (H, W))
+    rows, cols = torch.cat([rows.sin(), rows.cos()], 1), torch.cat([cols.sin(), cols.cos()], 1)  # (H,2f), (W,2f)
+    return torch.cat([rows[:, None].expand(H, W, -1), cols[None].expand(H, W, -1)], -1).reshape(H * W, 4 * f)
+
+
 class CrossAttentionFusion(nn.Module):
     """fusion="xattn", the third fusion of the paper's Table 1: at one tap, every pixel of the main U-Net's skip
     attends to the pixels of the hint encoder's features at the same tap (queries from the skip, keys and
     values from the hint features; multi-head, 64 channels a head as SD's attention; pre-LayerNorm over
-    channels). UNSTATED beyond "cross-attention"; like the paper's, it has no positional encoding, so a
-    skip pixel finds hint content by what it looks like, not by where it is. Returns what is added to the
-    skip; proj_out starts at zero, so a fresh model is its base U-Net."""
+    channels). The paper says only "cross-attention". Ours adds the same 2-D sinusoidal position embedding to
+    the normalised queries' and keys' inputs, so a skip pixel can find the hint at its own place as well as by
+    what it looks like (without positions it can only do the latter, and in the teaching world it learned
+    nothing: no better than no hint). Returns what is added to the skip; proj_out starts at zero, so a fresh
+    model is its base U-Net."""
 
     def __init__(self, channels, head_dim=64):
         super().__init__()
@@ -336,8 +397,9 @@ class CrossAttentionFusion(nn.Module):
         B, C, H, W = skip.shape
         q_in, kv_in = skip.flatten(2).transpose(1, 2), feats.flatten(2).transpose(1, 2)  # (B,HW,C)
         heads = lambda x: x.view(B, H * W, self.heads, C // self.heads).transpose(1, 2)  # (B,heads,HW,C/heads)
-        kv_in = self.norm_kv(kv_in)
-        out = F.scaled_dot_product_attention(heads(self.to_q(self.norm_q(q_in))), heads(self.to_k(kv_in)),
+        pos = positions_2d(H, W, C, skip.device).to(skip.dtype)  # (HW,C), the same for both sides
+        q_in, kv_in = self.norm_q(q_in), self.norm_kv(kv_in)
+        out = F.scaled_dot_product_attention(heads(self.to_q(q_in + pos)), heads(self.to_k(kv_in + pos)),
                                              heads(self.to_v(kv_in)))
         return self.proj_out(out.transpose(1, 2).reshape(B, H * W, C)).transpose(1, 2).reshape(B, C, H, W)
 
@@ -428,7 +490,7 @@ def sample_latents(model, schedule, cond, steps=40, guidance=5.0, eta=0.0, sampl
     z = torch.randn(z_masked.shape, generator=generator, dtype=torch.float32).to(z_masked.device, dtype)
     hint, hint_feats = cond["hint"], None
     if model.cfg.hint and model.cfg.hint_input == "latent_only":  # independent of t and c: computed once
-        hint_feats = model.hint_features(z_masked + model.adapter(hint.to(dtype)))
+        hint_feats = model.hint_features(model.hint_latent(z_masked, hint.to(dtype)))
     if guidance != 1.0:  # double the batch: [null branch, conditional branch]
         null = model.uncond_context(context).expand(-1, context.shape[1], -1)
         context = torch.cat([null, context])
@@ -455,12 +517,14 @@ def sample_latents(model, schedule, cond, steps=40, guidance=5.0, eta=0.0, sampl
 
 
 @torch.no_grad()
-def generate(model, frozen, source, mask, reference, generator, steps=40, guidance=5.0, eta=0.0, zero_hint=False,
+def generate(model, frozen, source, mask, reference, generator, steps=40, guidance=None, eta=0.0, zero_hint=False,
              trace=None, progress=True):
     """One call from images to results: prepare, sample_latents, VAE decode. Returns the results (B,3,H,W) in [-1,1],
-    float32, before any paste-back, and the conditioning. zero_hint: the hint image all zeros (an empty canvas), to
-    measure what the hint contributes; trace: see sample_latents."""
-    cond = prepare(frozen, source, mask, reference, model.cfg.image_size, generator)
+    float32, before any paste-back, and the conditioning. guidance None: the model's own (DTCConfig.guidance);
+    zero_hint: the hint image all zeros (an empty canvas), to measure what the hint contributes; trace: see
+    sample_latents."""
+    guidance = model.cfg.guidance if guidance is None else guidance
+    cond = prepare(frozen, source, mask, reference, model.cfg.image_size, generator, hint_kind=model.cfg.hint_kind)
     if zero_hint:
         cond["hint"] = torch.zeros_like(cond["hint"])
     z = sample_latents(model, Schedule(), cond, steps, guidance, eta, generator=generator, progress=progress, trace=trace)
@@ -532,8 +596,9 @@ def init_new_parts(cfg, unet_sd, full_sd):
         elif w[:, 4:8].abs().sum() == 0:  # SD text-to-image init: give the hint a path (docs/method.md §2.3)
             enc["input_blocks.0.0.weight"] = torch.cat([w[:, :4], w[:, :4], w[:, 8:]], 1)
         sd.update({"hint_encoder." + k: v for k, v in enc.items()})
-        adapter = HintAdapter(cfg.latent_channels, cfg.vae_factor)
-        sd.update({"adapter." + k: v.detach() for k, v in adapter.state_dict().items()})
+        if cfg.hint_kind != "latent":
+            adapter = HintAdapter(cfg.latent_channels, cfg.vae_factor)
+            sd.update({"adapter." + k: v.detach() for k, v in adapter.state_dict().items()})
         sd.update({"fusion." + k: v for k, v in fusion_layers(cfg).state_dict().items()})
     return {k: v.to(dtype) for k, v in sd.items()}
 
@@ -543,10 +608,12 @@ def init_new_parts(cfg, unet_sd, full_sd):
 
 # The tiny architecture: DTC's, narrow, trained from scratch by train.py's tiny preset (the bundled models) and
 # timed by bench.py --arch=tiny. The encoder's img_size and DTC's image_size follow the training size.
-TINY_UNET = UNetConfig(in_channels=9, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
-                       attention_levels=(1, 2), num_heads=4, context_dim=64)
-# 4x downsampling: 64x64 -> 16x16. One norm group: a narrow VAE with SD's 32 groups normalises colour away
-TINY_VAE = VAEConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=1)
+# 4x downsampling: 64x64 -> 16x16. One norm group: a narrow VAE with SD's 32 groups normalises colour away. 8 latent
+# channels (SD: 4): 4 kept too little of the teaching world's edges (held-out targets: 22.9 dB and 0.57 of their
+# edge energy after 3000 steps; 8 with train_vae's recipe: see README, "The teaching world")
+TINY_VAE = VAEConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=1, z_channels=8, embed_dim=8)
+TINY_UNET = UNetConfig(in_channels=2 * TINY_VAE.embed_dim + 1, out_channels=TINY_VAE.embed_dim, model_channels=32,
+                       channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(1, 2), num_heads=4, context_dim=64)
 TINY_ENCODER = DINOv2Config(embed_dim=64, depth=3, num_heads=4, ffn="mlp", patch_size=8, img_size=64,
                             interpolate_offset=0.0)
 
@@ -613,8 +680,8 @@ def load_dtc(path, dtype=None):
     """Returns (model, frozen or None). Strict: a file that is not a DTC checkpoint gets a clear error."""
     from safetensors import safe_open
     source = str(path)
-    if not os.path.isfile(source):
-        raise CheckpointError(f"{source}: file not found")
+    if why := not_a_file(source):
+        raise CheckpointError(f"{source}: {why}")
     try:
         with safe_open(source, "pt") as f:
             meta = f.metadata() or {}

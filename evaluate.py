@@ -13,6 +13,8 @@ Evaluate a DTC checkpoint (or a folder of results of any method) in one of two w
                own frozen encoder, --dinov2, or the encoder of --features_from)
   fd_dino      Frechet distance of the same features between generated and target regions; only for
                >= --fd_min images, because a covariance from a few samples is meaningless
+  edge_energy  the results' squared neighbour differences inside the region (eroded by 2 px), over the
+               targets': 1 = as much edge as the targets, a flat fill 0; a blur scores low (edge_energy says more)
   --fill=flat|hint|vae scores a trivial baseline instead of the model (trivial_fill), --zero_hint the model with
   its hint zeroed, --bootstrap=N adds 95 % intervals of the means (<metric>_lo, <metric>_hi).
 
@@ -34,9 +36,10 @@ Evaluate a DTC checkpoint (or a folder of results of any method) in one of two w
 
 The last line printed is key=value pairs.
 """
+import os
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads OpenMP: cli.use_free_cores says why
 import argparse
 import math
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -46,9 +49,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import CheckpointError
-from cli import bad_option, pick_device, run
-from data import (DRESSCODE_CATEGORIES, DataError, DressCodeDataset, TripletDataset, VitonHDDataset, load_image,
-                  resize_image, to_pil, to_tensor, write_images)
+from cli import (HelpFormatter, bad_option, check_files, check_folder, check_sampling_options, pick_device, run,
+                 use_free_cores)
+from data import (DRESSCODE_CATEGORIES, DataError, DressCodeDataset, TripletDataset, VitonHDDataset,
+                  check_output_folder, find_layout, load_image, resize_image, to_pil, to_tensor, write_images)
 from dtc import encode_image_tokens, generate, largest_rectangle, load_dtc, make_hint
 from dinov2 import load_dinov2
 
@@ -77,6 +81,18 @@ def ssim_masked(pred, target, fill):
     return (m * fill).sum((1, 2, 3)) / fill.sum((1, 2, 3))
 
 
+def edge_energy(x, fill):
+    """How much edge an image has inside the region: the squared differences between neighbouring pixels (summed
+    over the channels, vertical and horizontal), summed over the region eroded by 2 px (so the region's own border,
+    where the pasted-back source meets the fill, does not count). x (B,3,H,W), fill (B,1,H,W) -> (B,).
+    Reported as a ratio, the results' total over the targets' (edge_energy=1: as much edge as the targets, a flat
+    fill 0): a blurred result scores far below 1 even where its PSNR is fair."""
+    dy, dx = (x[:, :, 1:, :] - x[:, :, :-1, :]) ** 2, (x[:, :, :, 1:] - x[:, :, :, :-1]) ** 2
+    inner = -F.max_pool2d(-fill, 5, stride=1, padding=2)  # erosion by 2 px: a min filter of 5x5
+    return (dy.sum(1, keepdim=True) * inner[:, :, 1:, :]).sum((1, 2, 3)) + \
+        (dx.sum(1, keepdim=True) * inner[:, :, :, 1:]).sum((1, 2, 3))
+
+
 def region_crop(x, fill):
     """The bounding box of the region to fill of each image, as a list of (3,h,w) crops."""
     crops = []
@@ -102,15 +118,6 @@ def frechet_distance(a, b):
     root_a = v @ torch.diag(w.clamp(min=0).sqrt()) @ v.T
     cross = torch.linalg.eigvalsh(root_a @ s_b @ root_a).clamp(min=0).sqrt().sum()
     return ((mu_a - mu_b) ** 2).sum() + s_a.trace() + s_b.trace() - 2 * cross
-
-
-def release_layout(root):
-    """"vitonhd", "dresscode" or None (a triplet folder), from the files at the root."""
-    if os.path.isfile(os.path.join(root, "test_pairs.txt")) or os.path.isfile(os.path.join(root, "train_pairs.txt")):
-        return "vitonhd"
-    if any(os.path.isdir(os.path.join(root, c)) for c in DRESSCODE_CATEGORIES):
-        return "dresscode"
-    return None
 
 
 def require_eval_libraries():
@@ -158,26 +165,41 @@ class RegionCLIP:
         return 100 * (self.embed(region_crop(pred, fill)) * self.embed(list(reference))).sum(-1)
 
 
+class Extracted(torch.nn.Module):
+    """What FID and KID get in place of their feature network: features already extracted, passed through, so that
+    the network runs once per image for both metrics (each would run it on every image it is given)."""
+
+    def __init__(self, num_features):
+        super().__init__()
+        self.num_features = num_features  # read by torchmetrics instead of probing the network with an image
+
+    def forward(self, features):
+        return features
+
+
 def field_metrics(args, paired, fid_feature, device, kid_size):
-    """The torchmetrics objects of the release protocol. fid_feature: a module mapping uint8 (B,3,H,W) images to
-    (B,D) features, in place of torch-fidelity's Inception-v3 (the library's hook for custom extractors);
-    kid_size: images per KID subset (at most the number of images)."""
+    """(feature network, metrics): the torchmetrics objects of the release protocol, FID and KID to be given the
+    network's features of each image (update(network(images), real)). fid_feature: a module mapping uint8 (B,3,H,W)
+    images to (B, num_features) features, in place of torch-fidelity's Inception-v3 (the library's hook for custom
+    extractors); kid_size: images per KID subset (at most the number of images)."""
     from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
     from torchmetrics.image.kid import KernelInceptionDistance
     from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
     from torchmetrics.image.ssim import StructuralSimilarityIndexMeasure
     if fid_feature is None:
         # torch-fidelity's own resize to 299 (TF1-style bilinear, no antialias): the numbers of the try-on
-        # papers that call torch-fidelity directly
+        # papers that call torch-fidelity directly; its pool3 features have 2048 dimensions
         fid_feature = NoTrainInceptionV3("inception-v3-compat", ["2048"], args.inception, antialias=False)
+        fid_feature.num_features = 2048
+    extracted = Extracted(fid_feature.num_features)
     with warnings.catch_warnings():  # KID keeps every feature vector: 8 KiB per image, fine for a test split
         warnings.filterwarnings("ignore", message="Metric `Kernel Inception Distance` will save")
-        metrics = {"fid": FrechetInceptionDistance(fid_feature), "kid": KernelInceptionDistance(
-            fid_feature, subsets=args.kid_subsets, subset_size=kid_size)}
+        metrics = {"fid": FrechetInceptionDistance(extracted), "kid": KernelInceptionDistance(
+            extracted, subsets=args.kid_subsets, subset_size=kid_size)}
     if paired:
         metrics["lpips"] = LearnedPerceptualImagePatchSimilarity(net_type=args.lpips_net, normalize=True)
         metrics["ssim"] = StructuralSimilarityIndexMeasure(data_range=1.0)
-    return {k: m.to(device) for k, m in metrics.items()}
+    return fid_feature.to(device).eval(), {k: m.to(device) for k, m in metrics.items()}
 
 
 def parse_size(text):
@@ -190,33 +212,39 @@ def parse_size(text):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="triplet folder with target/, or a VITON-HD or DressCode release")
-    p.add_argument("--dtc", help="DTC checkpoint to sample with (and whose image encoder scores dino_i)")
-    p.add_argument("--pred_dir", help="score these images (named like the sources) instead of sampling")
-    p.add_argument("--sd", help="VAE source when the checkpoint holds only the trainable parts")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--data", required=True, help="triplet folder with target/, or a VITON-HD or DressCode release (or "
+                   "one DressCode category folder); required, no default")
+    p.add_argument("--dtc", help="DTC checkpoint to sample with (and whose image encoder scores dino_i); default: none")
+    p.add_argument("--pred_dir", help="score these images (named like the sources) instead of sampling; default: none")
+    p.add_argument("--sd", help="VAE source when the checkpoint holds only the trainable parts; default: none")
     p.add_argument("--dinov2", help="DINOv2 hub file for the feature metrics (default: the model's own encoder)")
     p.add_argument("--features_from", help="a DTC checkpoint whose image encoder scores dino_i and fd_dino, so that "
-                   "models with encoders of their own (the teaching models) are judged by one")
-    p.add_argument("--out_dir", help="also write the generated images here")
-    p.add_argument("--size", type=int, default=None, help="working size (default: the model's training size)")
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--guidance", type=float, default=5.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch_size", type=int, default=16)
+                   "models with encoders of their own (the teaching models) are judged by one; default: none")
+    p.add_argument("--out_dir", help="also write the generated images here; default: none")
+    p.add_argument("--size", type=int, help="working size, 1 ... 2048, rounded as sample.py rounds it (default: the "
+                   "model's training size; with --pred_dir and no model, 512)")
+    p.add_argument("--steps", type=int, default=40, help="DDIM steps, 1 ... 1000 (paper: 40)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale, >= 0 (default: the model's stored "
+                   "default; 5, the paper's, for models built from SD)")
+    p.add_argument("--seed", type=int, default=0, help="batch b is sampled with seed + b; KID's subsets with seed; "
+                   "0 ... 2^32 - 1")
+    p.add_argument("--batch_size", type=int, default=16, help="images per batch")
     p.add_argument("--fill", default="model", choices=["model", "flat", "hint", "vae"],
                    help="triplet folders: what fills the region: the model's samples, or a trivial baseline (the "
                    "reference's mean colour, the pasted hint, the target through the VAE); see trivial_fill")
     p.add_argument("--zero_hint", action="store_true", help="sample with the hint image zeroed")
     p.add_argument("--bootstrap", type=int, default=0, help="triplet folders: N resamples for 95 %% intervals; 0 = off")
     p.add_argument("--fd_min", type=int, default=200, help="fewest images for which fd_dino is reported")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
     g = p.add_argument_group("releases (VITON-HD, DressCode)")
-    g.add_argument("--split", default="test", choices=["test", "train"])
+    g.add_argument("--split", default="test", choices=["test", "train"], help="the release's split to score")
     g.add_argument("--pairs", default="paired", choices=["paired", "unpaired"],
                    help="paired: the person's own garment (every metric); unpaired: another garment, no ground truth")
-    g.add_argument("--category", default="all", choices=["all", *DRESSCODE_CATEGORIES], help="DressCode only")
-    g.add_argument("--limit", type=int, help="only the first N pairs (a quick look; not comparable numbers)")
+    g.add_argument("--category", default="all", choices=["all", *DRESSCODE_CATEGORIES],
+                   help="DressCode only (a category folder as --data is that category)")
+    g.add_argument("--limit", type=int, help="only the first N pairs (a quick look; not comparable numbers); "
+                   "default: all")
     g.add_argument("--eval_size", type=parse_size, default=(512, 384), help="HxW every image is scored at")
     g.add_argument("--no_repaint", action="store_true", help="score the decoded pixels outside the mask too")
     g.add_argument("--clip", default="openai/clip-vit-base-patch32",
@@ -225,14 +253,15 @@ def parse_args(argv=None):
                    "torch-fidelity's cache, $TORCH_HOME/hub/checkpoints)")
     g.add_argument("--lpips_net", default="alex", choices=["alex", "vgg", "squeeze"],
                    help="LPIPS backbone (torchvision weights from $TORCH_HOME/hub/checkpoints)")
-    g.add_argument("--kid_subsets", type=int, default=100)
-    g.add_argument("--kid_subset_size", type=int, default=1000, help="capped at the number of images")
+    g.add_argument("--kid_subsets", type=int, default=100, help="KID's random subsets (the mean and std are over them)")
+    g.add_argument("--kid_subset_size", type=int, default=1000, help="images per KID subset, capped at the number "
+                   "of images")
     return p.parse_args(argv)
 
 
 def load_generator(args):
     """(model, frozen) of --dtc, the frozen parts from --sd/--dinov2 when the file holds only the trained ones."""
-    model, frozen = load_dtc(args.dtc)
+    model, frozen = load_dtc(args.dtc, dtype=torch.float32)  # (the bundled files are float16: slow on a CPU)
     if frozen is None:
         from dtc import from_original
         _, frozen = from_original(args.sd, args.dinov2)
@@ -282,30 +311,45 @@ def save_images(out_dir, images, names):
     write_images({os.path.join(out_dir, f"{name}.png"): to_pil(x.cpu()) for x, name in zip(images, names)})
 
 
-def check_options(args, layout):
-    """Every option's meaning, checked before any model is loaded or image scored: a value out of range, or an
-    option the chosen way of evaluating would ignore, is one line."""
-    for option, least in (("batch_size", 1), ("steps", 1), ("bootstrap", 0), ("fd_min", 2), ("kid_subsets", 1),
+def check_options(args):
+    """Every option's meaning, checked before any model is loaded or image scored: a value out of range, a file or
+    folder that is not there, or an option the chosen way of evaluating would ignore, is one line. Returns the layout
+    of --data ("triplets", "vitonhd" or "dresscode"); a DressCode category folder becomes its release and
+    --category."""
+    check_folder(args, "data")
+    layout, root, category = find_layout(args.data)
+    release = layout != "triplets"
+    check_sampling_options(args)  # the ranges sample.py checks, from the same code
+    for option, least in (("batch_size", 1), ("bootstrap", 0), ("fd_min", 2), ("kid_subsets", 1),
                           ("kid_subset_size", 2)):
         if getattr(args, option) < least:
             raise bad_option(args, option, f"must be at least {least}")
     if args.limit is not None and args.limit < 1:
         raise bad_option(args, "limit", "must be at least 1")
-    if args.fill != "model" and (layout is not None or args.pred_dir):
+    if args.fill != "model" and (release or args.pred_dir):
         raise bad_option(args, "fill", "a trivial fill is scored on a triplet folder, not with --pred_dir or a release")
     if args.zero_hint and (args.fill != "model" or args.pred_dir):
         raise bad_option(args, "zero_hint", "zeroes the hint of the model's own samples: not with --fill or --pred_dir")
-    if args.bootstrap and layout is not None:
+    if args.bootstrap and release:
         raise bad_option(args, "bootstrap", "intervals are given on triplet folders; a release's FID and KID have none")
+    if category not in (None, "all"):  # --data is one category folder of a DressCode release
+        if args.category not in ("all", category):
+            raise bad_option(args, "category", f"--data={args.data} is the {category} folder of a DressCode release")
+        args.data, args.category = str(root), category
+    pick_device(args.device)  # --device=cuda without CUDA: said here, before any work
+    check_files(args, "dtc", "sd", "dinov2", "features_from", "inception")
+    check_folder(args, "pred_dir")
+    if args.out_dir is not None:
+        check_output_folder(args.out_dir, "--out_dir")
+    return layout
 
 
 def main(argv=None, fid_feature=None):
     """fid_feature: see field_metrics (tests pass a small random one)."""
     args = parse_args(argv)
-    layout = release_layout(args.data)
-    check_options(args, layout)
+    layout = check_options(args)
     device = pick_device(args.device)
-    if layout is not None:
+    if layout != "triplets":
         return evaluate_release(args, layout, device, fid_feature)
     if args.dtc is None and (args.pred_dir is None or args.dinov2 is None):
         raise CheckpointError("give --dtc (to sample and for its image encoder), or --pred_dir with --dinov2")
@@ -313,11 +357,12 @@ def main(argv=None, fid_feature=None):
     encoder = load_dinov2(args.dinov2) if args.dinov2 else frozen.image_encoder
     image_size = model.cfg.image_size if (model is not None and not args.dinov2) else 224
     if args.features_from:
-        judge, judge_frozen = load_dtc(args.features_from)
+        judge, judge_frozen = load_dtc(args.features_from, dtype=torch.float32)
         if judge_frozen is None:
             raise CheckpointError(f"{args.features_from}: holds no image encoder")
         encoder, image_size = judge_frozen.image_encoder, judge.cfg.image_size
-    size = args.size or (512 if model is None else model.cfg.train_size)
+    # square; with a model rounded to its multiple, as sample.py rounds
+    size = (args.size or 512) if model is None else model.cfg.working_size(1, 1, args.size)[0]
     if not os.path.isdir(os.path.join(args.data, "target")):
         raise DataError(f"{args.data}: no target/ folder: evaluation needs the ground truth")
     data = TripletDataset(args.data, size=(size, size), ref_size=(image_size, image_size), train=False)
@@ -327,6 +372,7 @@ def main(argv=None, fid_feature=None):
             m.to(device).eval()
 
     scores = {"psnr_masked": [], "ssim_masked": [], "dino_i": []}
+    edges, target_edges = [], []
     gen_feats, target_feats = [], []
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size)
     for b, batch in enumerate(tqdm(loader, desc="evaluating")):
@@ -343,6 +389,8 @@ def main(argv=None, fid_feature=None):
         p01, t01 = (pred + 1) / 2, (target + 1) / 2
         scores["psnr_masked"].append(psnr_masked(p01, t01, fill).cpu())
         scores["ssim_masked"].append(ssim_masked(p01, t01, fill).cpu())
+        edges.append(edge_energy(p01, fill).cpu())
+        target_edges.append(edge_energy(t01, fill).cpu())
         gen = cls_features(encoder, region_crop(pred, fill), image_size)
         ref = cls_features(encoder, list(reference), image_size)
         scores["dino_i"].append(F.cosine_similarity(gen, ref).cpu())
@@ -357,6 +405,7 @@ def main(argv=None, fid_feature=None):
         for k, v in scores.items():
             result[f"{k}_lo"], result[f"{k}_hi"] = bootstrap_interval(torch.cat(v), args.bootstrap)
         print(f"the _lo/_hi values: 95 % bootstrap interval of the mean over {args.bootstrap} resamples of the images")
+    result["edge_energy"] = (torch.cat(edges).sum() / torch.cat(target_edges).sum()).item()
     if n >= args.fd_min:
         result["fd_dino"] = frechet_distance(torch.cat(gen_feats), torch.cat(target_feats)).item()
     else:
@@ -398,11 +447,11 @@ def evaluate_release(args, layout, device, fid_feature):
         model, frozen = load_generator(args)
         for m in (model, frozen.vae, frozen.image_encoder):
             m.to(device).eval()
-        size = args.size or model.cfg.train_size
+        size = model.cfg.working_size(1, 1, args.size)[0]  # square, rounded as sample.py rounds
         sampled = reader((size, size), (model.cfg.image_size, model.cfg.image_size))  # what the model sees
     subset = lambda ds: torch.utils.data.Subset(ds, range(n))
     kid_size = min(args.kid_subset_size, n)
-    metrics = field_metrics(args, paired, fid_feature, device, kid_size)
+    network, metrics = field_metrics(args, paired, fid_feature, device, kid_size)
     scores = {"clip_region": [], "psnr_masked": [], "ssim_masked": []}
     loaders = [torch.utils.data.DataLoader(subset(scored), batch_size=args.batch_size)]
     if model is not None:
@@ -420,10 +469,11 @@ def evaluate_release(args, layout, device, fid_feature):
             pred = pred * (1 - mask) + real * mask  # the field's "repaint": the person's own pixels outside the mask
         fill = 1 - mask
         scores["clip_region"].append(clip.score(pred, fill, garment).cpu())
-        metrics["fid"].update(to_uint8(real), real=True)
-        metrics["fid"].update(to_uint8(pred), real=False)
-        metrics["kid"].update(to_uint8(real), real=True)
-        metrics["kid"].update(to_uint8(pred), real=False)
+        with torch.no_grad():  # the network runs once per image: FID and KID share its features
+            real_features, pred_features = network(to_uint8(real)), network(to_uint8(pred))
+        for name in ("fid", "kid"):
+            metrics[name].update(real_features, real=True)
+            metrics[name].update(pred_features, real=False)
         if paired:
             p01, t01 = (pred + 1) / 2, (real + 1) / 2
             metrics["lpips"].update(p01, t01)
@@ -446,7 +496,8 @@ def evaluate_release(args, layout, device, fid_feature):
     backbone = ("torch-fidelity Inception-v3 pool3 (2048-d; its TF1-style resize to 299x299)" if fid_feature is None
                 else f"custom {type(fid_feature).__name__}")
     generated = (f"read from {args.pred_dir}" if model is None else
-                 f"sampled at {size}x{size} ({args.steps} DDIM steps, guidance {args.guidance}, seed {args.seed})")
+                 f"sampled at {size}x{size} ({args.steps} DDIM steps, guidance "
+                 f"{model.cfg.guidance if args.guidance is None else args.guidance}, seed {args.seed})")
     c = f"{clip.size}x{clip.size}"
     print(f"protocol: {release} {args.split}, {args.pairs}, {n} images" + (f" (--limit={args.limit})" if args.limit else ""))
     print(f"  images: {generated}, resized to {W}x{H} (W x H, bilinear, antialiased); paste-back (repaint) "
@@ -471,4 +522,5 @@ def find(folder, name, fallback=None):
 
 
 if __name__ == "__main__":
+    use_free_cores()
     sys.exit(run(main, errors=(CheckpointError, DataError, ImportError)))

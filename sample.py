@@ -6,12 +6,14 @@ With no arguments it runs the bundled teaching model on a bundled example, on th
 With the real weights (SD 1.5 or SD 1.5-inpainting, DINOv2 g/14, and a DTC checkpoint you trained):
     python sample.py --sd=v1-5-pruned-emaonly.safetensors --dinov2=dinov2_vitg14_pretrain.pth \\
         --dtc=dtc.safetensors --source=photo.jpg --mask=mask.png --reference=product.jpg --out=result.png
-The mask is white where the product goes; --box=x0,y0,x1,y1 (pixels) fills a rectangle instead. Every option also
-accepts --key=value.
+The mask is white where the product goes (transparent pixels keep: a white shape on a transparent layer is that
+shape); --box=x0,y0,x1,y1 (pixels) fills a rectangle instead. Give --source, --mask (or --box) and --reference
+together: the bundled example is used only when none of them is given. Every option also accepts --key=value.
 """
+import os
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads OpenMP: cli.use_free_cores says why
 import argparse
 import math
-import os
 import sys
 
 import torch
@@ -19,10 +21,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from checkpoint import CheckpointError
-from cli import bad_option, check_dtype, pick_device, pick_dtype, run
-from diffusion import Schedule
+from cli import (HelpFormatter, bad_option, check_dtype, check_files, check_sampling_options, pick_device, pick_dtype,
+                 run, use_free_cores)
 from data import DataError, check_output_image, grid, load_image, load_mask, to_pil, to_tensor, write_images
-from dtc import from_original, generate, load_dtc, make_hint
+from dtc import from_original, generate, hint_image, load_dtc
 from vae import LATENT_SCALE
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -30,69 +32,77 @@ EXAMPLES = os.path.join(HERE, "assets", "examples")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sd", help="SD 1.5, SD 1.5-inpainting or Paint-by-Example single file (U-Net and VAE)")
-    p.add_argument("--dinov2", help="DINOv2 hub file, e.g. dinov2_vitg14_pretrain.pth")
-    p.add_argument("--dtc", default=None, help="DTC checkpoint from train.py (default: the bundled teaching model "
-                   "when --sd is not given)")
-    p.add_argument("--source", default=os.path.join(EXAMPLES, "source.png"), help="the photo to edit")
-    p.add_argument("--mask", default=os.path.join(EXAMPLES, "mask.png"), help="white = region to fill; any size")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--sd", help="SD 1.5, SD 1.5-inpainting or Paint-by-Example single file (U-Net and VAE); "
+                   "default: none, the bundled teaching model")
+    p.add_argument("--dinov2", help="DINOv2 hub file, e.g. dinov2_vitg14_pretrain.pth (needed with --sd); "
+                   "default: none")
+    p.add_argument("--dtc", help="DTC checkpoint from train.py (default: the bundled teaching model when --sd is not "
+                   "given; with --sd, an untrained DTC built from it)")
+    p.add_argument("--source", help="the photo to edit (default: the bundled example's, when none of --source, "
+                   "--mask, --box, --reference is given)")
+    p.add_argument("--mask", help="white = region to fill, grey thresholded at 128, transparent = keep (a white "
+                   "shape on a transparent layer is that shape); any size (default: the bundled example's)")
     p.add_argument("--box", help="x0,y0,x1,y1: fill this rectangle instead of a --mask (pixels of the source; "
-                   "x1, y1 exclusive, as PIL's boxes)")
-    p.add_argument("--reference", default=os.path.join(EXAMPLES, "reference.png"), help="the product image")
+                   "x1, y1 exclusive, as PIL's boxes); default: none")
+    p.add_argument("--reference", help="the product image (default: the bundled example's)")
     p.add_argument("--out", default=os.path.join("out", "result.png"), help="result path (.png, .jpg, .jpeg or .webp: "
                    "the extension sets the format); a grid <out>_grid.png is written beside it")
-    p.add_argument("--size", type=int, default=None, help="longer side the model works at (default: the model's "
-                   "training size: 512 for SD, 64 for the teaching model)")
-    p.add_argument("--steps", type=int, default=40, help="DDIM steps (paper: 40)")
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (paper: 5)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like")
-    p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
-    p.add_argument("--num_samples", type=int, default=1)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--size", type=int, help="longer side the model works at, 1 ... 2048 (default: the model's "
+                   "training size: 512 for SD, 64 for the teaching model); each side rounded to the model's multiple")
+    p.add_argument("--steps", type=int, default=40, help="DDIM steps, 1 ... 1000 (paper: 40)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale, >= 0 (default: the model's "
+                   "stored default; 5, the paper's, for models built from SD)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta, 0 ... 1: 0 deterministic, 1 DDPM-like")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i; 0 ... 2^32 - 1")
+    p.add_argument("--num_samples", type=int, default=1, help="results to draw, each with its own seed")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on a GPU that has it, else float32")
     p.add_argument("--no_paste_back", action="store_true", help="keep the decoded pixels outside the mask too")
     p.add_argument("--explain", action="store_true", help="also write <out>_explain.png: what the hint does")
-    p.add_argument("--baseline", default=None, help="--explain: a model without the hint branch to compare with "
-                   "(default with the bundled model: the bundled baseline)")
-    p.add_argument("--target", default=None, help="--explain: what the region should become, shown beside the results")
+    p.add_argument("--baseline", help="--explain: a model without the hint branch to compare with "
+                   "(default with the bundled model: the bundled baseline; else none)")
+    p.add_argument("--target", help="--explain: what the region should become, shown beside the results; default: "
+                   "none")
     args = p.parse_args(argv)
     if args.dtc is None and args.sd is None:  # the bundled teaching model and, for --explain, its baseline
         args.dtc = os.path.join(HERE, "assets", "dtc_tiny.safetensors")
         if args.explain and args.baseline is None:
             args.baseline = os.path.join(HERE, "assets", "dtc_tiny_baseline.safetensors")
+    if all(v is None for v in (args.source, args.mask, args.box, args.reference)):  # the bundled example, as a whole
+        args.source, args.mask, args.reference = (os.path.join(EXAMPLES, f"{name}.png")
+                                                  for name in ("source", "mask", "reference"))
     return args
 
 
 def check_options(args):
     """Every option's meaning, checked before any model is loaded or any file written: each problem is one line."""
-    if not 1 <= args.steps <= Schedule().num_steps:  # past 1000 the DDIM spacing would repeat t = 1
-        raise bad_option(args, "steps", f"DDIM steps must be 1 ... {Schedule().num_steps} (the schedule's steps)")
+    missing = [name for name, given in (("--source", args.source), ("--mask (or --box)", args.mask or args.box),
+                                        ("--reference", args.reference)) if given is None]
+    if missing:  # some of the user's own inputs given: never completed with the bundled example's
+        raise DataError(f"{' and '.join(missing)} missing: your own --source, --mask (or --box) and --reference go "
+                        "together (with none of them the bundled example runs)")
+    if args.mask is not None and args.box is not None:
+        raise bad_option(args, "box", "give --mask or --box, not both (each names the region to fill)")
+    for option in ("baseline", "target"):
+        if getattr(args, option) is not None and not args.explain:
+            raise bad_option(args, option, "is used only with --explain")
+    check_sampling_options(args)
     if args.num_samples < 1:
         raise bad_option(args, "num_samples", "must be at least 1")
-    if args.size is not None and args.size < 1:
-        raise bad_option(args, "size", "the working size must be a positive number of pixels")
-    if not (math.isfinite(args.guidance) and args.guidance >= 0):
-        raise bad_option(args, "guidance", "must be a finite number >= 0 (1: no guidance; paper: 5)")
     if not (math.isfinite(args.eta) and 0 <= args.eta <= 1):
         raise bad_option(args, "eta", "DDIM eta must be 0 ... 1 (0: deterministic, 1: DDPM-like)")
-    if not 0 <= args.seed <= 2 ** 63 - args.num_samples:
-        raise bad_option(args, "seed", f"must be 0 ... 2^63 - {args.num_samples} (sample i uses seed + i)")
     check_dtype(args)  # --device=cuda without CUDA, --dtype the device lacks: said here, before any work
     if args.dtc is None and args.sd is not None and args.dinov2 is None:
         raise CheckpointError("--sd needs --dinov2 (the DINOv2 hub file)")
-    for option in ("sd", "dinov2", "dtc"):
-        if getattr(args, option) is not None and not os.path.isfile(getattr(args, option)):
-            raise CheckpointError(f"{getattr(args, option)}: file not found (--{option})")
+    check_files(args, "sd", "dinov2", "dtc", "source", "mask", "reference", "baseline", "target")
     results, grid_path, explain_path = output_paths(args)
     for path in results:
         check_output_image(path, "--out")
     check_output_image(grid_path, "the grid beside --out")
     if args.explain:
         check_output_image(explain_path, "the --explain picture beside --out")
-    for option in ("baseline", "target"):
-        if getattr(args, option) is not None and not os.path.isfile(getattr(args, option)):
-            raise DataError(f"{getattr(args, option)}: file not found (--{option})")
 
 
 def output_paths(args):
@@ -133,12 +143,6 @@ def box_mask(box, size):
     return keep
 
 
-def working_size(w, h, longer, multiple):
-    """Source size scaled so its longer side is `longer`, each side rounded to a multiple the model needs."""
-    s = longer / max(w, h)
-    return max(multiple, round(w * s / multiple) * multiple), max(multiple, round(h * s / multiple) * multiple)
-
-
 @torch.no_grad()
 def explain(model, frozen, baseline, source, mask, reference, target, args, tile=128):
     """The picture of what the hint does, (a PIL image):
@@ -165,7 +169,7 @@ def explain(model, frozen, baseline, source, mask, reference, target, args, tile
     t, z_t, _ = trace[len(trace) // 2]  # the fusion at the middle step, conditional branch
     tt = torch.full((1,), t, dtype=torch.long, device=z_t.device)
     context = model.context(cond["tokens"].to(z_t.dtype))
-    z_hint = cond["z_masked"] + model.adapter(cond["hint"].to(z_t.dtype))
+    z_hint = model.hint_latent(cond["z_masked"], cond["hint"].to(z_t.dtype))
     feats = model.hint_features(z_hint, z_t, tt, cond["mask_lat"], context)
     if model.cfg.fusion == "film":
         gamma, beta = model.fusion[0](feats[0]).chunk(2, 1)
@@ -217,12 +221,15 @@ def main(argv=None):
             raise CheckpointError(f"{args.dtc}: --explain shows what the hint does, and this model has no hint branch")
         if args.baseline:
             base_model, base_frozen = load_dtc(args.baseline, dtype=dtype)
+            if base_model.cfg.hint:
+                raise CheckpointError(f"{args.baseline} (--baseline): has a hint branch; the baseline shows a model "
+                                      "without one (train.py --no_hint)")
             baseline = (base_model.to(device, dtype), base_frozen or frozen)
     model.to(device, dtype)
     frozen.vae.to(device, dtype)
     frozen.image_encoder.to(device, dtype)
     cfg = model.cfg
-    w, h = working_size(W, H, args.size or cfg.train_size, cfg.size_multiple)
+    w, h = cfg.working_size(W, H, args.size)
 
     source = to_tensor(source_pil.resize((w, h), Image.BICUBIC))[None].to(device)
     mask = F.interpolate(keep_full[None], size=(h, w), mode="nearest").to(device)
@@ -248,7 +255,7 @@ def main(argv=None):
         target = None if target_pil is None else to_tensor(target_pil.resize((w, h), Image.BICUBIC))[None].to(device)
         with autocast:
             explained = explain(model, frozen, baseline, source, mask, reference, target, args)
-    hint = to_pil(make_hint(reference.float().cpu(), mask.float().cpu())[0] * 2 - 1)
+    hint = to_pil(hint_image(model.cfg.hint_kind, reference.float().cpu(), mask.float().cpu(), source.float().cpu())[0] * 2 - 1)
     mask_pil = Image.eval(keep_pil, lambda v: 255 - v)  # white = filled, as the user drew it
     paths, grid_path, explain_path = output_paths(args)
     # all or nothing: the results and the pictures replace the earlier ones only once every one of them is written
@@ -268,4 +275,5 @@ def cli(argv=None):
 
 
 if __name__ == "__main__":
+    use_free_cores()
     sys.exit(cli())

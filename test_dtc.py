@@ -5,6 +5,7 @@ Run: python -m pytest -q test_dtc.py
 """
 import ast
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
@@ -868,6 +869,19 @@ def test_diffusion_ddim_equals_diffusers(steps):
             z = ref
 
 
+def test_diffusion_ddim_timesteps_for_every_step_count():
+    """--steps 1 ... 1000 all sample: every count gives that many distinct timesteps inside the schedule, falling;
+    SD's spacing with its offset of 1 is kept wherever it fits, and 1000 steps visit every timestep, 999 ... 0 (the
+    offset made t = 1000 there, past the schedule's end: an IndexError before)."""
+    schedule = diffusion.Schedule()
+    for steps in range(1, 1001):
+        ts = schedule.ddim_timesteps(steps)
+        assert len(ts) == steps and max(ts) <= 999 and min(ts) >= 0 and ts == sorted(set(ts), reverse=True), steps
+    assert schedule.ddim_timesteps(1000) == list(range(999, -1, -1))
+    ts = schedule.ddim_timesteps(50)
+    assert (ts[0], ts[-1]) == (981, 1) and schedule.ddim_timesteps(999)[-1] == 1
+
+
 def test_diffusion_ddpm_noising_and_step_equal_diffusers():
     from diffusers import DDPMScheduler
     # the full 1000-step ancestral chain: no offset (timesteps 999 ... 0)
@@ -988,22 +1002,89 @@ def test_dtc_v_prediction_loss_and_sampling_use_v():
     assert (z - z0).abs().max() > 1
 
 
-@pytest.mark.parametrize("fusion,hint_input", [("film", "full"), ("add", "full"), ("xattn", "full"), ("film", "latent_only")])
-def test_dtc_fresh_model_equals_base_unet(fusion, hint_input):
-    """Zero-initialised fusion: a fresh DTC computes exactly its main U-Net; perturbing the fusion convs changes it."""
+@pytest.mark.parametrize("fusion,hint_input,hint_kind", [("film", "full", "image"), ("add", "full", "image"),
+                                                         ("xattn", "full", "image"), ("film", "latent_only", "image"),
+                                                         ("film", "full", "latent")])
+def test_dtc_fresh_model_equals_base_unet(fusion, hint_input, hint_kind):
+    """Zero-initialised fusion: a fresh DTC computes exactly its main U-Net; perturbing the fusion convs changes it.
+    (hint_kind "latent": the hint is a latent, read without an adapter.)"""
     torch.manual_seed(0)
-    model = dtc.DiffuseToChoose(dtc_config(fusion=fusion, hint_input=hint_input))
+    model = dtc.DiffuseToChoose(dtc_config(fusion=fusion, hint_input=hint_input, hint_kind=hint_kind))
+    assert hasattr(model, "adapter") == (hint_kind != "latent")
     for name, child in model.named_children():
         if name != "fusion":  # everything random but the zero-initialised fusion
             randomise(child)
     z, zm = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     mask = torch.rand(2, 1, 8, 8)
     ctx = model.context(torch.randn(2, 5, 64))
-    hint, t = torch.rand(2, 3, 16, 16), torch.tensor([10, 900])
+    hint, t = torch.rand(2, 3, 16, 16) if hint_kind != "latent" else torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
     base = model.unet(torch.cat([z, zm, mask], 1), t, ctx)
     assert torch.equal(model(z, t, zm, mask, ctx, hint=hint), base)
     randomise(model.fusion)
     assert (model(z, t, zm, mask, ctx, hint=hint) - base).abs().max() > 1e-3
+
+
+def test_dtc_xattn_finds_the_hint_at_its_own_place():
+    """fusion="xattn" has positions: with queries and keys that compare (almost) only positions (the skip is flat, so
+    its LayerNorm is 0; the hint's content scaled down) and values and output the identity, what a hint blob adds to
+    the skip is at the blob's place, and moving the blob moves it. Without the positions every skip pixel would
+    receive the same mixture."""
+    layer = dtc.CrossAttentionFusion(64)
+    with torch.no_grad():
+        layer.norm_kv.weight.fill_(0.01)
+        for lin in (layer.to_q, layer.to_k):
+            lin.weight.copy_(6 * torch.eye(64))
+        layer.to_v.weight.copy_(torch.eye(64))
+        layer.proj_out.weight.copy_(torch.eye(64))
+    skip = torch.zeros(1, 64, 12, 12)
+    for y, x in ((2, 3), (9, 7)):
+        feats = torch.zeros(1, 64, 12, 12)
+        feats[0, :, y, x] = torch.randn(64, generator=torch.Generator().manual_seed(0))
+        change = layer(skip, feats).abs().sum(1)[0]  # (12,12)
+        assert divmod(change.argmax().item(), 12) == (y, x)
+        assert change[y, x] > 5 * change.flatten().sort().values[-2]  # the rest attend (almost) to themselves
+    pos = dtc.positions_2d(12, 12, 64)
+    assert pos.shape == (144, 64) and (pos @ pos.T).argmax(1).equal(torch.arange(144))  # each place most like itself
+
+
+def test_dtc_edge_hint_marks_stripe_borders():
+    """hint_kind "edges": per-channel Sobel edges of the reference, nonzero on a stripe's borders, flat areas black
+    (-1); on the hint canvas the rectangle holds them."""
+    image = -torch.ones(1, 3, 16, 16)
+    image[:, :, :, 6:10] = 1  # a white vertical stripe on black
+    image[:, 0, 12:, :] = 0.5  # a flat red-channel band at the bottom: a horizontal border in channel 0 only
+    edges = dtc.sobel_edges(image)
+    assert edges.shape == image.shape
+    assert (edges[:, :, :10, [5, 6, 9, 10]] > 0).all()  # both sides of both stripe borders (above the band)
+    assert (edges[:, 1:, :, :4] == -1).all() and (edges[:, 1:, :, 12:] == -1).all()  # flat: exactly -1
+    assert (edges[:, 0, [11, 12], 1:4] > -1).all() and (edges[:, 1:, [11, 12], 1:4] == -1).all()  # per channel
+    mask = torch.ones(1, 1, 32, 32)
+    mask[..., 8:24, 4:28] = 0
+    hint = dtc.hint_image("edges", image, mask, torch.zeros(1, 3, 32, 32))
+    assert hint.shape == (1, 3, 32, 32) and hint[..., :8, :].eq(0).all() and hint[..., 8:24, 4:28].max() > 0.9
+
+
+def test_dtc_latent_hint_pastes_into_the_masked_source():
+    """hint_kind "latent": the hint image is the masked source (hole mid-grey) with the reference in the largest
+    rectangle; prepare hands the hint encoder its VAE latent, drawn after z_masked's posterior sample, the same
+    when the hint image is given ready (as bench.py's fake tensors give it)."""
+    source, reference = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 8, 8) * 2 - 1
+    mask = torch.ones(1, 1, 32, 32)
+    mask[..., 4:30, 6:20] = 0
+    pasted = dtc.hint_image("latent", reference, mask, source)
+    assert torch.equal(pasted[..., :4, :], (source[..., :4, :] + 1) / 2)  # outside the hole: the source
+    assert torch.equal(pasted[..., 4:30, 6:20], dtc.make_hint(reference, mask)[..., 4:30, 6:20])  # the rectangle
+    frozen = dtc.Frozen(vae=randomise(AutoencoderKL(VAEConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, norm_groups=1))),
+                        image_encoder=None)
+    cond = dtc.prepare(frozen, source, mask, reference, 32, torch.Generator().manual_seed(1), tokens=False,
+                       hint_kind="latent")
+    g = torch.Generator().manual_seed(1)
+    frozen.vae.encode(source * mask).sample(g)
+    want = frozen.vae.encode(pasted * 2 - 1).sample(g) * LATENT_SCALE
+    assert cond["hint"].shape == cond["z_masked"].shape and torch.equal(cond["hint"], want)
+    ready = dtc.prepare(frozen, source, mask, reference, 32, torch.Generator().manual_seed(1), tokens=False,
+                        hint_kind="latent", hint=pasted)
+    assert torch.equal(ready["hint"], want)
 
 
 def test_dtc_film_formula_and_taps():
@@ -1154,6 +1235,16 @@ def test_dtc_config_working_size_stored_and_defaulted():
     assert dtc.DTCConfig.from_dict(dataclasses.asdict(dtc.tiny_config(48))).train_size == 48
     model, _ = load_dtc(os.path.join(HERE, "assets", "dtc_tiny.safetensors"))
     assert model.cfg.train_size == 64
+
+
+def test_dtc_config_guidance_stored_and_defaulted(tmp_path):
+    """The guidance a model samples with by default is in its config, so in its checkpoint's metadata; a checkpoint
+    written before the field existed reads as the paper's 5."""
+    model = dtc.DiffuseToChoose(dtc_config(guidance=2.5))
+    dtc.save_dtc(model, tmp_path / "m.safetensors")
+    assert load_dtc(tmp_path / "m.safetensors")[0].cfg.guidance == 2.5
+    old = {k: v for k, v in dataclasses.asdict(dtc_config()).items() if k != "guidance"}
+    assert dtc.DTCConfig.from_dict(old).guidance == 5.0 and dtc.DTCConfig().guidance == 5.0
 
 
 def test_dtc_checkpoint_round_trip(tmp_path):
@@ -1317,6 +1408,28 @@ def test_data_sample_rng_independent():
     draws = {(s, e, i): torch.rand(4, generator=sample_rng(s, e, i)) for s in (0, 1) for e in (0, 1, 2) for i in range(50)}
     assert torch.equal(torch.rand(4, generator=sample_rng(1, 2, 3)), draws[1, 2, 3])
     assert len({tuple(v.tolist()) for v in draws.values()}) == len(draws)
+
+
+def test_data_rotate_and_pil_round_trip_match_torchvision():
+    """data.rotate (plain torch) equals torchvision's bilinear rotate wherever the rotated pixel comes from inside the
+    image (at the edges the white fill is blended a little differently), for square and oblong images; data's
+    PIL <-> tensor conversions are exact round trips and agree with torchvision's."""
+    import torchvision.transforms.functional as TF
+    for shape in ((3, 40, 56), (3, 32, 32)):
+        x = torch.rand(*shape) * 2 - 1
+        for degrees in (12.0, -17.3):
+            mode = TF.InterpolationMode.BILINEAR
+            inside = TF.rotate(torch.ones(1, *shape[1:]), degrees, interpolation=mode, fill=[0.0]) > 0.999
+            want = TF.rotate(x, degrees, interpolation=mode, fill=[1.0] * 3)
+            assert inside.float().mean() > 0.8
+            torch.testing.assert_close(data.rotate(x, degrees) * inside, want * inside, atol=1e-4, rtol=0)
+    image = (torch.rand(3, 5, 7) * 255).to(torch.uint8)
+    pil = data.uint8_to_pil(image)
+    assert torch.equal(data.pil_to_tensor(pil), image) and torch.equal(TF.pil_to_tensor(pil), image)
+    grey = data.uint8_to_pil(image[:1])
+    assert grey.mode == "L" and torch.equal(data.pil_to_tensor(grey), image[:1])
+    floats = Image.frombytes("F", (7, 5), bytes(torch.rand(5, 7).untyped_storage()))
+    assert torch.equal(data.pil_to_tensor(floats), TF.pil_to_tensor(floats))
 
 
 def test_data_bbox_and_augmentation_keep_the_correspondence():
@@ -1666,7 +1779,9 @@ def _atr_map(h, w, cat, k):
 def write_dresscode(root, h=40, w=30):
     """A miniature DressCode release: three people per category at h x w, their garments (one colour each), ATR
     label maps (mode L) and the three pair files (tabs in some, spaces in others; a train file whose column 2
-    names another garment, which training must ignore). Returns {id: label map}."""
+    names another garment, which training must ignore), and at the root the release's own pair files of the same
+    names, rows "model<TAB>garment<TAB>category index" (which made the release look like VITON-HD's to a rule that
+    read the root's train_pairs.txt). Returns {id: label map}."""
     parses = {}
     for cat, ids in DC_IDS.items():
         for folder in ("images", "label_maps"):
@@ -1682,6 +1797,10 @@ def write_dresscode(root, h=40, w=30):
         (root / cat / "train_pairs.txt").write_text("".join(f"{a}_0.jpg\t{b}_1.jpg\n" for a, b in zip(ids, ids[1:] + ids[:1])))
         (root / cat / "test_pairs_paired.txt").write_text("".join(f"{a}_0.jpg    {a}_1.jpg\n" for a in ids))
         (root / cat / "test_pairs_unpaired.txt").write_text("".join(f"{a}_0.jpg {b}_1.jpg\n" for a, b in zip(ids, ids[::-1])))
+    for name in ("train_pairs.txt", "test_pairs_paired.txt", "test_pairs_unpaired.txt"):
+        rows = [[*line.split(), str(k)] for k, cat in enumerate(DRESSCODE_CATEGORIES)
+                for line in (root / cat / name).read_text().splitlines()]
+        (root / name).write_text("".join("\t".join(row) + "\n" for row in rows))
     return parses
 
 
@@ -1734,6 +1853,36 @@ def test_data_dresscode_bad_rows(tmp_path):
     (tmp_path / "lower_body" / "test_pairs_unpaired.txt").write_text("050192_0.jpg\t050193_1.jpg\t1\n")
     with pytest.raises(DataError, match="test_pairs_unpaired.txt line 1: expected"):
         DressCodeDataset(tmp_path, "test", (40, 30), category="lower_body", paired=False)
+
+
+def test_data_find_layout_of_real_release_roots(tmp_path):
+    """One rule for train.py and evaluate.py: a DressCode root with its own root pair files (train_pairs.txt among
+    them, which made evaluate.py take it for VITON-HD), one of its category folders, a VITON-HD root and a triplet
+    folder."""
+    write_dresscode(tmp_path / "dc")
+    assert (tmp_path / "dc" / "train_pairs.txt").read_text().splitlines()[0] == "048392_0.jpg\t048393_1.jpg\t0"
+    _write_viton(tmp_path / "viton")
+    write_triplets(tmp_path / "triplets", [TeachingWorld(32, "heldout", length=1, seed=0, ref_size=(32, 32))[0]])
+    assert data.find_layout(tmp_path / "dc") == ("dresscode", tmp_path / "dc", "all")
+    assert data.find_layout(f"{tmp_path / 'dc' / 'dresses'}/") == ("dresscode", tmp_path / "dc", "dresses")
+    assert data.find_layout(tmp_path / "viton") == ("vitonhd", tmp_path / "viton", None)
+    assert data.find_layout(tmp_path / "triplets") == ("triplets", tmp_path / "triplets", None)
+
+
+def test_data_transparent_mask_pixels_keep(tmp_path):
+    """A white shape on a transparent layer (RGBA, its transparent pixels white in RGB) is that shape, as the same
+    shape in black and white; so is the LA version. Before, alpha was ignored: all white, the whole image."""
+    shape = np.zeros((19, 25), np.uint8)
+    shape[4:15, 6:18] = 255
+    Image.fromarray(shape, "L").save(tmp_path / "bw.png")
+    rgba = np.full((19, 25, 4), 255, np.uint8)
+    rgba[..., 3] = shape
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "layer.png")
+    Image.fromarray(np.stack([np.full_like(shape, 255), shape], -1), "LA").save(tmp_path / "layer_la.png")
+    expected = load_mask(tmp_path / "bw.png")
+    assert expected.min() == 0 and expected.max() == 1
+    assert torch.equal(load_mask(tmp_path / "layer.png"), expected)
+    assert torch.equal(load_mask(tmp_path / "layer_la.png"), expected)
 
 
 def planted_outputs(tmp_path, names=("result.png", "result_grid.png", "result_0.png", "result_1.png")):
@@ -1879,6 +2028,33 @@ def test_world_hint_matches_target():
     assert 0.01 < sum(hint_error(distorted[i]) for i in range(12)) / 12 - sum(errors) / 12 < 0.15  # warp, shading: mild
 
 
+def world_digest(world, n=6):
+    """A short digest of the first n samples' images, rounded to 1/1000 (a check of "the same world")."""
+    h = hashlib.sha256()
+    for i in range(n):
+        sample = world[i]
+        for k in ("source", "target", "mask", "reference", "encoder_reference"):
+            h.update(str((sample[k] * 1000).round().int().flatten().tolist()).encode())
+    return h.hexdigest()[:16]
+
+
+def test_world_misalign_zero_is_the_aligned_world_and_more_breaks_the_hint():
+    """--misalign=0 draws exactly the world before the knob existed (digests taken from that code, train split with
+    its augmentation and held-out); a strong misalignment breaks the hint's pixel correspondence (hint_error, drawn
+    without warp and shading: 0.07 aligned, 0.23 at misalign 1) and only the scene, not the product or its
+    reference."""
+    assert world_digest(TeachingWorld(64, "train", length=6, seed=3, misalign=0.0)) == "a393c28378826c51"
+    assert world_digest(TeachingWorld(64, "heldout", length=6, seed=3)) == "8673a1d9cb1af9c9"
+    kw = dict(length=12, seed=3, train=False, distort=False)
+    aligned, off = TeachingWorld(64, "heldout", **kw), TeachingWorld(64, "heldout", misalign=1.0, **kw)
+    a = sum(hint_error(aligned[i]) for i in range(12)) / 12
+    b = sum(hint_error(off[i]) for i in range(12)) / 12
+    assert a < 0.1 and b > a + 0.1, (a, b)
+    assert all(torch.equal(aligned[i]["reference"], off[i]["reference"]) for i in range(3))
+    with pytest.raises(ValueError, match="misalign"):
+        TeachingWorld(64, misalign=-0.5)
+
+
 def test_world_augmentation_keeps_the_hint():
     """Training samples (box masks, flips, rotated encoder copies) keep the hint's correspondence; the flip is
     the evaluation scene mirrored."""
@@ -2010,6 +2186,8 @@ def test_sample_explain_writes_its_picture(sample_inputs, tmp_path):
     (dict(dtc="baseline.safetensors"), "no hint branch", ("--explain",)),
     (dict(target="missing.png"), "missing.png", ("--explain",)),
     (dict(baseline="sd15.ckpt"), "not a DTC checkpoint", ("--explain",)),
+    (dict(reference="."), "is a folder, expected a file (--reference)", ()),  # was "file not found"
+    (dict(dtc="."), "is a folder, expected a file (--dtc)", ()),
 ])
 def test_sample_bad_input_exits_with_one_line(sample_inputs, tmp_path, capsys, case, expect, flags):
     """Each bad input: exit status 1, one line naming the problem, no traceback, the existing output untouched
@@ -2035,9 +2213,9 @@ def test_sample_box_equals_mask_file(sample_inputs, tmp_path):
     mask.paste(255, (10, 8, 36, 30))
     mask.save(tmp_path / "box.png")
     assert sample.cli(sample_args(d, tmp_path / "m.png", mask=tmp_path / "box.png")) == 0
-    assert sample.cli(sample_args(d, tmp_path / "b.png", box="10,8,36,30")) == 0
+    assert sample.cli(sample_args(d, tmp_path / "b.png", mask=None, box="10,8,36,30")) == 0
     assert (tmp_path / "m.png").read_bytes() == (tmp_path / "b.png").read_bytes()
-    assert sample.cli(sample_args(d, tmp_path / "c.png", box="10,8,37,30")) == 0
+    assert sample.cli(sample_args(d, tmp_path / "c.png", mask=None, box="10,8,37,30")) == 0
     assert (tmp_path / "c.png").read_bytes() != (tmp_path / "b.png").read_bytes()  # one column more: not the same
 
 
@@ -2046,7 +2224,7 @@ def test_sample_box_equals_mask_file(sample_inputs, tmp_path):
 def test_sample_bad_box_one_line(sample_inputs, tmp_path, capsys, box, expect):
     import sample
     d, _, _ = sample_inputs
-    assert sample.cli(sample_args(d, tmp_path / "r.png", box=box)) == 1
+    assert sample.cli(sample_args(d, tmp_path / "r.png", mask=None, box=box)) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expect in err and "--box" in err and not (tmp_path / "r.png").exists()
 
@@ -2097,11 +2275,12 @@ def test_sample_bfloat16_checked_against_the_device(sample_inputs, tmp_path, cap
                  device="cuda", dtype="bfloat16")
 
 
-@pytest.mark.parametrize("option,value", [("size", 0), ("size", -64), ("guidance", "nan"), ("guidance", "inf"),
-                                          ("guidance", -1), ("eta", "nan"), ("eta", 1.5), ("seed", -1),
-                                          ("out", "result.gif"), ("out", "result")])
+@pytest.mark.parametrize("option,value", [("size", 0), ("size", -64), ("size", 4096), ("guidance", "nan"),
+                                          ("guidance", "inf"), ("guidance", -1), ("eta", "nan"), ("eta", 1.5),
+                                          ("seed", -1), ("seed", 2 ** 32), ("out", "result.gif"), ("out", "result")])
 def test_sample_every_option_checked_before_any_work(sample_inputs, tmp_path, capsys, option, value):
-    """Meaningless values and output names that are no image format: one line naming the option."""
+    """Meaningless values and output names that are no image format: one line naming the option. --size=4096 was a
+    traceback allocating terabytes: the working size stops at 2048."""
     sample_fails(sample_inputs, tmp_path, capsys, [f"{value}"] if option == "out" else [f"--{option}={value}"],
                  **{option: value})
 
@@ -2228,9 +2407,138 @@ def test_sample_untrained_model_same_seed_same_bytes(sample_inputs, tmp_path):
                                                                                          c.state_dict()[name]), name
 
 
+def test_sample_1000_steps_writes_its_result(sample_inputs, tmp_path, monkeypatch):
+    """`sample.py --steps=1000`, the documented maximum, writes its result, asking the model about every timestep
+    999 ... 0 once (it stopped with an IndexError at t = 1000). The DTC forward is a stand-in predicting zero
+    noise: 1000 real forwards take over a minute on a CPU, and the schedule's own test covers every step count."""
+    import sample
+    d, _, _ = sample_inputs
+    asked = []
+
+    def zero_noise(self, z_t, t, *args, **kwargs):
+        asked.append(t[0].item())
+        return torch.zeros_like(z_t)
+
+    monkeypatch.setattr(dtc.DiffuseToChoose, "forward", zero_noise)
+    assert sample.cli(sample_args(d, tmp_path / "r.png", steps=1000)) == 0
+    assert asked == list(range(999, -1, -1)) and Image.open(tmp_path / "r.png").size == (50, 37)
+
+
+def test_sample_transparent_mask_equals_black_and_white(sample_inputs, tmp_path):
+    """A mask painted white on a transparent layer and exported as RGBA (the README's advice) gives the same bytes
+    as the same shape in black and white; before, "the mask covers the whole image"."""
+    import sample
+    d, _, _ = sample_inputs
+    layer = Image.new("RGBA", (25, 19), (255, 255, 255, 0))  # transparent, white in RGB: still keep
+    layer.paste((255, 255, 255, 255), (6, 4, 18, 15))  # the fixture's mask.png: white on this box
+    layer.save(tmp_path / "layer.png")
+    assert sample.cli(sample_args(d, tmp_path / "bw.png")) == 0
+    assert sample.cli(sample_args(d, tmp_path / "layer_result.png", mask=tmp_path / "layer.png")) == 0
+    assert (tmp_path / "layer_result.png").read_bytes() == (tmp_path / "bw.png").read_bytes()
+
+
+@pytest.mark.parametrize("given,words", [(dict(mask=None), ["--mask (or --box) missing"]),
+                                         (dict(reference=None), ["--reference missing"]),
+                                         (dict(source=None, reference=None), ["--source and --reference missing"])])
+def test_sample_own_inputs_never_completed_with_the_example(sample_inputs, tmp_path, capsys, given, words):
+    """--source without --mask/--box used the bundled T-shirt mask on the user's photo, and a missing --reference
+    the bundled reference: now some of --source, --mask (--box), --reference without the others is one line naming
+    what is missing (the example runs only when none is given)."""
+    sample_fails(sample_inputs, tmp_path, capsys, words, **given)
+
+
+@pytest.mark.parametrize("given,flags,words", [
+    (dict(box="10,8,36,30"), (), ["--box=10,8,36,30", "not both"]),
+    (dict(target="source.png"), (), ["--target=", "only with --explain"]),
+    (dict(baseline="baseline.safetensors"), (), ["--baseline=", "only with --explain"]),
+    (dict(baseline="dtc.safetensors"), ("--explain",), ["dtc.safetensors (--baseline): has a hint branch"])])
+def test_sample_conflicting_or_ignored_options_one_line(sample_inputs, tmp_path, capsys, given, flags, words):
+    """Options that were silently ignored: --mask with --box (the box won), --target or --baseline without
+    --explain, and a --baseline with a hint branch (the explain picture's baseline must have none)."""
+    d, _, _ = sample_inputs
+    paths = {k: (v if k == "box" else d / v) for k, v in given.items()}
+    import sample
+    (tmp_path / "out").mkdir()
+    planted = planted_outputs(tmp_path / "out")
+    assert sample.cli([*sample_args(d, tmp_path / "out" / "result.png", **paths), *flags]) == 1
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err and all(w in lines[0] for w in words), err
+    assert_nothing_lost(tmp_path / "out", planted)
+
+
+def test_sample_ctrl_c_one_line_exit_130(sample_inputs, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while sampling was a 23-frame KeyboardInterrupt traceback: now one line and the shell's status for
+    it, 130 (cli.run, for every command), with the earlier outputs as they were."""
+    import sample
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sample, "generate", interrupted)
+    d, _, _ = sample_inputs
+    planted = planted_outputs(tmp_path)
+    assert sample.cli(sample_args(d, tmp_path / "result.png")) == 130
+    assert capsys.readouterr().err == "interrupted (Ctrl-C)\n"
+    assert_nothing_lost(tmp_path, planted)
+
+
+def test_sample_guidance_default_is_the_models(sample_inputs, tmp_path):
+    """Without --guidance a model samples at the guidance stored with it: a copy of the test model saved with 2.0
+    draws what the original draws with --guidance=2, and not what it draws at its own 5."""
+    import sample
+    d, _, _ = sample_inputs
+    model, frozen = load_dtc(d / "dtc.safetensors")
+    model.cfg = replace(model.cfg, guidance=2.0)
+    dtc.save_dtc(model, tmp_path / "g2.safetensors", frozen)
+    assert sample.cli(sample_args(d, tmp_path / "stored.png", dtc=tmp_path / "g2.safetensors")) == 0
+    assert sample.cli(sample_args(d, tmp_path / "given.png", guidance=2)) == 0
+    assert sample.cli(sample_args(d, tmp_path / "five.png")) == 0
+    stored = (tmp_path / "stored.png").read_bytes()
+    assert stored == (tmp_path / "given.png").read_bytes() != (tmp_path / "five.png").read_bytes()
+
+
+@pytest.mark.parametrize("command", ["sample", "train", "evaluate", "bench"])
+def test_help_shows_every_options_default_and_description(command, monkeypatch, capsys):
+    """--help: every option has a description and shows its default, as a value or, where it is None, in words."""
+    import argparse
+    import sample
+    script = {"sample": sample, "train": train, "evaluate": evaluate, "bench": bench}[command]
+    parsers = []
+
+    def keep_parser(parser, argv=None, namespace=None):
+        parsers.append(parser)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", keep_parser)
+    with pytest.raises(SystemExit):
+        script.parse_args([])
+    formatter = cli.HelpFormatter(command)
+    for action in parsers[0]._actions:
+        if action.dest != "help" and not action.required:  # (a required option has no default to show)
+            assert action.help and "default" in formatter._get_help_string(action), (command, action.dest)
+
+
 # ====================================================================================================
 # evaluate.py: the metrics, the trivial fills, the release evaluation
 # ====================================================================================================
+
+def test_eval_edge_energy():
+    """edge_energy: squared neighbour differences inside the region eroded by 2 px. A flat fill has none, a blur
+    less than the sharp image, and the region's border (where the pasted-back source meets the fill) never counts;
+    by hand: vertical stripes of 0 and 1, 2 px wide, in a 16x16 region give one unit step per 2 columns."""
+    fill = torch.zeros(1, 1, 32, 32)
+    fill[:, :, 8:24, 8:24] = 1
+    stripes = (torch.arange(32) // 2 % 2).float().expand(1, 3, 32, 32)
+    # the eroded region is rows and columns 10..21; a horizontal difference x[c+1] - x[c] counts where column c+1 is
+    # in it, c = 9..20, and is a unit step for odd c: 6 per row, 12 rows, 3 channels
+    assert evaluate.edge_energy(stripes, fill).item() == 3 * 12 * 6
+    assert evaluate.edge_energy(torch.full((1, 3, 32, 32), 0.3), fill).item() == 0
+    blurred = F.avg_pool2d(stripes, 3, stride=1, padding=1, count_include_pad=False)
+    assert 0 < evaluate.edge_energy(blurred, fill) < 0.5 * evaluate.edge_energy(stripes, fill)
+    outside = torch.rand(1, 3, 32, 32) * (1 - F.max_pool2d(fill, 5, stride=1, padding=2))  # texture only beyond the
+    assert evaluate.edge_energy(outside, fill).item() == 0                                 # eroded region's reach
+
 
 def test_eval_psnr_ssim_identity_and_perturbed():
     g = torch.Generator().manual_seed(0)
@@ -2517,12 +2825,73 @@ def test_eval_bad_options_one_line_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("option,value,words", [("steps", 1001, "1 ... 1000"), ("guidance", "nan", "finite"),
+                                                ("guidance", -3.5, ">= 0"), ("seed", -1, "0 ... 2^32 - 1"),
+                                                ("size", 0, "1 ... 2048"), ("size", 4096, "1 ... 2048")])
+def test_eval_sampling_options_checked_as_sample_py_checks_them(tmp_path, capsys, option, value, words):
+    """evaluate.py accepted these silently (1001 steps ran for over ten minutes; guidance nan printed nan scores
+    and exited 0): now the ranges of sample.py, from the same code (cli.check_sampling_options), one line each,
+    before any model is read (--dtc names no file here) and before --out_dir is written."""
+    planted = planted_outputs(tmp_path, ("earlier.png",))
+    argv = [f"--data={tmp_path}", "--dtc=missing.safetensors", f"--out_dir={tmp_path}", f"--{option}={value}"]
+    assert cli.run(evaluate.main, argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --{option}={value}: ") and words in err and err.count("\n") == 1, err
+    assert_nothing_lost(tmp_path, planted)
+
+
+def test_eval_size_rounds_as_sample_py(tmp_path, capsys):
+    """--size=70 was a traceback (the test model needs multiples of 4): now rounded to the model's multiple, 72, as
+    sample.py rounds it, and the evaluation runs."""
+    world = TeachingWorld(size=32, split="heldout", length=2, seed=0, ref_size=(32, 32))
+    data.write_triplets(tmp_path / "set", [dict(world[i], name=f"s{i}") for i in range(2)])
+    frozen = dtc.Frozen(vae=AutoencoderKL(DTC_VAE), image_encoder=DINOv2(DTC_VIT))
+    dtc.save_dtc(dtc.DiffuseToChoose(dtc_config()), tmp_path / "m.safetensors", frozen)
+    scores = evaluate.main([f"--data={tmp_path / 'set'}", f"--dtc={tmp_path / 'm.safetensors'}", "--size=70",
+                            "--steps=1", f"--out_dir={tmp_path / 'out'}"])
+    assert math.isfinite(scores["psnr_masked"]) and Image.open(tmp_path / "out" / "s0.png").size == (72, 72)
+
+
+def test_eval_release_extracts_features_once_per_image(tmp_path, eval_weights):
+    """FID and KID share the feature network's output: it sees each real and each generated image once (it saw
+    each twice, once per metric, before)."""
+    class Counting(TinyFeatures):
+        seen = 0
+
+        def forward(self, x):
+            Counting.seen += len(x)
+            return super().forward(x)
+
+    write_dresscode(tmp_path / "dc")
+    people = sorted((tmp_path / "dc").glob("dresses/images/*_0.jpg"))
+    (tmp_path / "same").mkdir()
+    for p in people:
+        Image.open(p).save(tmp_path / "same" / f"{p.stem}.png")
+    scores = evaluate.main([f"--data={tmp_path / 'dc' / 'dresses'}", f"--pred_dir={tmp_path / 'same'}",
+                            "--pairs=unpaired", "--eval_size=40x30", *eval_weights], fid_feature=Counting())
+    assert Counting.seen == 2 * len(people) == 6 and math.isfinite(scores["fid"]) and math.isfinite(scores["kid"])
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_data_option_is_a_file_named_right(tmp_path, capsys, command):
+    """A file as --data said "folder not found" (train.py) or failed later (evaluate.py): now "is a file, expected a
+    folder", naming the option."""
+    (tmp_path / "notes.txt").write_text("earlier")
+    main = {"train": train.main, "evaluate": evaluate.main}[command]
+    assert cli.run(main, [f"--data={tmp_path / 'notes.txt'}", f"--out_dir={tmp_path / 'out'}"]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'notes.txt'}: is a file, expected a folder (--data)\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
 # ====================================================================================================
 # train.py: runs, resumption, processes, presets, bad input
 # ====================================================================================================
 
 # the smallest useful run: 32x32 images (8x8 latents), batch 2, a 2-step VAE phase, no sample grids
-SMALL = ["--size=32", "--batch_size=2", "--vae_steps=2", "--sample_every=0", "--log_every=1000"]
+# (a constant rate: the resume tests stop a run by a smaller --max_steps, which would change a cosine's rates)
+SMALL = ["--size=32", "--batch_size=2", "--vae_steps=2", "--sample_every=0", "--log_every=1000", "--world_samples=16",
+         "--num_workers=0", "--lr_schedule=constant"]
+TAKE_VAE = [a for a in SMALL if not a.startswith("--vae_steps")]  # for runs that take a trained VAE (--init_vae)
 
 
 def losses(out_dir):
@@ -2634,8 +3003,8 @@ def test_train_bad_data_one_line_or_skipped(tmp_path, capsys):
 
 
 def test_train_sigterm_saves_then_resumes(tmp_path, capsys):
-    """SIGTERM mid-run: the step finishes, ckpt.pt is saved, exit 0; --resume continues from there with the
-    run's own options."""
+    """SIGTERM mid-run: the step finishes, ckpt.pt is saved, the run exits with status 143 (128 + SIGTERM) and a
+    last line saying how to resume; --resume continues from there with the run's own options."""
     out = tmp_path / "out"
     p = subprocess.Popen([sys.executable, "train.py", *SMALL, f"--out_dir={out}", "--max_steps=100000"], cwd=HERE,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -2648,8 +3017,9 @@ def test_train_sigterm_saves_then_resumes(tmp_path, capsys):
         time.sleep(0.2)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=120)
-    assert p.returncode == 0, err[-3000:]
-    assert "continue with --resume" in err
+    assert p.returncode == 128 + signal.SIGTERM, err[-3000:]  # unfinished: not a success (it was 0)
+    assert err.strip().splitlines()[-1].startswith("stopped by SIGTERM at step ")
+    assert err.strip().endswith(f"ckpt.pt saved; continue with python train.py --out_dir={out} --resume")
     step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
     assert step >= 1 and len(losses(out)) == step
     # the run's options come from the checkpoint: only max_steps (changeable) is taken, --lr is refused
@@ -2781,14 +3151,16 @@ def test_train_init_from_scratch_carries_colour():
             out = vae.decode(vae.encode(colours).mean)[:, :, 8:24, 8:24].mean((2, 3))
         return ((out[0] - out[1]).norm() / (colours[0, :, 0, 0] - colours[1, :, 0, 0]).norm()).item()
 
-    for seed in range(3):
+    # the gain over PyTorch's init was measured on the 4-channel tiny VAE (init_from_scratch's docstring); the
+    # 8-channel one the preset now uses passes colour about as well either way, and at least 0.25 with this init
+    for seed, cfg in itertools.product(range(3), (replace(dtc.TINY_VAE, z_channels=4, embed_dim=4), dtc.TINY_VAE)):
         torch.manual_seed(seed)
-        vae = AutoencoderKL(dtc.TINY_VAE)
+        vae = AutoencoderKL(cfg)
         default = colour_gain(vae)
         dtc.init_from_scratch(vae, torch.Generator().manual_seed(seed))
         branches = [m for n, m in vae.named_modules() if n.endswith(("conv2", "proj_out"))]
         assert branches and all(m.weight.abs().max() == 0 for m in branches)
-        assert colour_gain(vae) > max(0.25, 1.4 * default)
+        assert colour_gain(vae) > (max(0.25, 1.4 * default) if cfg.embed_dim == 4 else 0.25)
         first = vae.state_dict()
         torch.manual_seed(seed + 100)
         dtc.init_from_scratch(vae, torch.Generator().manual_seed(seed))
@@ -2848,16 +3220,32 @@ def test_train_xattn_fusion_trains_saves_and_loads(tiny_run, tmp_path):
     """--fusion=xattn: training moves its output projections off zero, and the exported file loads. (Three steps: in
     the first, the U-Net's zero-initialised output conv passes no gradient back.)"""
     exported = os.path.join(tiny_run, "dtc.safetensors")
-    train.main([*SMALL, f"--out_dir={tmp_path}", "--max_steps=3", f"--init_vae={exported}", "--fusion=xattn"])
+    train.main([*TAKE_VAE, f"--out_dir={tmp_path}", "--max_steps=3", f"--init_vae={exported}", "--fusion=xattn"])
     model, frozen = load_dtc(tmp_path / "dtc.safetensors")
     assert model.cfg.fusion == "xattn" and frozen is not None
     assert all(layer.proj_out.weight.abs().max() > 0 for layer in model.fusion)
 
 
+@pytest.mark.parametrize("hint_kind", ["latent", "edges"])
+def test_train_hint_kinds_train_save_and_load(tiny_run, tmp_path, hint_kind):
+    """--hint_kind=latent (no adapter: the hint encoder reads the pasted image's latent) and --hint_kind=edges train
+    a step on a misaligned world, save and load, and sample."""
+    exported = os.path.join(tiny_run, "dtc.safetensors")
+    train.main([*TAKE_VAE, f"--out_dir={tmp_path}", "--max_steps=1", f"--init_vae={exported}",
+                f"--hint_kind={hint_kind}", "--misalign=0.5"])
+    model, frozen = load_dtc(tmp_path / "dtc.safetensors")
+    assert model.cfg.hint_kind == hint_kind and hasattr(model, "adapter") == (hint_kind != "latent")
+    s = TeachingWorld(32, "heldout", length=1, seed=0, train=False)[0]
+    x, cond = dtc.generate(model, frozen, s["source"][None], s["mask"][None], s["reference"][None],
+                           torch.Generator().manual_seed(0), steps=2, progress=False)
+    assert x.shape == (1, 3, 32, 32) and x.isfinite().all()
+    assert cond["hint"].shape[1] == (model.cfg.latent_channels if hint_kind == "latent" else 3)
+
+
 def test_train_init_vae_reuses_a_trained_tiny_vae(tiny_run, tmp_path):
     """--init_vae takes the tiny VAE of an exported run (no VAE phase); a file without one is refused by name."""
     exported = os.path.join(tiny_run, "dtc.safetensors")
-    train.main([*SMALL, f"--out_dir={tmp_path / 'b'}", "--max_steps=1", f"--init_vae={exported}"])
+    train.main([*TAKE_VAE, f"--out_dir={tmp_path / 'b'}", "--max_steps=1", f"--init_vae={exported}"])
     _, a = load_dtc(exported)
     _, b = load_dtc(tmp_path / "b" / "dtc.safetensors")
     for (k, v), w in zip(a.vae.state_dict().items(), b.vae.state_dict().values()):
@@ -2865,8 +3253,50 @@ def test_train_init_vae_reuses_a_trained_tiny_vae(tiny_run, tmp_path):
     model, _ = load_dtc(exported)
     dtc.save_dtc(model, tmp_path / "no_vae.safetensors")
     with pytest.raises(train.CheckpointError, match="no_vae.safetensors"):
-        train.main([*SMALL, f"--out_dir={tmp_path / 'c'}", "--max_steps=1", f"--init_vae={tmp_path / 'no_vae.safetensors'}"])
+        train.main([*TAKE_VAE, f"--out_dir={tmp_path / 'c'}", "--max_steps=1", f"--init_vae={tmp_path / 'no_vae.safetensors'}"])
     assert not (tmp_path / "c").exists()  # refused before the run's folder is made
+    with pytest.raises(DataError, match="--init_vae=.*give one of them"):  # a VAE to take, or one to train: not both
+        train.main([*SMALL, f"--out_dir={tmp_path / 'c'}", "--max_steps=1", f"--init_vae={exported}"])
+    assert not (tmp_path / "c").exists()
+
+
+def test_train_cosine_rate():
+    """The cosine schedule: a linear warm-up to the full rate, half of it midway, near zero at the last step."""
+    assert train.cosine_rate(1.0, 0, 100, warmup=10) == pytest.approx(0.1, rel=1e-3)
+    assert train.cosine_rate(1.0, 9, 100, warmup=10) == pytest.approx(math.cos(math.pi * 9 / 100) / 2 + 0.5)
+    assert train.cosine_rate(1.0, 50, 100, warmup=10) == pytest.approx(0.5)
+    assert 0 < train.cosine_rate(1.0, 99, 100, warmup=10) < 1e-3
+
+
+@pytest.mark.parametrize("hint_kind", ["image", "latent"])
+def test_train_predrawn_world_is_what_prepare_computes(hint_kind):
+    """The pre-drawn world (train.PreDrawn) holds the world's epoch-0 samples, the same drawn in this process or in
+    two workers, and for a
+    batch of it drawn_conditioning gives what dtc.prepare computes on the same samples with the same generator:
+    the pre-drawing moves work out of the step without changing what the step sees (but the augmentation of
+    later epochs: each sample keeps its epoch-0 draws). With the latent hint, its posterior too."""
+    args = train.parse_args([*SMALL, f"--hint_kind={hint_kind}"])
+    torch.manual_seed(0)
+    trainee, frozen = train.build_model(args)
+    frozen.vae.eval()
+    world = train.build_dataset(args, (32, 32))
+    drawn = train.draw_world(world, args, show=False)
+    again = train.draw_world(world, train.argparse.Namespace(**{**vars(args), "num_workers": 2}), show=False)
+    assert all(torch.equal(v, again.tensors[k]) for k, v in drawn.tensors.items())  # in 2 worker processes too
+    encoded = train.encode_drawn(drawn, frozen.vae, keep_target=False, hint_kind=hint_kind, device="cpu")
+    hint_key = "hint_moments" if hint_kind == "latent" else "hint"
+    assert set(encoded.tensors) == {"z0_moments", "z_masked_moments", "mask_lat", "encoder_reference", hint_key}
+    indices = [5, 2, 11]
+    samples = [world[i] for i in indices]
+    stack = lambda k: torch.stack([x[k] for x in samples])
+    for k in ("source", "mask", "encoder_reference"):
+        assert torch.equal(drawn.batch(indices)[k], stack(k)), k
+    got = train.drawn_conditioning(encoded.batch(indices), torch.Generator().manual_seed(3))
+    want = dtc.prepare(frozen, stack("source"), stack("mask"), stack("reference"), 32, torch.Generator().manual_seed(3),
+                       target=stack("target"), tokens=False, hint_kind=hint_kind)
+    assert set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5)
 
 
 def test_train_dresscode_category_or_all(tmp_path):
@@ -2934,11 +3364,12 @@ def test_train_too_few_samples_stops_before_any_work(tmp_path, capsys):
 
 @pytest.mark.parametrize("option,value", [("batch_size", 0), ("grad_accum", 0), ("max_steps", -1), ("lr", 0),
                                           ("lr", "nan"), ("ema", 1), ("p_uncond", 1.5), ("size", 0),
-                                          ("save_every", 0), ("vgg_weights", "nope.pth"), ("data", "nowhere")])
+                                          ("save_every", 0), ("vgg_weights", "nope.pth"), ("data", "nowhere"),
+                                          ("misalign", -1), ("misalign", "inf")])
 def test_train_options_checked_before_any_work(tmp_path, option, value, monkeypatch, capsys):
     """What the options alone say is wrong is said before any model is built or file written."""
     monkeypatch.setattr(train, "build_model", lambda args: pytest.fail("built a model"))
-    with pytest.raises(DataError if option not in ("vgg_weights",) else CheckpointError) as e:
+    with pytest.raises(DataError) as e:
         train.main([*SMALL, f"--out_dir={tmp_path / 'out'}", f"--{option}={value}"])
     assert str(value) in str(e.value) and "\n" not in str(e.value) and not (tmp_path / "out").exists()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -2946,20 +3377,82 @@ def test_train_options_checked_before_any_work(tmp_path, option, value, monkeypa
         train.main([*SMALL, f"--out_dir={tmp_path / 'out'}", "--device=cuda"])
 
 
+def test_train_out_dir_is_a_file_one_line(tmp_path, capsys, monkeypatch):
+    """--out_dir naming an existing file was a FileExistsError traceback after the checks: now one line before any
+    model is built, and the file as it was."""
+    monkeypatch.setattr(train, "build_model", lambda args: pytest.fail("built a model"))
+    planted = planted_outputs(tmp_path, ("run",))
+    assert cli.run(train.main, [*SMALL, f"--out_dir={tmp_path / 'run'}"]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'run'} (--out_dir): is a file, expected a folder\n"
+    assert_nothing_lost(tmp_path, planted)
+
+
+def test_train_interrupted_in_the_vae_phase_leaves_no_folder(tmp_path, capsys, monkeypatch):
+    """Ctrl-C in tiny's VAE phase left an empty --out_dir behind (and a plain SystemExit): now the folder is made
+    only once the VAE is trained, and the run ends with status 130 and a line saying nothing was written."""
+    start_vae = train.init_from_scratch
+
+    def start_then_interrupt(module, generator):  # Ctrl-C as the VAE phase starts
+        start_vae(module, generator)
+        if isinstance(module, AutoencoderKL):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(train, "init_from_scratch", start_then_interrupt)
+    assert cli.run(train.main, [*SMALL, f"--out_dir={tmp_path / 'run'}", "--max_steps=1"]) == 128 + signal.SIGINT
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == ("stopped by SIGINT in the VAE phase, before the first checkpoint: nothing "
+                                             "was written; run the same command again") and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_last_step_writes_a_sample_grid(tmp_path):
+    """The README's smoke run (--max_steps=30, samples every 250 steps) wrote no picture: the last step draws one."""
+    train.main([*SMALL, f"--out_dir={tmp_path}", "--max_steps=2", "--sample_every=250"])
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_000002.png"]
+
+
 def test_train_every_preset_field_overridable():
-    """Every Preset field is a --option: unset, the preset's value; given, the value given (vae_steps: its own rule
-    when unset, scaled with --max_steps). Bad autoencoder options are one-line errors before any work."""
+    """Every Preset field is a --option: unset, the preset's value; given, the value given (init_vae: taken only
+    when no VAE is trained). Bad autoencoder options are one-line errors before any work."""
     for name, preset in train.PRESETS.items():
         args = train.parse_args([f"--preset={name}"])
         for f in dataclasses.fields(train.Preset):
             assert getattr(args, f.name) == getattr(preset, f.name), (name, f.name)
-        given = {f.name: (2 * getattr(preset, f.name) if f.type in (int, "int") else 0.5 * getattr(preset, f.name) + 1e-3)
-                 for f in dataclasses.fields(train.Preset)}
+        assert train.parse_args([f"--preset={name}", "--vae_steps=5"]).init_vae is None
+        given = {f.name: (2 * getattr(preset, f.name) + 1 if f.type in (int, "int") else 0.5 * getattr(preset, f.name) + 1e-3)
+                 for f in dataclasses.fields(train.Preset) if f.name not in ("init_vae", "lr_schedule")}
+        given["lr_schedule"] = "constant" if preset.lr_schedule == "cosine" else "cosine"
         args = train.parse_args([f"--preset={name}", *(f"--{k}={v}" for k, v in given.items())])
         assert {k: getattr(args, k) for k in given} == given
     for option, value in (("vae_lr", "0"), ("vae_kl", "-1"), ("vae_batch_size", "0")):
         with pytest.raises(DataError, match=f"--{option}={value}"):
-            train.check_options(train.parse_args(["--preset=tiny", f"--{option}={value}"]))
+            train.check_options(train.parse_args(["--preset=tiny", "--vae_steps=5", f"--{option}={value}"]))
+
+
+def test_cli_threads_one_per_free_core(monkeypatch):
+    """cli.use_free_cores: one torch thread per core free when the command starts (cores less the load average), at
+    least one; OMP_NUM_THREADS, when set, wins. The scripts that call it switch OpenMP to passive waiting before
+    their first `import torch` (it is read only when torch loads OpenMP)."""
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+        for load, want in ((0.0, 4), (1.2, 3), (3.6, 1), (9.0, 1)):
+            monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.0, 0.0))
+            cli.use_free_cores()
+            assert torch.get_num_threads() == want, load
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(2)
+        cli.use_free_cores()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    for script in ("sample.py", "train.py", "evaluate.py"):
+        body = ast.parse(Path(HERE, script).read_text()).body
+        first_torch = next(i for i, node in enumerate(body) if isinstance(node, (ast.Import, ast.ImportFrom))
+                           and "torch" in ast.unparse(node))
+        assert any("OMP_WAIT_POLICY" in ast.unparse(node) for node in body[:first_torch]), script
+        assert "use_free_cores()" in ast.unparse(body[-1]), script
 
 
 # ====================================================================================================
@@ -2979,15 +3472,16 @@ def test_bench_two_forward_cfg_equals_batched():
     two = bench.cfg_as_two_forwards(m)
     assert two is m and two.cfg is m.cfg and isinstance(two, DiffuseToChoose)
     g = torch.Generator().manual_seed(3)
-    z, zm = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    E = model.cfg.latent_channels
+    z, zm = torch.randn(4, E, 8, 8, generator=g), torch.randn(4, E, 8, 8, generator=g)
     f, width = model.cfg.vae_factor, model.cfg.unet.context_dim
     mask, ctx = torch.rand(4, 1, 8, 8, generator=g), torch.randn(4, 5, width, generator=g)
     t, hint = torch.tensor([10, 10, 700, 700]), torch.rand(4, 3, 8 * f, 8 * f, generator=g)
     torch.testing.assert_close(two(z, t, zm, mask, ctx, hint=hint), model(z, t, zm, mask, ctx, hint=hint),
-                               atol=1e-6, rtol=1e-5)
-    feats = model.hint_features(zm + model.adapter(hint), z, t, mask, ctx)
+                               atol=1e-5, rtol=1e-5)
+    feats = model.hint_features(model.hint_latent(zm, hint), z, t, mask, ctx)
     torch.testing.assert_close(two(z, t, zm, mask, ctx, hint_feats=feats), model(z, t, zm, mask, ctx, hint_feats=feats),
-                               atol=1e-6, rtol=1e-5)
+                               atol=1e-5, rtol=1e-5)
     cond = dict(z_masked=zm[:2], mask_lat=mask[:2], hint=hint[:2],
                 tokens=torch.randn(2, 5, model.cfg.image_encoder_dim, generator=g))
     sample = lambda net: dtc.sample_latents(net, diffusion.Schedule(), cond, steps=3, guidance=5.0, progress=False,
@@ -3003,7 +3497,7 @@ def test_bench_build_makes_the_variant():
     nohint, _ = bench.build(cfgs, "meta", bench.Variant(hint=False))
     assert not hasattr(nohint, "hint_encoder") and nohint.unet.input_blocks[0][0].weight.is_meta
     lo, _ = bench.build(cfgs, "meta", bench.Variant(hint_input="latent_only"))
-    assert lo.hint_encoder.input_blocks[0][0].weight.shape[1] == 4  # a 4-channel conv_in: z_masked + A(hint) alone
+    assert lo.hint_encoder.input_blocks[0][0].weight.shape[1] == lo.cfg.latent_channels  # z_masked + A(hint) alone
     model, frozen = bench.build(cfgs, "meta", bench.Variant(dtype=torch.bfloat16, channels_last=True))
     for conv in model.unet.input_blocks[0][0].weight, frozen.vae.encoder.conv_in.weight:
         assert conv.dtype == torch.bfloat16 and conv.is_contiguous(memory_format=torch.channels_last)
@@ -3030,7 +3524,7 @@ def test_bench_components_add_up_to_the_image():
         model, frozen = bench.build(cfgs, "meta", v)
         model.requires_grad_(False)  # (FlopCounterMode's module tracker fails on no_grad views of trainable weights)
         image_size, f = model.cfg.image_size, model.cfg.vae_factor
-        cond = dict(z_masked=torch.empty(2, 4, 32 // f, 32 // f, device="meta"),
+        cond = dict(z_masked=torch.empty(2, model.cfg.latent_channels, 32 // f, 32 // f, device="meta"),
                     mask_lat=torch.empty(2, 1, 32 // f, 32 // f, device="meta"),
                     tokens=torch.empty(2, (image_size // cfgs[2].patch_size) ** 2 + 1, cfgs[2].embed_dim,
                                        device="meta"), hint=torch.empty(2, 3, 32, 32, device="meta"))
@@ -3135,6 +3629,18 @@ def test_bench_without_diffusers(monkeypatch, capsys):
     (sh, srows), = tables(text)
     assert [r[0] for r in srows] == SAMPLE_ROWS + ["torch.compile"]
     assert srows[-1][1:] == ["skipped"] * (len(sh) - 1) and "torch.compile row skipped on the CPU" in text
+
+
+def test_bench_tiny_defaults_are_quick():
+    """`bench.py all --arch=tiny`, which the README calls quick, took minutes with sd15's 40 steps, 3 repeats and
+    batches 1, 2, 4: at the tiny architecture the defaults are 2 steps, 1 repeat, batches 1 and 2. (sd15's memory
+    table adds batch 8, which only the simulation can afford.)"""
+    tiny, sd15 = bench.parse_args(["all", "--arch=tiny"]), bench.parse_args(["all"])
+    assert (tiny.steps, tiny.repeats, tiny.batch_sizes, tiny.size) == (2, 1, "1,2", 32)
+    assert (sd15.steps, sd15.repeats, sd15.batch_sizes, sd15.size) == (40, 3, "1,2,4", 512)
+    assert bench.parse_args(["all", "--arch=tiny", "--steps=5"]).steps == 5
+    assert bench.parse_args(["memory"]).batch_sizes == "1,2,4,8"
+    assert bench.parse_args(["memory", "--arch=tiny"]).batch_sizes == "1,2"
 
 
 @pytest.mark.parametrize("mode", ["sample", "memory"])

@@ -11,11 +11,12 @@ Presets (the PRESETS table below):
   sd15  the paper's recipe (§4.1, supp. §5.2): DTC built from SD 1.5 and DINOv2 g/14 (dtc.from_original), 512x512,
         AdamW 1e-5 constant, eps-MSE + 1e-3 x VGG loss on the decoded x0 estimate, guidance dropout 0.2 per sample.
         Trained: main U-Net, hint encoder, adapter, fusion convs, token_proj, null_context. Frozen: VAE, DINOv2.
-  tiny  the same architecture, narrow, from scratch on 64x64 images (16x16 latents). A random frozen VAE would be
-        useless, so phase 1 trains the tiny VAE as an autoencoder (--vae_steps), then freezes it. The tiny image
-        encoder has no pretrained weights, so it is trained jointly with DTC (sd15 keeps DINOv2 frozen). Three
+  tiny  the same architecture, narrow, from scratch on 64x64 images (16x16 latents). Its frozen VAE is the bundled
+        model's (assets/dtc_tiny.safetensors; --init_vae takes another's), as SD users take SD's; --vae_steps=N
+        trains one first instead (train_vae). The teaching world is drawn once before training (PreDrawn). The tiny
+        image encoder has no pretrained weights, so it is trained jointly with DTC (sd15 keeps DINOv2 frozen). Three
         choices make minutes of training enough: one GroupNorm group in the narrow VAE, an init that passes
-        signals through (init_from_scratch) and v-prediction (DTCConfig.prediction). About 20 min on 2 CPU cores.
+        signals through (init_from_scratch) and v-prediction (DTCConfig.prediction). About 12 min on 2 CPU cores.
 --data: a VITON-HD release (train_pairs.txt + train/), a DressCode release (its three categories) or one category
 folder of it (e.g. DressCode/dresses), or a triplet folder (data.py); tiny without --data trains on the generated
 teaching world.
@@ -31,16 +32,18 @@ the uninterrupted one exactly, and one process with grad_accum = N x A reproduce
 (same batch_size; bit for bit with the same thread count: torchrun sets OMP_NUM_THREADS=1). Each option also
 accepts --key=value.
 """
+import os
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads OpenMP: cli.use_free_cores says why
 import argparse
 import itertools
 import json
 import math
-import os
 import random
 import signal
 import sys
 import time
 from contextlib import nullcontext
+from functools import partial
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -49,19 +52,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, first_sentence, load_pickle
-from cli import bad_option, check_dtype, pick_device, pick_dtype, run
-from data import (DRESSCODE_CATEGORIES, DataError, DressCodeDataset, TripletDataset, VitonHDDataset, grid,
+from cli import (HelpFormatter, Interrupted, bad_option, check_dtype, check_files, check_folder, pick_device,
+                 pick_dtype, run, use_free_cores)
+from data import (DataError, DressCodeDataset, TripletDataset, VitonHDDataset, check_output_folder, find_layout, grid,
                   keyed_generator, mask_to_pil, to_pil)
 from diffusion import Schedule
 from dinov2 import DINOv2
-from dtc import (TINY_ENCODER, TINY_VAE, TRAINED, DiffuseToChoose, Frozen, VGGLoss, diffusion_loss,
-                 encode_image_tokens, fold_latent_scale, freeze_for, from_original, generate, init_from_scratch,
-                 load_dtc, prepare, save_dtc, tiny_config)
-from vae import LATENT_SCALE, AutoencoderKL
+from dtc import (HINT_KINDS, TINY_ENCODER, TINY_VAE, TRAINED, DiffuseToChoose, Frozen, VGGLoss, diffusion_loss,
+                 encode_image_tokens, fold_latent_scale, freeze_for, from_original, generate, hint_image,
+                 init_from_scratch, latent_mask, load_dtc, prepare, save_dtc, tiny_config)
+from vae import LATENT_SCALE, AutoencoderKL, DiagonalGaussian
 from world import TeachingWorld
 
 # Keys of the random streams (data.keyed_generator): each draw of a run has a stream of its own, keyed by one of
@@ -77,6 +81,8 @@ STREAM_DTC_STEP = 0x57E9        # a DTC step's latents, noise, timesteps and gui
 # -----------------------------------------------------------------------------
 # 1. Options and presets
 
+BUNDLED_TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "dtc_tiny.safetensors")
+
 
 @dataclass
 class Preset:
@@ -87,17 +93,23 @@ class Preset:
     save_every: int
     sample_every: int
     num_workers: int
-    vae_steps: int = 0     # tiny: autoencoder steps before DTC (scaled down with a smaller --max_steps)
-    vae_batch_size: int = 0  # (at most --batch_size)
+    init_vae: str = None   # tiny: the dtc.safetensors whose frozen VAE it starts from
+    vae_steps: int = 0     # tiny: autoencoder steps of a VAE trained from scratch instead (with --vae_steps)
+    vae_batch_size: int = 0
     vae_lr: float = 0.0
     vae_kl: float = 0.0    # weight of the KL term (per latent element) against the L1 (per pixel)
+    vae_edge: float = 0.0  # weight of the L1 of the image gradients against the L1 (train_vae)
+    world_samples: int = 0  # tiny without --data: the teaching world's training samples, drawn once (PreDrawn)
+    lr_schedule: str = "constant"  # or "cosine": 5 % linear warm-up, then a cosine to zero at max_steps
 
 
 PRESETS = {
     # 15k steps at a global batch of 32 (4 x 8 GPUs) is ~40 epochs of VITON-HD's 11,647 pairs (paper §4.1: 40 epochs)
     "sd15": Preset(size=512, batch_size=4, lr=1e-5, max_steps=15_000, save_every=1000, sample_every=1000, num_workers=4),
-    "tiny": Preset(size=64, batch_size=32, lr=1e-3, max_steps=1500, save_every=250, sample_every=250, num_workers=0,
-                   vae_steps=1000, vae_batch_size=8, vae_lr=1e-3, vae_kl=1e-4),
+    # num_workers: the processes that draw the teaching world before training (both cores; none run during it)
+    "tiny": Preset(size=64, batch_size=32, lr=1e-3, max_steps=1200, save_every=200, sample_every=200, num_workers=2,
+                   init_vae=BUNDLED_TINY, vae_batch_size=8, vae_lr=1e-3, vae_kl=1e-6, vae_edge=1.0,
+                   world_samples=10_000, lr_schedule="cosine"),
 }
 # what a resumed run may change (files may have moved); every other option comes from the checkpoint
 CHANGEABLE = {"max_steps", "save_every", "sample_every", "log_every", "num_workers", "device", "data", "sd", "dinov2",
@@ -105,60 +117,84 @@ CHANGEABLE = {"max_steps", "save_every", "sample_every", "log_every", "num_worke
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="the recipe (see Presets above)")
     p.add_argument("--data", help="VITON-HD release, DressCode release (all categories) or one of its category "
-                   "folders, or a triplet folder (tiny default: the teaching world)")
-    p.add_argument("--out_dir", default="runs/dtc")
+                   "folders, or a triplet folder (default: tiny trains on the teaching world; sd15 needs one)")
+    p.add_argument("--out_dir", default="runs/dtc", help="the run's folder (made when training starts)")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt (a fresh start if none)")
-    p.add_argument("--sd", help="sd15: SD 1.5, SD 1.5-inpainting or Paint-by-Example single file")
-    p.add_argument("--dinov2", help="sd15: DINOv2 hub file, e.g. dinov2_vitg14_pretrain.pth")
-    p.add_argument("--vgg_weights", help="torchvision vgg19 file; without it the perceptual loss is off")
+    p.add_argument("--sd", help="sd15: SD 1.5, SD 1.5-inpainting or Paint-by-Example single file; default: none")
+    p.add_argument("--dinov2", help="sd15: DINOv2 hub file, e.g. dinov2_vitg14_pretrain.pth; default: none")
+    p.add_argument("--vgg_weights", help="torchvision vgg19 file (default: none, and the perceptual loss is off)")
     p.add_argument("--vgg_weight", type=float, default=1e-3, help="lambda of the VGG loss (docs/method.md §3.1)")
     p.add_argument("--p_uncond", type=float, default=0.2, help="guidance dropout per sample (the hint is kept)")
-    p.add_argument("--max_steps", type=int, help="optimizer steps (preset default)")
-    p.add_argument("--vae_steps", type=int, help="tiny: autoencoder steps first (default scales with max_steps)")
-    p.add_argument("--vae_batch_size", type=int, help="tiny: the autoencoder phase's batch (at most --batch_size)")
-    p.add_argument("--vae_lr", type=float, help="tiny: the autoencoder phase's AdamW learning rate (preset default)")
-    p.add_argument("--vae_kl", type=float, help="tiny: weight of the autoencoder's KL term against its L1")
-    p.add_argument("--init_vae", help="tiny: take the VAE of this dtc.safetensors instead of training one")
-    p.add_argument("--batch_size", type=int, help="per process and micro-step (preset default)")
+    p.add_argument("--max_steps", type=int, help="optimizer steps (default: the preset's)")
+    p.add_argument("--vae_steps", type=int, help="tiny: train a VAE from scratch for this many autoencoder steps "
+                   "first, instead of taking --init_vae's (default: the preset's, 0)")
+    p.add_argument("--vae_batch_size", type=int, help="tiny: the autoencoder phase's batch, at most --batch_size "
+                   "(default: the preset's)")
+    p.add_argument("--vae_lr", type=float, help="tiny: the autoencoder phase's AdamW learning rate (default: the "
+                   "preset's)")
+    p.add_argument("--vae_kl", type=float, help="tiny: weight of the autoencoder's KL term against its L1 (default: "
+                   "the preset's)")
+    p.add_argument("--vae_edge", type=float, help="tiny: weight of the autoencoder's image-gradient L1 against its L1 "
+                   "(default: the preset's)")
+    p.add_argument("--init_vae", help="tiny: take the frozen VAE of this dtc.safetensors (default: the bundled "
+                   "model's, assets/dtc_tiny.safetensors, unless --vae_steps trains one)")
+    p.add_argument("--world_samples", type=int, help="tiny without --data: distinct teaching-world samples, drawn "
+                   "once before training (default: the preset's, or as many as a shorter run sees)")
+    p.add_argument("--batch_size", type=int, help="per process and micro-step (default: the preset's)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
-    p.add_argument("--lr", type=float, help="AdamW learning rate, constant (sd15: 1e-5)")
+    p.add_argument("--lr", type=float, help="AdamW learning rate, the peak of a cosine schedule (default: the preset's; "
+                   "sd15: 1e-5)")
+    p.add_argument("--lr_schedule", choices=["constant", "cosine"], help="constant (sd15, the paper's), or cosine: 5 %% "
+                   "linear warm-up, then a cosine to zero at --max_steps (tiny) (default: the preset's)")
     p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW (torch's and PBE's default)")
     p.add_argument("--clip_grad", type=float, default=1.0, help="max gradient norm; 0 = off")
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights, e.g. 0.9999; 0 = off")
-    p.add_argument("--size", type=int, help="training resolution (sd15: 512, tiny: 64)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--size", type=int, help="training resolution (default: the preset's; sd15: 512, tiny: 64)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                    help="autocast dtype (auto: bfloat16 on GPU, float32 on CPU); the weights stay float32")
     p.add_argument("--grad_checkpointing", action="store_true", help="recompute U-Net blocks in backward")
     p.add_argument("--train", default="all", choices=TRAINED,
                    help="all: every part of the DTC model (the paper); hint: the main U-Net frozen as initialised, "
-                   "the hint encoder, adapter, fusion, token projection and null context trained (ControlNet's "
-                   "recipe, for one 24 GB GPU: memory per batch size in the README)")
-    p.add_argument("--save_every", type=int, help="steps between checkpoints")
-    p.add_argument("--sample_every", type=int, help="steps between sample grids; 0 = none")
+                   "the hint encoder, adapter (none with --hint_kind=latent), fusion, token projection and null "
+                   "context trained (ControlNet's recipe, for one 24 GB GPU: memory per batch size in the README)")
+    p.add_argument("--save_every", type=int, help="steps between checkpoints (default: the preset's)")
+    p.add_argument("--sample_every", type=int, help="steps between sample grids, and one at the last step; 0 = none "
+                   "(default: the preset's)")
     p.add_argument("--log_every", type=int, default=50, help="steps between printed lines (log.jsonl has all)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num_workers", type=int, help="DataLoader worker processes (preset default)")
+    p.add_argument("--seed", type=int, default=0, help="keys every random draw of the run (data order, init, noise)")
+    p.add_argument("--num_workers", type=int, help="DataLoader worker processes (default: the preset's)")
     p.add_argument("--skip_bad", action="store_true", help="skip bad samples with a warning instead of stopping")
     p.add_argument("--overfit_batch", action="store_true",
                    help="debugging: one fixed batch with fixed t and noise every step; the loss must fall")
     # DTC variants for the ablations (paper §4.3 and Table 2)
     p.add_argument("--image_tokens", default="all", choices=["all", "cls"], help="cls: PBE-style, CLS token only")
     p.add_argument("--hint", type=int, default=1, choices=[0, 1], help="0: no hint branch (PBE-style baseline)")
-    p.add_argument("--no_hint", dest="hint", action="store_const", const=0, help="same as --hint=0")
-    p.add_argument("--fusion", default="film", choices=["film", "add", "xattn"])
-    p.add_argument("--hint_input", default="full", choices=["full", "latent_only"])
+    p.add_argument("--no_hint", dest="hint", action="store_const", const=0, help="same as --hint=0 (default: the hint branch on)")
+    p.add_argument("--fusion", default="film", choices=["film", "add", "xattn"],
+                   help="how the hint features enter the main U-Net's skips (paper Table 1)")
+    p.add_argument("--hint_input", default="full", choices=["full", "latent_only"],
+                   help="the hint encoder's input: full = [z_t, z_masked + adapter(hint), mask], t, context; "
+                   "latent_only = z_masked + adapter(hint) alone, computed once per image")
+    p.add_argument("--hint_kind", default="image", choices=list(HINT_KINDS),
+                   help="what the hint shows (paper §4.3): image = the reference in the mask's largest rectangle (DTC); "
+                   "edges = its Sobel edges; latent = the reference pasted into the masked source, VAE-encoded, no adapter")
+    p.add_argument("--misalign", type=float, default=0.0, help="tiny without --data: how far the worn product departs "
+                   "from the hint's rectangle (shift, scale, turn, sleeves, folds, shading); 0 = aligned, 1 = strong")
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
-    for key in ("size", "batch_size", "lr", "max_steps", "save_every", "sample_every", "num_workers", "vae_batch_size",
-                "vae_lr", "vae_kl"):  # every Preset field but vae_steps, which follows --max_steps
+    for key in ("size", "batch_size", "lr", "max_steps", "save_every", "sample_every", "num_workers", "vae_steps",
+                "vae_batch_size", "vae_lr", "vae_kl", "vae_edge", "lr_schedule"):  # every Preset field but 2 below
         if getattr(args, key) is None:
             setattr(args, key, getattr(preset, key))
-    if args.vae_steps is None:
-        args.vae_steps = round(preset.vae_steps * min(1.0, args.max_steps / preset.max_steps))
+    if args.world_samples is None:  # no more samples than the run will see: a smoke run draws a small world
+        seen = max(1, args.max_steps) * args.batch_size * args.grad_accum * int(os.environ.get("WORLD_SIZE", 1))
+        args.world_samples = min(preset.world_samples, seen)
+    if args.init_vae is None and not args.vae_steps:  # a VAE is taken unless one is trained
+        args.init_vae = preset.init_vae
     return args
 
 
@@ -169,15 +205,23 @@ def check_options(args):
         if getattr(args, option) < least:
             raise bad_option(args, option, f"must be at least {least}")
     for option, hi in (("weight_decay", math.inf), ("clip_grad", math.inf), ("p_uncond", 1), ("vgg_weight", math.inf),
-                       ("vae_kl", math.inf)):
+                       ("vae_kl", math.inf), ("vae_edge", math.inf)):
         if not (math.isfinite(getattr(args, option)) and 0 <= getattr(args, option) <= hi):
             raise bad_option(args, option, f"must be a finite number >= 0{'' if hi == math.inf else f' and <= {hi}'}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise bad_option(args, "lr", "must be a finite number > 0")
+    if args.preset == "tiny" and args.data is None and args.world_samples < 1:
+        raise bad_option(args, "world_samples", "must be at least 1 (the teaching world's training samples)")
+    if args.vae_steps and args.init_vae:
+        raise bad_option(args, "init_vae", "takes a trained VAE and --vae_steps trains a new one: give one of them")
     if args.vae_steps and not (math.isfinite(args.vae_lr) and args.vae_lr > 0):
         raise bad_option(args, "vae_lr", "must be a finite number > 0 (the autoencoder phase trains with it)")
     if args.vae_steps and args.vae_batch_size < 1:
         raise bad_option(args, "vae_batch_size", "must be at least 1 (the autoencoder phase trains with it)")
+    if not (math.isfinite(args.misalign) and args.misalign >= 0):
+        raise bad_option(args, "misalign", "must be a finite number >= 0 (0: the hint lines up with the product)")
+    if args.misalign and (args.data is not None or args.preset != "tiny"):
+        raise bad_option(args, "misalign", "draws the teaching world: it needs the tiny preset without --data")
     if not 0 <= args.ema < 1:
         raise bad_option(args, "ema", "the EMA decay must be >= 0 and < 1 (0: off)")
     if args.size < 1:
@@ -187,11 +231,9 @@ def check_options(args):
     if args.train == "hint" and not args.hint:
         raise bad_option(args, "train", "trains the hint branch, and --hint=0 has none")
     check_dtype(args)  # --device=cuda without CUDA, --dtype the device lacks: said here, before any work
-    for option in ("sd", "dinov2", "vgg_weights", "init_vae"):
-        if getattr(args, option) and not os.path.isfile(getattr(args, option)):
-            raise CheckpointError(f"{getattr(args, option)}: file not found (--{option})")
-    if args.data is not None and not os.path.isdir(args.data):
-        raise DataError(f"{args.data}: folder not found (--data)")
+    check_files(args, "sd", "dinov2", "vgg_weights", "init_vae")
+    check_folder(args, "data")
+    check_output_folder(args.out_dir, "--out_dir")
 
 
 # -----------------------------------------------------------------------------
@@ -200,8 +242,8 @@ def check_options(args):
 
 class Trainee(nn.Module):
     """Everything the optimizer updates, as one module (DDP wraps one): the DTC model and, in the tiny preset, its
-    image encoder. forward = dtc.diffusion_loss, with the reference tokens recomputed WITH gradients when the
-    image encoder trains (dtc.prepare computes them without)."""
+    image encoder. forward = dtc.diffusion_loss, with the reference tokens computed here, WITH gradients, when the
+    image encoder trains (a frozen one's come from dtc.prepare)."""
 
     def __init__(self, model, image_encoder=None):
         super().__init__()
@@ -216,7 +258,8 @@ class Trainee(nn.Module):
 
 def build_model(args):
     """(trainee, frozen), float32 (autocast computes in bfloat16 on GPU)."""
-    variant = dict(image_tokens=args.image_tokens, hint=bool(args.hint), fusion=args.fusion, hint_input=args.hint_input)
+    variant = dict(image_tokens=args.image_tokens, hint=bool(args.hint), fusion=args.fusion, hint_input=args.hint_input,
+                   hint_kind=args.hint_kind)
     if args.preset == "sd15":
         if not args.sd or not args.dinov2:
             raise CheckpointError("the sd15 preset needs --sd (an SD 1.5 file) and --dinov2 (a DINOv2 hub file)")
@@ -236,22 +279,20 @@ def build_model(args):
 
 
 def build_dataset(args, ref_size, train=True):
-    """VITON-HD when the folder has train_pairs.txt and train/; DressCode when it holds the category folders (all
-    three) or is one of them (that category); else a triplet folder; tiny without --data: the teaching world."""
+    """The dataset of the layout --data holds (data.find_layout, the rule evaluate.py reads it by too): a VITON-HD
+    or DressCode release, one DressCode category, or a triplet folder; tiny without --data: the teaching world."""
     if args.data is None:
         if args.preset != "tiny":
             raise DataError("--data is required (a VITON-HD or DressCode release, or a triplet folder)")
-        return TeachingWorld(args.size, "train" if train else "heldout", length=10_000 if train else 4,
-                             seed=args.seed, ref_size=ref_size)
+        return TeachingWorld(args.size, "train" if train else "heldout", length=args.world_samples if train else 4,
+                             seed=args.seed, ref_size=ref_size, misalign=args.misalign)
     common = dict(train=train, seed=args.seed, skip_bad=args.skip_bad)
-    if os.path.isfile(os.path.join(args.data, "train_pairs.txt")) and os.path.isdir(os.path.join(args.data, "train")):
-        return VitonHDDataset(args.data, "train", args.size, ref_size, **common)
-    if any(os.path.isdir(os.path.join(args.data, c)) for c in DRESSCODE_CATEGORIES):
-        return DressCodeDataset(args.data, "train", args.size, ref_size, **common)
-    folder = os.path.normpath(args.data)
-    if os.path.basename(folder) in DRESSCODE_CATEGORIES and os.path.isdir(os.path.join(folder, "images")):
-        return DressCodeDataset(os.path.dirname(folder), "train", args.size, ref_size, category=os.path.basename(folder), **common)
-    return TripletDataset(args.data, args.size, ref_size, **common)
+    layout, root, category = find_layout(args.data)
+    if layout == "vitonhd":
+        return VitonHDDataset(root, "train", args.size, ref_size, **common)
+    if layout == "dresscode":
+        return DressCodeDataset(root, "train", args.size, ref_size, category=category, **common)
+    return TripletDataset(root, args.size, ref_size, **common)
 
 
 def check_enough_samples(dataset, args, b, accum, ranks=1):
@@ -273,41 +314,141 @@ def micro_batches(dataset, args, b, accum, ranks=1, rank=0, epoch=0, position=0)
         order = torch.randperm(len(dataset), generator=keyed_generator(STREAM_EPOCH_ORDER, args.seed, epoch)).tolist()
         mine = [order[s * G + m * b + i] for s in range(position, per_epoch)
                 for m in range(rank * accum, (rank + 1) * accum) for i in range(b)]
-        dataset.set_epoch(epoch)  # a fresh loader (and workers) per epoch, as data.py asks
-        loader = iter(DataLoader(dataset, batch_size=b, sampler=mine, num_workers=args.num_workers,
-                                 pin_memory=torch.cuda.is_available()))
+        if isinstance(dataset, PreDrawn):  # tensors in memory: a batch is one indexing, no loader needed
+            loader = (dataset.batch(mine[j:j + b]) for j in range(0, len(mine), b))
+        else:
+            dataset.set_epoch(epoch)  # a fresh loader (and workers) per epoch, as data.py asks
+            loader = iter(DataLoader(dataset, batch_size=b, sampler=mine, num_workers=args.num_workers,
+                                     pin_memory=torch.cuda.is_available()))
         for s in range(position, per_epoch):
             yield epoch, s, [next(loader) for _ in range(accum)]
         epoch, position = epoch + 1, 0
+
+
+class PreDrawn:
+    """The teaching world drawn once, before training, instead of inside every step: samples as tensors in memory,
+    indexed like a dataset (`batch`). Why: a scene costs about 8 ms of small tensor ops to draw and its hint's
+    largest rectangle a few ms of Python, and encoding the target and the masked source with the frozen VAE is
+    another sixth of a step; done per step they took about 40 % of the tiny preset's time, for results that depend
+    on the sample alone. Why not DataLoader workers: they would draw in parallel, but anew every epoch, on the
+    cores the step needs (2 here), and cannot run the VAE. The price: a sample keeps the augmentation drawn for it
+    once (its epoch-0 box rule, flip and rotation) instead of new draws every epoch; --world_samples sets how many
+    distinct samples there are. Every draw is keyed, so a resumed run draws the same world again.
+    After draw_world: source, target, mask (1 = keep), encoder_reference and hint, per sample (N,C,H,W);
+    after encode_drawn (once the VAE is frozen): encoder_reference, hint, mask_lat and the VAE posteriors'
+    moments (N,2E,h,w) of the target and the masked source (and the target, for the VGG loss; with the latent hint,
+    its image's moments in place of the hint)."""
+
+    def __init__(self, tensors):
+        self.tensors = tensors
+
+    def __len__(self):
+        return len(self.tensors["mask_lat" if "mask_lat" in self.tensors else "mask"])
+
+    def batch(self, indices):
+        return {k: v[indices] for k, v in self.tensors.items()}
+
+
+def with_hints(samples, hint_kind):
+    """DataLoader collate for draw_world: the batch and its hint images (dtc.hint_image), made in the workers."""
+    batch = default_collate(samples)
+    batch["hint"] = hint_image(hint_kind, batch["reference"], batch["mask"], batch["source"])
+    return batch
+
+
+def draw_world(world, args, show):
+    """Every sample of the teaching world, drawn by --num_workers processes (each on one thread) -> PreDrawn."""
+    keys = ("source", "target", "mask", "encoder_reference", "hint")
+    loader = DataLoader(world, batch_size=64, num_workers=args.num_workers,
+                        collate_fn=partial(with_hints, hint_kind=args.hint_kind))
+    parts = {k: [] for k in keys}
+    for batch in tqdm(loader, desc="drawing the world", disable=not show, dynamic_ncols=True):
+        for k in keys:
+            parts[k].append(batch[k])
+        if STOP:
+            raise SystemExit("stopped while drawing the world, before anything was written: start again")
+    return PreDrawn({k: torch.cat(v) for k, v in parts.items()})
+
+
+@torch.no_grad()
+def encode_drawn(drawn, vae, keep_target, hint_kind, device, show=False, batch_size=256):
+    """What the frozen VAE makes of every pre-drawn sample (the work dtc.prepare does per step): the posterior
+    moments of the target and of the masked source (and of the latent hint's pasted image), and the mask at latent
+    size. The images are dropped."""
+    x = drawn.tensors
+    moments = {"z0_moments": [], "z_masked_moments": []} | ({"hint_moments": []} if hint_kind == "latent" else {})
+    for i in tqdm(range(0, len(drawn), batch_size), desc="encoding the world", disable=not show, dynamic_ncols=True):
+        target, source, mask, hint = (x[k][i:i + batch_size].to(device) for k in ("target", "source", "mask", "hint"))
+        images = dict(z0_moments=target, z_masked_moments=source * mask, hint_moments=hint * 2 - 1)  # PBE: hole = 0
+        for key in moments:
+            posterior = vae.encode(images[key])
+            moments[key].append(torch.cat([posterior.mean, posterior.logvar], 1).cpu())
+    out = {k: torch.cat(v) for k, v in moments.items()}
+    out["mask_lat"] = latent_mask(x["mask"], out["z0_moments"].shape[-2:])
+    out["encoder_reference"] = x["encoder_reference"]
+    if hint_kind != "latent":
+        out["hint"] = x["hint"]
+    if keep_target:
+        out["target"] = x["target"]
+    return PreDrawn(out)
+
+
+def drawn_conditioning(batch, generator):
+    """dtc.prepare's result for a pre-drawn batch, without the tokens: the posterior samples drawn in prepare's
+    order (masked source, the latent hint if any, then target)."""
+    z_masked = DiagonalGaussian(batch["z_masked_moments"]).sample(generator) * LATENT_SCALE
+    if "hint_moments" in batch:
+        hint = DiagonalGaussian(batch["hint_moments"]).sample(generator) * LATENT_SCALE
+    else:
+        hint = batch["hint"]
+    z0 = DiagonalGaussian(batch["z0_moments"]).sample(generator) * LATENT_SCALE
+    return dict(z_masked=z_masked, z0=z0, mask_lat=batch["mask_lat"], hint=hint)
 
 
 # -----------------------------------------------------------------------------
 # 3. The steps: tiny's VAE phase, and one DTC optimizer step over this rank's micro-batches
 
 
+def cosine_rate(lr, step, steps, warmup):
+    """The learning rate of step `step` (0-based) of `steps`: a linear warm-up over `warmup` steps, then a cosine
+    from lr down to zero at the last step (Loshchilov & Hutter 2017, without restarts)."""
+    return lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
+def image_gradients(x):
+    """(B,C,H,W) -> the differences between vertical and between horizontal neighbours, (B,C,H-1,W), (B,C,H,W-1)."""
+    return x[..., 1:, :] - x[..., :-1, :], x[..., :, 1:] - x[..., :, :-1]
+
+
 def train_vae(vae, dataset, args, device, show):
-    """Tiny preset, phase 1: the VAE as an autoencoder of the training targets (the masked sources are only ever
-    encoded, as conditioning): L1 on a posterior sample's reconstruction + a tiny KL (SD's VAE recipe without its
-    LPIPS and GAN terms). Then rescaled so that latents x LATENT_SCALE have unit variance, as SD's scale factor
-    makes them for SD's VAE. Every process trains the same copy on the same batches: no communication."""
+    """Tiny preset, phase 1 (with --vae_steps): the VAE as an autoencoder of the training targets (the masked
+    sources are only ever encoded, as conditioning): L1 on a posterior sample's reconstruction, + --vae_edge x the
+    L1 of its image gradients, + a tiny KL. SD's VAE recipe has LPIPS and a GAN term for sharpness instead, which
+    need pretrained or adversarial networks; the gradient term is the cheap stand-in (without it the decoder
+    smooths edges: teaching world, 3000 steps, held-out targets: 23.3 dB and 0.46 of the target's edge energy
+    without, 23.9 dB and 0.51 with). The learning rate warms up for 50 steps, then follows a cosine to zero. Then
+    rescaled so that latents x LATENT_SCALE have unit variance, as SD's scale factor makes them for SD's VAE.
+    Every process trains the same copy on the same batches: no communication."""
     init_from_scratch(vae, keyed_generator(STREAM_VAE_INIT, args.seed))
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     stream = micro_batches(dataset, args, min(args.vae_batch_size, args.batch_size), 1)
     bar = tqdm(range(args.vae_steps), desc="vae", disable=not show, dynamic_ncols=True)
     for step in bar:
-        for group in opt.param_groups:  # 50 warm-up steps
-            group["lr"] = args.vae_lr * min(1.0, (step + 1) / 50)
+        for group in opt.param_groups:
+            group["lr"] = cosine_rate(args.vae_lr, step, args.vae_steps, warmup=50)
         x = next(stream)[2][0]["target"].to(device)
         posterior = vae.encode(x)
         recon = vae.decode(posterior.sample(keyed_generator(STREAM_VAE_POSTERIOR, args.seed, step)))
         l1 = F.l1_loss(recon, x)
+        edge = sum(F.l1_loss(a, b) for a, b in zip(image_gradients(recon), image_gradients(x)))
         kl = 0.5 * (posterior.mean ** 2 + posterior.std ** 2 - 1 - posterior.logvar).mean()
-        (l1 + args.vae_kl * kl).backward()
+        (l1 + args.vae_edge * edge + args.vae_kl * kl).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         bar.set_postfix(l1=f"{l1.item():.4f}")
         if STOP:
-            raise SystemExit("stopped in the VAE phase, before the first checkpoint: start again")
+            raise Interrupted(STOP, "in the VAE phase, before the first checkpoint: nothing was written; run the "
+                              "same command again")
     with torch.no_grad():
         std = vae.encode(next(stream)[2][0]["target"].to(device)).mean.std().item()
         fold_latent_scale(vae, 1 / (LATENT_SCALE * std))
@@ -321,16 +462,20 @@ def dtc_step(trainee, ddp, frozen, vgg, batches, step, args, rank, device, autoc
     for j, batch in enumerate(batches):
         m = rank * len(batches) + j  # the micro-batch's index within the global batch
         g = keyed_generator(STREAM_DTC_STEP, args.seed, 0 if args.overfit_batch else step, m)
-        source, mask, reference, encoder_reference, target = (
-            batch[k].to(device, non_blocking=True) for k in ("source", "mask", "reference", "encoder_reference", "target"))
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        encoder_reference, target = batch["encoder_reference"], batch.get("target")
         # DDP all-reduces the gradients in the backward of the last micro-batch only
         last = j == len(batches) - 1
         with nullcontext() if last or ddp is trainee else ddp.no_sync():
             with autocast:
-                cond = prepare(frozen, source, mask, reference, trainee.model.cfg.image_size, g, target=target,
-                               encoder_reference=encoder_reference)
+                if "z0_moments" in batch:  # the pre-drawn world: the frozen parts' work is already done
+                    cond = drawn_conditioning(batch, g)
+                else:  # the tokens here only when the image encoder is frozen (else Trainee computes them)
+                    cond = prepare(frozen, batch["source"], batch["mask"], batch["reference"],
+                                   trainee.model.cfg.image_size, g, target=target, encoder_reference=encoder_reference,
+                                   tokens=trainee.image_encoder is None, hint_kind=trainee.model.cfg.hint_kind)
                 cond = {k: v.float() for k, v in cond.items()}  # float32 latents: the noise target stays exact
-                drop = (torch.rand(len(source), generator=g) < args.p_uncond).to(device)
+                drop = (torch.rand(len(encoder_reference), generator=g) < args.p_uncond).to(device)
                 loss_eps, eps, z_t, t = ddp(cond, encoder_reference, g, drop)
                 loss_vgg = torch.zeros((), device=device)
                 if vgg is not None:  # DCI-VTON's refinement loss: the decoded x0 estimate against the target,
@@ -345,15 +490,15 @@ def dtc_step(trainee, ddp, frozen, vgg, batches, step, args, rank, device, autoc
 # -----------------------------------------------------------------------------
 # 4. The loop
 
-STOP = False  # set by Ctrl-C / SIGTERM: the loop saves at the end of the current step and exits
+STOP = 0  # the signal (Ctrl-C's SIGINT, SIGTERM) that asked the run to stop after the current step; 0: none
 
 
 def request_stop(signum, frame):
     global STOP
     if STOP:  # asked twice: quit now
         raise KeyboardInterrupt
-    STOP = True
-    print(f"\n{signal.Signals(signum).name}: saving after this step (again to quit at once)", file=sys.stderr)
+    STOP = signum
+    print(f"\n{signal.Signals(signum).name}: stopping after this step (again to quit at once)", file=sys.stderr)
 
 
 def train(args, trainee, frozen, vgg, dataset, ckpt, ranks, rank, device):
@@ -362,7 +507,7 @@ def train(args, trainee, frozen, vgg, dataset, ckpt, ranks, rank, device):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
     named = [(n, p) for n, p in trainee.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=True)  # one kernel, CPU too
     ema = {n: p.detach().clone() for n, p in named} if args.ema else None
     step, epoch, position = 0, 0, 0
     if ckpt is not None and ckpt["step"] > 0:  # (the step-0 checkpoint after tiny's VAE phase has no optimizer)
@@ -386,6 +531,9 @@ def train(args, trainee, frozen, vgg, dataset, ckpt, ranks, rank, device):
     while step < args.max_steps and not stopping:
         t0 = time.perf_counter()
         epoch, position, batches = next(stream)
+        lr = args.lr if args.lr_schedule == "constant" else cosine_rate(args.lr, step, args.max_steps, args.max_steps // 20 + 1)
+        for group in opt.param_groups:
+            group["lr"] = lr
         totals = dtc_step(trainee, ddp, frozen, vgg, batches, step, args, rank, device, autocast)
         grad_norm = nn.utils.clip_grad_norm_(params, args.clip_grad) if args.clip_grad > 0 else None
         opt.step()
@@ -394,14 +542,14 @@ def train(args, trainee, frozen, vgg, dataset, ckpt, ranks, rank, device):
             for n, p in named:
                 ema[n].lerp_(p.detach(), 1 - args.ema)
         step += 1
-        packed = torch.cat([totals, torch.tensor([float(STOP)], device=totals.device)])
+        packed = torch.cat([totals, torch.tensor([float(STOP > 0)], device=totals.device)])
         if ranks > 1:  # the logged losses are global means; every process stops together
             dist.all_reduce(packed)
         loss, loss_eps, loss_vgg = (packed[:3] / (ranks * args.grad_accum)).tolist()
         stopping = packed[3].item() > 0
         if not math.isfinite(loss):  # the last checkpoint on disk is still a good one
             raise SystemExit(f"error: the loss is {loss} at step {step}; try a lower --lr")
-        record = dict(step=step, epoch=epoch, loss=loss, loss_eps=loss_eps, loss_vgg=loss_vgg, lr=args.lr,
+        record = dict(step=step, epoch=epoch, loss=loss, loss_eps=loss_eps, loss_vgg=loss_vgg, lr=lr,
                       grad_norm=None if grad_norm is None else grad_norm.item(),
                       images_per_s=G / (time.perf_counter() - t0))
         if show:
@@ -413,23 +561,25 @@ def train(args, trainee, frozen, vgg, dataset, ckpt, ranks, rank, device):
                 bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
             if step % args.save_every == 0 or step == args.max_steps or stopping:
                 save_checkpoint(args, trainee, frozen, opt, ema, step, epoch, position + 1)
-            if args.sample_every and step % args.sample_every == 0:
+            if args.sample_every and (step % args.sample_every == 0 or step == args.max_steps):  # the last one too
                 save_samples(trainee, frozen, fixed, os.path.join(args.out_dir, "samples", f"step_{step:06d}.png"),
                              args.seed, device, autocast)
     bar.close()
     if show:
         log.close()
         plot_losses(os.path.join(args.out_dir, "log.jsonl"), os.path.join(args.out_dir, "loss.png"))
-        if stopping:
-            print(f"stopped at step {step}: {args.out_dir}/ckpt.pt saved; continue with --resume", file=sys.stderr)
-        else:
-            if ema is not None:  # the final weights are the averaged ones
-                with torch.no_grad():
-                    for n, p in named:
-                        p.copy_(ema[n])
-            path = os.path.join(args.out_dir, "dtc.safetensors")
-            save_dtc(trainee.model, path, frozen=frozen if args.preset == "tiny" else None)
-            print(f"done: {path}")
+    if stopping:  # an unfinished run is no success: exit status 128 + the signal's number (a peer's stop: SIGTERM's)
+        raise Interrupted(STOP or signal.SIGTERM, f"at step {step} of {args.max_steps}: "
+                          f"{os.path.join(args.out_dir, 'ckpt.pt')} saved; continue with "
+                          f"python train.py --out_dir={args.out_dir} --resume")
+    if show:
+        if ema is not None:  # the final weights are the averaged ones
+            with torch.no_grad():
+                for n, p in named:
+                    p.copy_(ema[n])
+        path = os.path.join(args.out_dir, "dtc.safetensors")
+        save_dtc(trainee.model, path, frozen=frozen if args.preset == "tiny" else None)
+        print(f"done: {path}")
 
 
 # -----------------------------------------------------------------------------
@@ -468,7 +618,8 @@ def samples_to_show(args, trainee):
 
 @torch.no_grad()
 def save_samples(trainee, frozen, fixed, path, seed, device, autocast, steps=20):
-    """One row per fixed sample: source | mask (white = fill) | reference | hint | sample (DDIM, guidance 5)."""
+    """One row per fixed sample: source | mask (white = fill) | reference | hint | sample (DDIM, the model's
+    guidance)."""
     source, mask, reference = (fixed[k].to(device) for k in ("source", "mask", "reference"))
     g = torch.Generator().manual_seed(seed)
     with autocast:
@@ -535,7 +686,7 @@ def setup(args, ckpt, ranks, rank, device):
         trainee.model.unet.grad_checkpointing = True
         if trainee.model.cfg.hint:
             trainee.model.hint_encoder.grad_checkpointing = True
-    trainee.to(device)
+    trainee.to(device, memory_format=torch.channels_last)  # the convs' fastest layout (CPU: 7 % a tiny step)
     frozen.vae.to(device)
     frozen.image_encoder.to(device)
     if ckpt is not None:
@@ -551,30 +702,36 @@ def setup(args, ckpt, ranks, rank, device):
         vgg = VGGLoss(args.vgg_weights).to(device)
     elif args.vgg_weight > 0 and rank == 0:
         print("warning: no --vgg_weights: the VGG perceptual loss is off (paper: on, lambda 1e-3)", file=sys.stderr)
-    if args.preset == "tiny" and ckpt is None and args.init_vae:  # a tiny VAE trained before (another variant's)
+    if args.preset == "tiny" and ckpt is None and args.init_vae:  # a tiny VAE trained before (by default the bundled one)
         _, trained = load_dtc(args.init_vae)
         if trained is None or asdict(trained.vae.cfg) != asdict(frozen.vae.cfg):
             raise CheckpointError(f"{args.init_vae}: holds no tiny VAE of this preset's configuration")
         frozen.vae.load_state_dict(trained.vae.state_dict())
-    os.makedirs(args.out_dir, exist_ok=True)  # everything checked: the run starts writing here
+    if isinstance(dataset, TeachingWorld):  # drawn once, before any step (PreDrawn says why)
+        dataset = draw_world(dataset, args, show=rank == 0)
+    vae_phase = args.preset == "tiny" and ckpt is None and not args.init_vae
+    if vae_phase:  # it writes nothing: a run stopped in it leaves no folder behind
+        train_vae(frozen.vae, dataset, args, device, show=rank == 0)
+        if ranks > 1:  # GPU kernels need not be deterministic: every process takes rank 0's VAE
+            for t in frozen.vae.state_dict().values():
+                dist.broadcast(t, 0)
     if args.preset == "tiny":
-        if ckpt is None and not args.init_vae:
-            train_vae(frozen.vae, dataset, args, device, show=rank == 0)
-            if ranks > 1:  # GPU kernels need not be deterministic: every process takes rank 0's VAE
-                for t in frozen.vae.state_dict().values():
-                    dist.broadcast(t, 0)
-            if rank == 0:  # the VAE phase is worth keeping: a step-0 checkpoint
-                save_checkpoint(args, trainee, frozen, None, None, 0, 0, 0)
         frozen.vae.requires_grad_(False).eval()
+        if isinstance(dataset, PreDrawn) and args.max_steps > 0:  # the VAE is frozen from here: encode every sample once
+            dataset = encode_drawn(dataset, frozen.vae, keep_target=vgg is not None, hint_kind=args.hint_kind,
+                                   device=device, show=rank == 0)
     elif device.type == "cuda" and pick_dtype(args.dtype, "cuda") == torch.bfloat16:
         frozen.vae.to(torch.bfloat16)  # frozen and run under autocast: bfloat16 halves them
         frozen.image_encoder.to(torch.bfloat16)
+    os.makedirs(args.out_dir, exist_ok=True)  # everything checked, the VAE trained: the run starts writing here
+    if vae_phase and rank == 0:  # the VAE phase is worth keeping: a step-0 checkpoint
+        save_checkpoint(args, trainee, frozen, None, None, 0, 0, 0)
     return trainee, frozen, dataset, vgg
 
 
 def main(argv=None):
     global STOP
-    STOP = False
+    STOP = 0
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     ranks, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
@@ -613,4 +770,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    use_free_cores()
     sys.exit(run(main))

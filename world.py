@@ -40,6 +40,7 @@ MARGIN = 0.03  # white around the flat product's silhouette, a fraction of the r
 STREAM_PRODUCT = 0x9E0D        # a product's pattern, colours and shape (with its id)
 STREAM_SCENE = 0x5CE9E         # a scene's content (after the seed, split and index)
 STREAM_DISTRACTOR = 0xD15      # write_heldout's other product (after seed, index; 4 values: no sample_rng stream)
+STREAM_MISALIGN = 0x3A11       # a scene's misalignment (--misalign > 0 only, so that 0 draws exactly as before)
 
 
 @dataclass(frozen=True)
@@ -224,13 +225,17 @@ class TeachingWorld(SampleDataset):
     """
 
     def __init__(self, size=64, split="train", length=10_000, seed=0, ref_size=(64, 64), train=None,
-                 n_products=1000, distort=True):
+                 n_products=1000, distort=True, misalign=0.0):
         if split not in ("train", "heldout"):
             raise ValueError(f"split must be 'train' or 'heldout', not {split!r}")
         super().__init__(seed, split == "train" if train is None else train, skip_bad=False)
         self.size, self.split, self.length = size, split, length
         self.ref_size, self.n_products = size_pair(ref_size), n_products
         self.distort = distort  # False: no warp and no shading (the tests check the geometry so)
+        if not (math.isfinite(misalign) and misalign >= 0):
+            raise ValueError(f"misalign must be a number >= 0, not {misalign}")
+        self.misalign = misalign  # 0: the hint lines up with the worn product; see _misaligned
+        self.references = {}  # product id -> its reference, drawn once (a quarter of a sample's drawing time)
 
     def __len__(self):
         return self.length
@@ -278,7 +283,11 @@ class TeachingWorld(SampleDataset):
         blotches = F.interpolate(torch.rand((1, 3, 5, 5), generator=g), size=(S, S), mode="bilinear", align_corners=False)[0]
         image = image + 0.08 * (blotches - 0.5) + 0.03 * (torch.rand((3, S, S), generator=g) - 0.5)
         draw = self._person if shape_of.category == "top" else self._sofa
-        region, warp, shade = draw(g, image, x, y, shape_of.shape)
+        m = keyed_generator(self.seed, ("train", "heldout").index(self.split), i, STREAM_MISALIGN) if self.misalign else None
+        shape = shape_of.shape
+        if m is not None and shape_of.category == "top":  # worn sleeves at another angle than the flat top's
+            shape = (shape[0], shape[1] + self.misalign * uniform(m, -0.4, 0.4), shape[2])
+        region, warp, shade = draw(g, image, x, y, shape)
         fill = F.max_pool2d(region[None, None].float(), SS)[0, 0] > 0
         # the rectangle the hint will fill: the largest one inside the mask (or the whole box), in [0,1] units
         keep = (~fill).float()
@@ -286,6 +295,8 @@ class TeachingWorld(SampleDataset):
         u, v = _texture_coords(x, y, (left / self.size, top_ / self.size, right / self.size, bottom_ / self.size))
         light = uniform(g, 0.0, 2 * math.pi)  # a smooth light gradient across the product
         shade = shade * (1 + 0.15 * ((x - 0.5) * math.cos(light) + (y - 0.5) * math.sin(light)))
+        if m is not None:
+            u, v, warp, shade = self._misaligned(m, u, v, warp, shade)
         if self.distort:
             u, v = warp(u, v)
         else:
@@ -295,6 +306,23 @@ class TeachingWorld(SampleDataset):
             image = torch.where(region, texture(product, u, v) * shade, image)
         image = F.avg_pool2d(image.clamp(0, 1)[None], SS)[0] * 2 - 1
         return image, fill
+
+    def _misaligned(self, m, u, v, warp, shade):
+        """The texture coordinates moved off the hint's rectangle, as a real garment is only roughly where the
+        hint puts it, with folds and shading stronger, all in proportion to self.misalign (1 = strong): shifted by
+        up to a quarter of the rectangle, scaled by up to e^0.3, turned by up to 25 degrees about its centre; the
+        warp's amplitude x (1 + 3 misalign) and the shading's depth x (1 + 2 misalign)."""
+        a = self.misalign
+        du, dv = a * uniform(m, -0.25, 0.25), a * uniform(m, -0.25, 0.25)
+        scale, turn = math.exp(a * uniform(m, -0.3, 0.3)), math.radians(a * uniform(m, -25, 25))
+        c, s = math.cos(turn) / scale, math.sin(turn) / scale
+        u, v = 0.5 + c * (u - 0.5) - s * (v - 0.5) + du, 0.5 + s * (u - 0.5) + c * (v - 0.5) + dv
+        stronger = 1 + 3 * a
+
+        def warp_more(u, v):
+            wu, wv = warp(u, v)
+            return u + stronger * (wu - u), v + stronger * (wv - v)
+        return u, v, warp_more, 1 + (shade - 1) * (1 + 2 * a)
 
     def _person(self, g, image, x, y, shape):
         """Draws a person without the top into `image`; returns the top's region, its texture warp and shading."""
@@ -359,18 +387,21 @@ class TeachingWorld(SampleDataset):
     def load(self, i, g):
         with _one_thread():
             box = g is not None and torch.rand((), generator=g).item() < 0.5  # the 50/50 rule, drawn first
-            product = make_product(self.product_id(i))
+            pid = self.product_id(i)
+            product = make_product(pid)
             image, fill = self.scene(i, product, box)
-            return finish_sample(image, image, (~fill).float()[None], self.reference(product), f"{self.split}_{i:06d}",
+            if pid not in self.references:
+                self.references[pid] = self.reference(product)
+            return finish_sample(image, image, (~fill).float()[None], self.references[pid], f"{self.split}_{i:06d}",
                                  (self.size, self.size), self.ref_size, g, f"teaching world {self.split} {i}", box=box)
 
 
-def write_heldout(root, n, size, seed=0):
+def write_heldout(root, n, size, seed=0, misalign=0.0):
     """A held-out evaluation set in the triplet layout WITH target/: target = the scene with a held-out
     product; source = the same scene with a different (train) product of the same category in the
     region, so a model cannot pass by copying the source; mask = the region; reference = the held-out
-    product flat (size x size)."""
-    world = TeachingWorld(size, "heldout", length=n, seed=seed, ref_size=(size, size), train=False)
+    product flat (size x size). misalign: as TeachingWorld's."""
+    world = TeachingWorld(size, "heldout", length=n, seed=seed, ref_size=(size, size), train=False, misalign=misalign)
     samples = []
     for i in range(n):
         product = make_product(world.product_id(i))
