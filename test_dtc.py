@@ -3083,6 +3083,8 @@ def test_train_bfloat16_autocast_on_cpu(tiny_run, tmp_path, capsys):
     assert bf16 != losses(tiny_run)[:2] and bf16 == pytest.approx(losses(tiny_run)[:2], rel=0.05)
 
 
+@pytest.mark.skipif(os.environ.get("DTC_FULL_SIZE") != "1",
+                    reason="about 24 minutes on a CPU (README): DTC_FULL_SIZE=1 runs it")
 def test_train_sd15_full_size_dry_run(monkeypatch):
     """One sd15 training step at SD widths on fake tensors (shapes and dtypes, no storage: no weights, no GPU, no
     downloads) through train.py's dtc_step: DINOv2 g/14 and the VAE frozen in bfloat16, the main U-Net, hint encoder,
