@@ -6,6 +6,8 @@ Speed and memory of Diffuse to Choose with random weights of the real architectu
     python bench.py train    images/s, peak memory and MFU of a training step per --batch_sizes
     python bench.py compare  one forward each: our U-Net, DINOv2 and VAE vs diffusers' and timm's, same weights
     python bench.py all      sample (with compare) and train
+    python bench.py memory   peak memory of sampling and training at 512x512, bfloat16, simulated on fake tensors
+                             (no GPU, no weights; 386 s on one CPU thread); with --device=cuda also measured
 
 The whole GPU table (every row, torch.compile's too; about 6-8 minutes on an H100, estimated, 50 GB at batch 8):
 
@@ -22,20 +24,25 @@ import resource
 import statistics
 import sys
 import time
+import weakref
 from contextlib import nullcontext, suppress
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.weak import WeakIdKeyDictionary
 
 import reference
 from cli import HelpFormatter, pick_device, pick_dtype, run
 from diffusion import Schedule
 from dinov2 import PRESETS, DINOv2
-from dtc import (TINY_ENCODER, TINY_VAE, DiffuseToChoose, DTCConfig, Frozen, diffusion_loss, encode_image_tokens,
-                 latent_mask, make_hint, prepare, sample_latents, tiny_config)
+from dtc import (TINY_ENCODER, TINY_VAE, DiffuseToChoose, DTCConfig, Frozen, VGGLoss, diffusion_loss,
+                 encode_image_tokens, freeze_for, latent_mask, make_hint, prepare, sample_latents, tiny_config)
 from vae import LATENT_SCALE, AutoencoderKL, VAEConfig
 
 
@@ -47,15 +54,15 @@ def flag(s):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("mode", choices=["sample", "train", "compare", "all"], help="which tables (see above)")
+    p.add_argument("mode", choices=["sample", "train", "compare", "all", "memory"], help="which tables (see above)")
     p.add_argument("--arch", default="sd15", choices=["sd15", "tiny"],
                    help="sd15: SD 1.5 U-Net (9 channels), SD VAE, DINOv2 g/14; tiny: small configs for CPU smoke runs")
     p.add_argument("--size", type=int, help="image side in pixels (default: 512 for sd15, 32 for tiny)")
     p.add_argument("--steps", type=int, help="DDIM steps (default: 40 for sd15, the paper's; 2 for tiny)")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (paper: 5)")
     p.add_argument("--batch", type=int, default=1, help="images per sampling batch")
-    p.add_argument("--batch_sizes", help="training batch sizes, comma-separated (default: 1,2,4 for sd15; 1,2 for "
-                   "tiny)")
+    p.add_argument("--batch_sizes", help="training batch sizes, comma-separated (default: 1,2,4 for sd15, 1,2,4,8 "
+                   "for sd15's memory; 1,2 for tiny)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights (+ autocast when not float32); auto: bfloat16 on a GPU that has it, else float32")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
@@ -76,7 +83,7 @@ def parse_args(argv=None):
     # the tiny architecture is a quick look at the tables on a CPU: fewer steps, runs and batch sizes
     tiny = args.arch == "tiny"
     for option, sd15, small in (("size", 512, 32), ("steps", 40, 2), ("repeats", 3, 1),
-                                ("batch_sizes", "1,2,4", "1,2")):
+                                ("batch_sizes", "1,2,4,8" if args.mode == "memory" else "1,2,4", "1,2")):
         if getattr(args, option) is None:
             setattr(args, option, small if tiny else sd15)
     return args
@@ -507,6 +514,26 @@ def sample_section(args, device, base, compare_only=False):
     return out
 
 
+def training_step(model, frozen, vgg, opt, x, device, dtype, hint=None):
+    """One optimizer step as train.py's loop takes it: prepare() without gradients, float32 conditioning, the Eq. 1
+    loss with 20 % guidance dropout and, with vgg, 1e-3 x the VGG loss on the decoded x0 estimate (through the
+    frozen decoder), backward, gradient clipping at 1, opt's step. hint: the canvas, else hint_image's."""
+    schedule = Schedule()
+    with autocast(device, dtype):
+        cond = prepare(frozen, x["source"], x["mask"], x["reference"], model.cfg.image_size, target=x["target"],
+                       hint=hint)
+        cond = {k: v.float() for k, v in cond.items()}
+        drop = torch.rand(len(x["source"]), device=device) < 0.2
+        loss, eps, z_t, t = diffusion_loss(model, schedule, cond, drop=drop)
+        if vgg is not None:
+            x0 = schedule.predict_x0(z_t, eps, t)
+            loss = loss + 1e-3 * vgg(frozen.vae.decode(x0 / LATENT_SCALE), x["target"])
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def train_section(args, device, base):
     """Per batch size, a training step as train.py runs it: base, with gradient checkpointing, (CUDA) AdamW foreach."""
     cfgs, schedule, cuda = arch(args.arch), Schedule(), device.type == "cuda"
@@ -535,15 +562,7 @@ def train_section(args, device, base):
             model.unet.grad_checkpointing = model.hint_encoder.grad_checkpointing = checkpointing
             opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused)
 
-            def step():
-                with autocast(device, base.dtype):
-                    c = prepare(frozen, x["source"], x["mask"], x["reference"], model.cfg.image_size,
-                                target=x["target"])
-                    loss = diffusion_loss(model, schedule, c)[0]
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
+            step = lambda: training_step(model, frozen, None, opt, x, device, base.dtype)
             # the warm-up step creates AdamW's state and autotunes cuDNN
             r = measure({}, lambda: dict(zip(("seconds", "mib"), timed(step, device, args.repeats))))
             tflops = None if "error" in r else step_tflop / r["seconds"]
@@ -553,8 +572,8 @@ def train_section(args, device, base):
             model.zero_grad(set_to_none=True)
     weights = f"{str(base.dtype)[6:]} autocast over fp32 master weights" if base.dtype != torch.float32 else "float32"
     return [f"## Training: {args.size}x{args.size}, {weights}\n\n{table(TRAIN_HEADER, rows)}\n\n"
-            "- One step: prepare() under no_grad (frozen VAE encodes of target and masked source, DINOv2 tokens, hint "
-            "canvas), the DTC forward and backward (Eq. 1 loss, no VGG loss), AdamW (fused on CUDA).\n"
+            "- One step: training_step without the VGG loss (prepare() under no_grad: frozen VAE encodes of target and "
+            "masked source, DINOv2 tokens, hint canvas; the DTC forward and backward), AdamW (fused on CUDA).\n"
             + (f"- MFU against {peak:g} TFLOP/s (--peak_tflops; default on cuda: H100 SXM bf16 dense)" if peak else
                "- MFU n/a on a CPU unless --peak_tflops is given") + f"; FLOPs per step ({fmt(step_tflop)} TFLOP at "
             "the last batch size) by FlopCounterMode on meta replicas (model FLOPs, no recomputation).\n"
@@ -562,11 +581,223 @@ def train_section(args, device, base):
             f"- {MEMORY_NOTE[device.type]}; includes AdamW state."]
 
 
+# -----------------------------------------------------------------------------
+# memory: the peak of each row, simulated on fake tensors and, on a GPU, measured
+
+SAMPLE_BATCHES = (1, 4)
+GiB = 2 ** 30
+
+
+class PeakMemory(TorchDispatchMode):
+    """The peak bytes of tensor storage alive while it is active: each storage that an operation makes (fake ones
+    too: a size, no bytes) or that `held` holds at the start, counted once at its size and uncounted when it is
+    freed. What PyTorch's MemTracker counts, without its per-module bookkeeping, which fails on this model (it hooks
+    every parameter of a module it meets, and frozen ones take no hooks; its ModTracker asserts on a parameter's
+    view made under no_grad, as the null context's) and took 12x the time of an SD U-Net step (measured; on that
+    step both count 13.05 GiB)."""
+
+    def __init__(self, held=()):
+        super().__init__()
+        self.live = WeakIdKeyDictionary()  # storage -> bytes, forgotten with the storage
+        self.now = self.peak = 0
+        for t in held:
+            self.count(t)
+
+    def count(self, t):
+        storage = t.untyped_storage()
+        if storage not in self.live:
+            self.live[storage] = n = storage.nbytes()
+            weakref.finalize(storage, self.free, n)
+            self.now += n
+            self.peak = max(self.peak, self.now)
+
+    def free(self, n):
+        self.now -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.count(t)
+        return out
+
+
+def tensors_of(things):
+    """The tensors of modules (parameters, their gradients, buffers), optimizers (their state) and tensors."""
+    for x in things:
+        if isinstance(x, torch.nn.Module):
+            yield from x.buffers()
+            for p in x.parameters():
+                yield from (p,) if p.grad is None else (p, p.grad)
+        elif isinstance(x, torch.optim.Optimizer):
+            yield from (v for state in x.state.values() for v in state.values() if isinstance(v, torch.Tensor))
+        else:
+            yield x
+
+
+def fake_tensors(on):
+    """The context a simulated row runs in: FakeTensorMode, whose tensors have shapes, dtypes and a device but no
+    storage. (Modules are built on meta before it: inside it they cannot change dtype.)"""
+    return FakeTensorMode(allow_non_fake_inputs=True) if on else nullcontext()
+
+
+def placed(modules, device):
+    """Modules built on meta, given storage on `device` but no values: memory is measured here, not results."""
+    for m in modules:
+        m.to_empty(device=device)
+
+
+def peak_bytes(phases, device):
+    """The peak over phases [(fn, resident), ...] run in order, resident() listing what a phase finds on the device
+    (modules, optimizers, tensors). On a GPU torch.cuda.max_memory_allocated (every tensor on it); elsewhere a fresh
+    PeakMemory per phase, counting what the phase finds and what it makes (fake tensors included)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        for fn, _ in phases:
+            fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    peak = 0
+    for fn, resident in phases:
+        with PeakMemory(tensors_of(resident())) as tracker:
+            fn()
+        peak = max(peak, tracker.peak)
+    return peak
+
+
+def row_inputs(B, size, device, seed):
+    """inputs() and a hint canvas of the same shape as make_hint's (which searches the mask's values, and fake
+    tensors have none)."""
+    return inputs(B, size, device, torch.Generator().manual_seed(seed)), torch.rand(B, 3, size, size, device=device)
+
+
+def sample_peak(cfgs, B, hint_input, offload, args, device, fake):
+    """Peak bytes of sampling one image batch as dtc.generate does, bfloat16 weights and autocast: prepare() with
+    DINOv2 on the device; then, DINOv2 moved off with offload, the guided DDIM steps and the VAE decode. One step
+    stands for all of them: a step frees what it makes, so each has the same peak. fake: on fake tensors."""
+    model, frozen = build(cfgs, "meta", Variant(hint_input=hint_input, dtype=torch.bfloat16))
+    with fake_tensors(fake):
+        placed([model, frozen.vae, frozen.image_encoder], device)
+        x, canvas = row_inputs(B, args.size, device, args.seed)
+        cond = {}
+
+        def conditioning():
+            with torch.no_grad(), autocast(device, torch.bfloat16):
+                cond.update(prepare(frozen, x["source"], x["mask"], x["reference"], model.cfg.image_size,
+                                    hint=canvas))
+            if offload and device.type == "cuda":  # (a tracker counts what a phase finds: unlisted is off the device)
+                frozen.image_encoder.cpu()
+
+        def denoise():
+            with torch.no_grad(), autocast(device, torch.bfloat16):
+                z = sample_latents(model, Schedule(), cond, 1, args.guidance, progress=False)
+                frozen.vae.decode(z / LATENT_SCALE)
+
+        resident = [model, frozen.vae, *x.values(), canvas]
+        return peak_bytes([(conditioning, lambda: resident + [frozen.image_encoder]),
+                           (denoise, lambda: resident + list(cond.values()) + ([] if offload else
+                                                                               [frozen.image_encoder]))], device)
+
+
+def train_peak(cfgs, B, checkpointing, train, args, device, fake):
+    """dict(peak, trained, frozen): peak bytes of a training step from the second on (AdamW's state exists) as
+    train.py takes it on a GPU, the parameters it trains and the bytes of the frozen ones. float32 weights under
+    bfloat16 autocast, the VAE and DINOv2 in bfloat16, fused AdamW, the VGG loss through the decoder. fake: on fake
+    tensors."""
+    model, frozen = build(cfgs, "meta", Variant(dtype=torch.bfloat16))
+    model = freeze_for(model.float().train(), train)
+    with torch.device("meta"):
+        vgg = VGGLoss()
+    modules = [model, frozen.vae, frozen.image_encoder, vgg]
+    with fake_tensors(fake):
+        placed(modules, device)
+        model.unet.grad_checkpointing = model.hint_encoder.grad_checkpointing = checkpointing
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
+        for p in params:  # a step on zero gradients makes AdamW's state: what every step after the first finds
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        x, canvas = row_inputs(B, args.size, device, args.seed)
+        peak = peak_bytes([(lambda: training_step(model, frozen, vgg, opt, x, device, torch.bfloat16, canvas),
+                            lambda: [*modules, opt, *x.values(), canvas])], device)
+    return dict(peak=peak, trained=sum(p.numel() for p in params),
+                frozen=sum(p.numel() * p.element_size() for m in modules for p in m.parameters() if not p.requires_grad))
+
+
+def simulated_and_measured(peak, device):
+    """(peak(cpu, fake=True), peak(device, fake=False) measured on a GPU or None); peak returns bytes or a dict."""
+    simulated, measured = peak(torch.device("cpu"), True), None
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        try:
+            measured = peak(device, False)
+        except torch.cuda.OutOfMemoryError:
+            measured = "OOM"
+    return simulated, measured
+
+
+def gib(b):
+    return "—" if b is None else b if isinstance(b, str) else f"{b / GiB:.4g}"
+
+
+MEMORY_SAMPLE_HEADER = ["batch", "hint features", "DINOv2 after encoding", "simulated GiB", "measured GiB"]
+MEMORY_TRAIN_HEADER = ["trained", "batch", "grad checkpointing", "floor GiB", "simulated GiB",
+                       "DDP per process GiB", "measured GiB"]
+
+
+def memory_section(args, device):
+    """The sampling and training tables and the key=value line of their peaks, in GiB."""
+    cfgs, start, keys = arch(args.arch), time.perf_counter(), {}
+    sample_rows = []
+    for B in SAMPLE_BATCHES:
+        for hint_input in ("full", "latent_only"):
+            for offload in (False, True):
+                print(f"memory: sampling, batch {B}, {hint_input}, offload {on(offload)}", file=sys.stderr, flush=True)
+                sim, real = simulated_and_measured(
+                    lambda d, fake: sample_peak(cfgs, B, hint_input, offload, args, d, fake), device)
+                keys[f"sample_b{B}" + "_latent_only" * (hint_input == "latent_only") + "_offload" * offload] = sim
+                sample_rows.append([B, "once per image (latent_only)" if hint_input == "latent_only" else
+                                    "every step (full)", "moved off" if offload else "kept", gib(sim), gib(real)])
+    train_rows = []
+    for train, key in (("all", "train"), ("hint", "onegpu")):
+        for B in [int(b) for b in args.batch_sizes.split(",")]:
+            for checkpointing in (False, True):
+                print(f"memory: training {train}, batch {B}, checkpointing {on(checkpointing)}", file=sys.stderr,
+                      flush=True)
+                sim, real = simulated_and_measured(
+                    lambda d, fake: train_peak(cfgs, B, checkpointing, train, args, d, fake), device)
+                keys[f"{key}_b{B}" + "_ckpt" * checkpointing] = sim["peak"]
+                floor = 16 * sim["trained"] + sim["frozen"]
+                train_rows.append([f"{train} ({sim['trained'] / 1e6:.0f} M)", B, on(checkpointing), gib(floor),
+                                   gib(sim["peak"]), gib(sim["peak"] + 4 * sim["trained"]),
+                                   gib(real if real is None or isinstance(real, str) else real["peak"])])
+    seconds = time.perf_counter() - start
+    return [f"## Memory: peak per row, {args.size}x{args.size}, bfloat16\n\n"
+            f"### Sampling: {args.steps} DDIM steps, guidance {args.guidance:g}, bfloat16 weights\n\n"
+            f"{table(MEMORY_SAMPLE_HEADER, sample_rows)}\n\n"
+            "### Training: float32 weights, bfloat16 autocast, fused AdamW, VGG loss, frozen VAE and DINOv2 in "
+            f"bfloat16\n\n{table(MEMORY_TRAIN_HEADER, train_rows)}\n\n"
+            "- simulated: FakeTensorMode tensors on the CPU (shapes and dtypes, no storage: no GPU, no weights), every "
+            "storage alive counted at its exact size (PeakMemory, MemTracker's accounting); measured: "
+            "torch.cuda.max_memory_allocated on a GPU (--device=cuda), the same rows on real tensors.\n"
+            "- Sampling: dtc.generate's work (prepare, the guided DDIM steps, the VAE decode); one DDIM step "
+            "simulated, as each step frees what it makes (the peak of 1 step is the peak of 40).\n"
+            "- Training: a step from the second on (AdamW's state made by a step on zero gradients), train.py's on a "
+            "GPU. trained all: the paper's; hint: `--train=hint`, the main U-Net frozen (dtc.freeze_for). floor: "
+            "16 bytes per trained parameter (float32 weight, gradient, AdamW's two moments) + the frozen weights. "
+            "DDP per process: + one float32 copy of the trained gradients (DDP's gradient buckets).\n"
+            f"- {seconds:.0f} s on {torch.get_num_threads()} CPU thread(s), torch {torch.__version__}.",
+            " ".join(f"{k}={gib(v)}" for k, v in keys.items())]
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(pick_device(args.device))
     cuda, cfg = device.type == "cuda", arch(args.arch)[0]
-    dtype = pick_dtype(args.dtype, device.type)
+    dtype = torch.bfloat16 if args.mode == "memory" else pick_dtype(args.dtype, device.type)
     args.image_size, latent = cfg.image_size, args.size // cfg.vae_factor
     args.overlap = args.overlap if args.overlap is not None else max(1, latent // 8)
     args.tile = args.tile or (latent + args.overlap + 1) // 2  # two tiles per side
@@ -581,9 +812,13 @@ def main(argv=None):
     sections = [f"# DTC benchmark: {args.mode}, arch {args.arch}, {where}, torch {torch.__version__}, "
                 f"{str(dtype)[6:]}, random weights\n\n`python bench.py {command}`"]
     print(sections[0] + "\n", flush=True)
+    summary = None  # memory: the key=value line, printed last
     for part in ["sample", "train"] if args.mode == "all" else [args.mode]:
-        new = train_section(args, device, base) if part == "train" else \
-            sample_section(args, device, base, compare_only=part == "compare")
+        if part == "memory":
+            *new, summary = memory_section(args, device)
+        else:
+            new = train_section(args, device, base) if part == "train" else \
+                sample_section(args, device, base, compare_only=part == "compare")
         for s in new:
             print(s + "\n", flush=True)
         sections += new
@@ -591,6 +826,8 @@ def main(argv=None):
         with open(args.out, "w") as f:
             f.write("\n\n".join(sections) + "\n")
         print(f"written: {args.out}")
+    if summary:
+        print(summary)
 
 
 if __name__ == "__main__":

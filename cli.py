@@ -52,10 +52,23 @@ def pick_device(name):
 
 
 def pick_dtype(name, device):
-    """--dtype: "auto" is bfloat16 on a GPU that has it, else float32; the others as named."""
+    """--dtype on `device` ("cpu" or "cuda"): "auto" is bfloat16 on a GPU that has it, else float32; the others as
+    named. bfloat16 on a GPU without it (before Ampere) is refused in one line (a DataError)."""
     if name == "auto":
         return torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if name == "bfloat16" and device == "cuda" and not torch.cuda.is_bf16_supported():
+        raise DataError(f"--dtype=bfloat16: this GPU ({torch.cuda.get_device_name()}) has no bfloat16; use float16 "
+                        "or float32")
     return getattr(torch, name)
+
+
+def check_dtype(args):
+    """--device and --dtype checked together before any work: a device that is not there and a dtype the GPU lacks
+    are one line each (exit 1); half precision on a CPU runs, slowly on most CPUs, which a one-line warning says."""
+    device = pick_device(args.device)
+    if pick_dtype(args.dtype, device) != torch.float32 and device == "cpu":
+        print(f"warning: --dtype={args.dtype} on the CPU: it runs, but most CPUs compute it slower than float32",
+              file=sys.stderr)
 
 
 def bad_option(args, option, why):

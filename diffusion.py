@@ -41,12 +41,13 @@ class Schedule:
         return (a.sqrt() * eps.float() - (1 - a).sqrt() * z0.float()).to(z0.dtype)
 
     def ddim_timesteps(self, steps):
-        """SD's "leading" spacing with offset 1: 50 steps -> 981, 961, ..., 1. Only at num_steps steps (1000) would
+        """SD's "leading" spacing with offset 1: 50 steps -> [981, 961, ..., 1]. Only at num_steps steps (1000) would
         the offset push the first step past the schedule's last timestep (999): there every timestep is visited,
-        999, 998, ..., 0."""
+        999, 998, ..., 0. Python ints, which the sampling loop takes one by one (and fake tensors, bench.py's memory
+        simulation, have no values to give)."""
         spacing = self.num_steps // steps
         offset = 1 if (steps - 1) * spacing + 1 < self.num_steps else 0
-        return (torch.arange(steps) * spacing).flip(0) + offset
+        return [i * spacing + offset for i in reversed(range(steps))]
 
     def ddim_step(self, z_t, eps, t, t_prev, eta=0.0, generator=None):
         """DDIM (Song et al. 2021, Eq. 12). t_prev < 0 uses alphas_cumprod[0] (SD: set_alpha_to_one=False)."""

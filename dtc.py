@@ -168,19 +168,20 @@ def latent_mask(mask, size):
 
 @torch.no_grad()
 def prepare(frozen, source, mask, reference, image_size, generator=None, target=None, encoder_reference=None,
-            tokens=True, hint_kind="image"):
+            tokens=True, hint_kind="image", hint=None):
     """Everything computed once per image, without gradients (the VAE and the image encoder are frozen).
     Returns a dict of z0 (latents of the target, for training), z_masked, mask_lat, tokens, hint (the [0,1] hint
     image, or with hint_kind "latent" the latent of the reference pasted into the masked source).
     encoder_reference: what the image encoder sees instead of `reference` (training: the rotated copy,
     data.augment); the hint is always built from `reference`. tokens=False: without the tokens (an image encoder
-    that trains computes them itself, with gradients)."""
+    that trains computes them itself, with gradients). hint: hint_image's result, given ready (bench.py's fake
+    tensors have no values for make_hint to search); with hint_kind "latent" it is still encoded here."""
     vae = frozen.vae
     dtype = next(vae.parameters()).dtype
     masked = source * mask  # PBE: the hole becomes 0, mid-grey
     z_masked = vae.encode(masked.to(dtype)).sample(generator) * LATENT_SCALE
-    hint = hint_image(hint_kind, reference, mask, source).to(dtype)
-    if hint_kind == "latent":
+    hint = (hint_image(hint_kind, reference, mask, source) if hint is None else hint).to(dtype)
+    if hint_kind == "latent":  # drawn between z_masked and z0, as train.drawn_conditioning draws them
         hint = vae.encode(hint * 2 - 1).sample(generator) * LATENT_SCALE
     out = dict(z_masked=z_masked, mask_lat=latent_mask(mask, z_masked.shape[-2:]).to(dtype), hint=hint)
     if tokens:
@@ -327,6 +328,19 @@ class DiffuseToChoose(nn.Module):
                 hint_feats = self.hint_features(self.hint_latent(z_masked, hint), z_t, t, mask_lat, context)
             skips, h = self.fuse(skips, h, hint_feats)
         return self.unet.decode(h, skips, emb, context)
+
+
+# What trains (train.py --train; bench.py's memory rows): "all", every part of DiffuseToChoose (the paper); "hint",
+# the main U-Net frozen as initialised, so that only the hint encoder, adapter (none with hint_kind "latent"), fusion,
+# token projection and null context train (ControlNet's recipe, the one-GPU recipe: a third of the trained parameters)
+TRAINED = ("all", "hint")
+
+
+def freeze_for(model, train):
+    """model with requires_grad set for `train` (one of TRAINED); returns model."""
+    model.requires_grad_(True)
+    model.unet.requires_grad_(train == "all")
+    return model
 
 
 # -----------------------------------------------------------------------------
@@ -481,7 +495,7 @@ def sample_latents(model, schedule, cond, steps=40, guidance=5.0, eta=0.0, sampl
         z_masked, mask_lat, hint = torch.cat([z_masked] * 2), torch.cat([mask_lat] * 2), torch.cat([hint] * 2)
         if hint_feats is not None:
             hint_feats = [torch.cat([f] * 2) for f in hint_feats]
-    ts = schedule.ddim_timesteps(steps).tolist() if sampler == "ddim" else list(range(schedule.num_steps))[::-1]
+    ts = schedule.ddim_timesteps(steps) if sampler == "ddim" else list(range(schedule.num_steps))[::-1]
     for i, t in enumerate(tqdm(ts, desc=f"{sampler} sampling", disable=not progress, leave=False)):
         zz = torch.cat([z] * 2) if guidance != 1.0 else z
         tt = torch.full((zz.shape[0],), t, device=z.device, dtype=torch.long)

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from checkpoint import CheckpointError
-from cli import (HelpFormatter, bad_option, check_files, check_sampling_options, pick_device, pick_dtype, run,
-                 use_free_cores)
+from cli import (HelpFormatter, bad_option, check_dtype, check_files, check_sampling_options, pick_device, pick_dtype,
+                 run, use_free_cores)
 from data import DataError, check_output_image, grid, load_image, load_mask, to_pil, to_tensor, write_images
 from dtc import from_original, generate, hint_image, load_dtc
 from vae import LATENT_SCALE
@@ -93,7 +93,7 @@ def check_options(args):
         raise bad_option(args, "num_samples", "must be at least 1")
     if not (math.isfinite(args.eta) and 0 <= args.eta <= 1):
         raise bad_option(args, "eta", "DDIM eta must be 0 ... 1 (0: deterministic, 1: DDPM-like)")
-    pick_device(args.device)  # --device=cuda without CUDA: said here, before any work
+    check_dtype(args)  # --device=cuda without CUDA, --dtype the device lacks: said here, before any work
     if args.dtc is None and args.sd is not None and args.dinov2 is None:
         raise CheckpointError("--sd needs --dinov2 (the DINOv2 hub file)")
     check_files(args, "sd", "dinov2", "dtc", "source", "mask", "reference", "baseline", "target")

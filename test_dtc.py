@@ -856,13 +856,13 @@ def test_diffusion_ddim_equals_diffusers(steps):
     sched, ours = DDIMScheduler(**SD15_SCHEDULER), diffusion.Schedule()
     sched.set_timesteps(steps)
     ts = ours.ddim_timesteps(steps)
-    assert torch.equal(sched.timesteps, ts)
+    assert sched.timesteps.tolist() == ts
     x = torch.randn(2, 4, 8, 8)
     for eta in (0.0, 1.0):
         z = x.clone()
-        for i, t in enumerate(ts.tolist()):
+        for i, t in enumerate(ts):
             eps = torch.sin(z * (i + 1))  # any deterministic function of z
-            t_prev = ts[i + 1].item() if i + 1 < len(ts) else -1
+            t_prev = ts[i + 1] if i + 1 < len(ts) else -1
             mine = ours.ddim_step(z, eps, t, t_prev, eta, torch.Generator().manual_seed(i))
             ref = sched.step(eps, t, z, eta=eta, generator=torch.Generator().manual_seed(i)).prev_sample
             torch.testing.assert_close(mine, ref, rtol=0, atol=1e-6)
@@ -876,9 +876,10 @@ def test_diffusion_ddim_timesteps_for_every_step_count():
     schedule = diffusion.Schedule()
     for steps in range(1, 1001):
         ts = schedule.ddim_timesteps(steps)
-        assert len(ts) == steps and ts.max() <= 999 and ts.min() >= 0 and (ts[:-1] > ts[1:]).all(), steps
-    assert schedule.ddim_timesteps(1000).tolist() == list(range(999, -1, -1))
-    assert schedule.ddim_timesteps(50)[[0, -1]].tolist() == [981, 1] and schedule.ddim_timesteps(999)[-1] == 1
+        assert len(ts) == steps and max(ts) <= 999 and min(ts) >= 0 and ts == sorted(set(ts), reverse=True), steps
+    assert schedule.ddim_timesteps(1000) == list(range(999, -1, -1))
+    ts = schedule.ddim_timesteps(50)
+    assert (ts[0], ts[-1]) == (981, 1) and schedule.ddim_timesteps(999)[-1] == 1
 
 
 def test_diffusion_ddpm_noising_and_step_equal_diffusers():
@@ -910,7 +911,7 @@ def test_diffusion_v_prediction_equals_diffusers():
     torch.testing.assert_close(ours.eps_from(ours.v_target(x0, noise, t), z_t, t, "v"), noise, rtol=0, atol=1e-5)
     assert ours.eps_from(noise, z_t, t, "eps") is noise
     sched.set_timesteps(20)
-    ts = ours.ddim_timesteps(20).tolist()
+    ts = ours.ddim_timesteps(20)
     z = torch.randn(2, 4, 8, 8)
     for i, t in enumerate(ts):
         v = torch.cos(z * (i + 1))
@@ -1067,7 +1068,8 @@ def test_dtc_edge_hint_marks_stripe_borders():
 
 def test_dtc_latent_hint_pastes_into_the_masked_source():
     """hint_kind "latent": the hint image is the masked source (hole mid-grey) with the reference in the largest
-    rectangle; prepare hands the hint encoder its VAE latent, drawn after z_masked's posterior sample."""
+    rectangle; prepare hands the hint encoder its VAE latent, drawn after z_masked's posterior sample, the same
+    when the hint image is given ready (as bench.py's fake tensors give it)."""
     source, reference = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 8, 8) * 2 - 1
     mask = torch.ones(1, 1, 32, 32)
     mask[..., 4:30, 6:20] = 0
@@ -1082,6 +1084,9 @@ def test_dtc_latent_hint_pastes_into_the_masked_source():
     frozen.vae.encode(source * mask).sample(g)
     want = frozen.vae.encode(pasted * 2 - 1).sample(g) * LATENT_SCALE
     assert cond["hint"].shape == cond["z_masked"].shape and torch.equal(cond["hint"], want)
+    ready = dtc.prepare(frozen, source, mask, reference, 32, torch.Generator().manual_seed(1), tokens=False,
+                        hint_kind="latent", hint=pasted)
+    assert torch.equal(ready["hint"], want)
 
 
 def test_dtc_film_formula_and_taps():
@@ -2258,6 +2263,20 @@ def test_sample_cuda_without_cuda_one_line(sample_inputs, tmp_path, capsys, monk
     sample_fails(sample_inputs, tmp_path, capsys, ["--device=cuda", "CUDA is not available"], device="cuda")
 
 
+def test_sample_bfloat16_checked_against_the_device(sample_inputs, tmp_path, capsys, monkeypatch):
+    """--dtype=bfloat16 on the CPU runs after a one-line warning; on a GPU without bfloat16 it is one line, exit 1."""
+    import sample
+    d, _, _ = sample_inputs
+    assert sample.cli(sample_args(d, tmp_path / "r.png", dtype="bfloat16")) == 0
+    assert capsys.readouterr().err.count("warning: --dtype=bfloat16 on the CPU") == 1
+    assert (tmp_path / "r.png").exists()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100")
+    sample_fails(sample_inputs, tmp_path, capsys, ["--dtype=bfloat16: this GPU (Tesla V100) has no bfloat16"],
+                 device="cuda", dtype="bfloat16")
+
+
 @pytest.mark.parametrize("option,value", [("size", 0), ("size", -64), ("size", 4096), ("guidance", "nan"),
                                           ("guidance", "inf"), ("guidance", -1), ("eta", "nan"), ("eta", 1.5),
                                           ("seed", -1), ("seed", 2 ** 32), ("out", "result.gif"), ("out", "result")])
@@ -3028,6 +3047,86 @@ def test_train_grad_checkpointing_same_losses(tiny_run, tmp_path):
     assert losses(tmp_path) == pytest.approx(losses(tiny_run), rel=1e-5)
 
 
+def test_train_hint_recipe_trains_resumes_and_samples(tmp_path):
+    """--train=hint, the one-GPU recipe: the main U-Net stays as initialised while the hint branch trains; a run
+    stopped after 3 steps and resumed to 6 is the uninterrupted run, bit for bit; sample.py loads its result.
+    Without a hint branch it is one line, before any work."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    train.main([*SMALL, f"--out_dir={full}", "--max_steps=6", "--train=hint"])
+    train.main([*SMALL, f"--out_dir={part}", "--max_steps=3", "--train=hint"])
+    train.main([*SMALL, f"--out_dir={part}", "--max_steps=6", "--resume"])
+    assert losses(part) == losses(full)
+    a, b = (torch.load(d / "ckpt.pt", weights_only=True) for d in (full, part))
+    for k, v in a["trainee"].items():
+        assert torch.equal(v, b["trainee"][k]), k
+    torch.manual_seed(0)  # setup's seeding: the run's initial weights
+    trainee = train.build_model(train.parse_args([*SMALL, "--train=hint"]))[0]
+    start = trainee.state_dict()
+    assert all(torch.equal(v, start[k]) for k, v in a["trainee"].items() if k.startswith("model.unet."))
+    assert not any(p.requires_grad for p in trainee.model.unet.parameters())
+    assert len(a["optimizer"]["state"]) == sum(p.requires_grad for p in trainee.parameters()) > 0
+    import sample
+    write_world_triplets(tmp_path / "t", 1)
+    files = {k: next((tmp_path / "t" / k).iterdir()) for k in ("source", "mask", "reference")}
+    assert sample.cli([f"--dtc={full}/dtc.safetensors", *(f"--{k}={v}" for k, v in files.items()),
+                       f"--out={tmp_path / 'r.png'}", "--steps=2", "--size=32"]) == 0
+    assert Image.open(tmp_path / "r.png").size == (32, 32)
+    with pytest.raises(DataError, match="--train=hint: trains the hint branch, and --hint=0 has none"):
+        train.main([*SMALL, f"--out_dir={tmp_path / 'none'}", "--train=hint", "--hint=0"])
+    assert not (tmp_path / "none").exists()
+
+
+def test_train_bfloat16_autocast_on_cpu(tiny_run, tmp_path, capsys):
+    """--dtype=bfloat16 on the CPU: a one-line warning, then the GPU's bfloat16 autocast path at tiny size; the losses
+    are float32's to within bfloat16's rounding (the VAE phase, outside autocast, is the same)."""
+    train.main([*SMALL, f"--out_dir={tmp_path}", "--max_steps=2", "--dtype=bfloat16"])
+    assert capsys.readouterr().err.count("warning: --dtype=bfloat16 on the CPU") == 1
+    bf16 = losses(tmp_path)
+    assert bf16 != losses(tiny_run)[:2] and bf16 == pytest.approx(losses(tiny_run)[:2], rel=0.05)
+
+
+@pytest.mark.skipif(os.environ.get("DTC_FULL_SIZE") != "1",
+                    reason="about 24 minutes on a CPU (README): DTC_FULL_SIZE=1 runs it")
+def test_train_sd15_full_size_dry_run(monkeypatch):
+    """One sd15 training step at SD widths on fake tensors (shapes and dtypes, no storage: no weights, no GPU, no
+    downloads) through train.py's dtc_step: DINOv2 g/14 and the VAE frozen in bfloat16, the main U-Net, hint encoder,
+    FiLM and VGG loss under bfloat16 autocast over float32 weights, clipping and AdamW; as the paper trains, then
+    as the one-GPU recipe with gradient checkpointing. Then dtc.generate with two guided DDIM steps. A shape or
+    dtype error at full size fails here. make_hint searches the mask's values, which fake tensors do not have: a
+    canvas of its shape stands in."""
+    monkeypatch.setattr(dtc, "make_hint", lambda reference, mask: torch.rand(len(mask), 3, *mask.shape[2:]))
+    args = train.parse_args(["--preset=sd15"])
+    with torch.device("meta"):
+        model, vgg = DiffuseToChoose(dtc.DTCConfig()), VGGLoss()
+        frozen = dtc.Frozen(AutoencoderKL(VAEConfig()).to(torch.bfloat16).requires_grad_(False).eval(),
+                            DINOv2(PRESETS["vitg14"]).to(torch.bfloat16).requires_grad_(False).eval())
+    cpu, autocast = torch.device("cpu"), torch.autocast("cpu", dtype=torch.bfloat16)
+    with bench.fake_tensors(True):
+        bench.placed([model, frozen.vae, frozen.image_encoder, vgg], cpu)
+        image = lambda: torch.rand(1, 3, 512, 512) * 2 - 1
+        mask = torch.ones(1, 1, 512, 512)
+        mask[..., 128:384, 128:384] = 0
+        batch = dict(source=image(), mask=mask, reference=torch.rand(1, 3, 224, 224), target=image(),
+                     encoder_reference=torch.rand(1, 3, 224, 224))
+        for recipe, checkpointing in (("all", False), ("hint", True)):
+            trainee = train.Trainee(dtc.freeze_for(model, recipe))
+            model.unet.grad_checkpointing = model.hint_encoder.grad_checkpointing = checkpointing
+            params = [p for p in trainee.parameters() if p.requires_grad]
+            totals = train.dtc_step(trainee, trainee, frozen, vgg, [batch], 0, args, 0, cpu, autocast)
+            assert totals.shape == (3,) and all(p.grad is not None for p in params)
+            assert len(params) < len(list(model.parameters())) if recipe == "hint" else all(
+                p.requires_grad for p in model.parameters())
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt = torch.optim.AdamW(params, lr=1e-5)
+            opt.step()
+            assert all(len(opt.state[p]) == 3 for p in params)  # step, exp_avg, exp_avg_sq
+            model.zero_grad(set_to_none=True)
+        with autocast:
+            x, cond = dtc.generate(model.eval(), frozen, batch["source"], mask, batch["reference"], None, steps=2,
+                                   progress=False)
+    assert x.shape == (1, 3, 512, 512) and cond["tokens"].shape == (1, 257, 1536)
+
+
 def test_train_vae_rescale_is_exact():
     """Folding the latent scale into the tiny VAE: decode(s z) is the old decode(z), and the posterior is s times."""
     args = train.parse_args(SMALL)
@@ -3384,7 +3483,7 @@ def test_bench_two_forward_cfg_equals_batched():
     t, hint = torch.tensor([10, 10, 700, 700]), torch.rand(4, 3, 8 * f, 8 * f, generator=g)
     torch.testing.assert_close(two(z, t, zm, mask, ctx, hint=hint), model(z, t, zm, mask, ctx, hint=hint),
                                atol=1e-5, rtol=1e-5)
-    feats = model.hint_features(zm + model.adapter(hint), z, t, mask, ctx)
+    feats = model.hint_features(model.hint_latent(zm, hint), z, t, mask, ctx)
     torch.testing.assert_close(two(z, t, zm, mask, ctx, hint_feats=feats), model(z, t, zm, mask, ctx, hint_feats=feats),
                                atol=1e-5, rtol=1e-5)
     cond = dict(z_masked=zm[:2], mask_lat=mask[:2], hint=hint[:2],
@@ -3538,18 +3637,81 @@ def test_bench_without_diffusers(monkeypatch, capsys):
 
 def test_bench_tiny_defaults_are_quick():
     """`bench.py all --arch=tiny`, which the README calls quick, took minutes with sd15's 40 steps, 3 repeats and
-    batches 1, 2, 4: at the tiny architecture the defaults are 2 steps, 1 repeat, batches 1 and 2."""
+    batches 1, 2, 4: at the tiny architecture the defaults are 2 steps, 1 repeat, batches 1 and 2. (sd15's memory
+    table adds batch 8, which only the simulation can afford.)"""
     tiny, sd15 = bench.parse_args(["all", "--arch=tiny"]), bench.parse_args(["all"])
     assert (tiny.steps, tiny.repeats, tiny.batch_sizes, tiny.size) == (2, 1, "1,2", 32)
     assert (sd15.steps, sd15.repeats, sd15.batch_sizes, sd15.size) == (40, 3, "1,2,4", 512)
     assert bench.parse_args(["all", "--arch=tiny", "--steps=5"]).steps == 5
+    assert bench.parse_args(["memory"]).batch_sizes == "1,2,4,8"
+    assert bench.parse_args(["memory", "--arch=tiny"]).batch_sizes == "1,2"
 
 
-def test_bench_cuda_without_cuda_one_line(capsys, monkeypatch):
-    """bench.py picks its device as the other commands do: --device=cuda without a GPU is one line, exit 1."""
+@pytest.mark.parametrize("mode", ["sample", "memory"])
+def test_bench_cuda_without_cuda_one_line(capsys, monkeypatch, mode):
+    """bench.py picks its device as the other commands do: --device=cuda without a GPU is one line, exit 1 (memory
+    --device=cuda, which measures beside the simulation, too)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert cli.run(bench.main, ["sample", "--arch=tiny", "--device=cuda"]) == 1
+    assert cli.run(bench.main, [mode, "--arch=tiny", "--device=cuda"]) == 1
     assert capsys.readouterr().err == "error: --device=cuda: CUDA is not available here; use --device=cpu (or auto)\n"
+
+
+def test_bench_peak_memory_counts_what_memtracker_counts():
+    """PeakMemory, the memory table's counter, against PyTorch's MemTracker on a training step where MemTracker
+    works (a U-Net, every parameter trained, real tensors, AdamW's state made by a first step): the same peak to 1 %
+    (0.19 % apart on SD_UNET, measured)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+    unet = UNet(DTC_UNET)  # the smallest U-Net: MemTracker walks every module at every operation
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-5)
+    x, t, ctx = inputs(DTC_UNET)
+
+    def step():
+        unet(x, t, ctx).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    with bench.PeakMemory(bench.tensors_of([unet, opt, x, t, ctx])) as ours:
+        step()
+    tracker = MemTracker()
+    tracker.track_external(unet, opt, x, t, ctx)
+    with tracker:
+        step()
+    assert ours.peak == pytest.approx(tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"], rel=0.01)
+
+
+def test_bench_memory_simulation_is_the_real_accounting():
+    """The simulation counts what real tensors hold: bench.py's memory rows at the tiny architecture, on fake tensors
+    and on real CPU tensors, have the same peak (to 0.1 %): training as the paper and as the one-GPU recipe with
+    checkpointing, sampling with hint features per step and, DINOv2 moved off, once per image."""
+    cfgs, cpu = bench.arch("tiny"), torch.device("cpu")
+    args = bench.parse_args(["memory", "--arch=tiny", "--size=32"])
+    for recipe, checkpointing in (("all", False), ("hint", True)):
+        fake, real = (bench.train_peak(cfgs, 2, checkpointing, recipe, args, cpu, f) for f in (True, False))
+        assert fake["peak"] == pytest.approx(real["peak"], rel=1e-3) and fake["trained"] == real["trained"]
+    for hint_input, offload in (("full", False), ("latent_only", True)):
+        fake, real = (bench.sample_peak(cfgs, 2, hint_input, offload, args, cpu, f) for f in (True, False))
+        assert fake == pytest.approx(real, rel=1e-3)
+
+
+def test_bench_memory_table(capsys):
+    """`bench.py memory --arch=tiny`: both tables complete, and the last line key=value in GiB for every row; training
+    never below its floor (weights, gradients and AdamW's states), and more memory with the batch."""
+    bench.main(["memory", "--arch=tiny", "--size=32", "--batch_sizes=1,2"])
+    text = capsys.readouterr().out
+    (sh, srows), (th, trows) = tables(text)
+    assert sh == bench.MEMORY_SAMPLE_HEADER and th == bench.MEMORY_TRAIN_HEADER
+    assert len(srows) == 8 and len(trows) == 8
+    keys = dict(kv.split("=") for kv in text.strip().splitlines()[-1].split())
+    assert {"sample_b1", "sample_b4_latent_only_offload", "train_b1", "train_b2_ckpt", "onegpu_b2",
+            "onegpu_b2_ckpt"} <= keys.keys() and len(keys) == 16
+    for r in trows:
+        row = dict(zip(th, r))
+        assert float(row["floor GiB"]) <= float(row["simulated GiB"]) < float(row["DDP per process GiB"])
+        assert row["measured GiB"] == "—"
+    for key in ("train", "onegpu"):
+        assert float(keys[f"{key}_b1"]) < float(keys[f"{key}_b2"])
+    assert float(keys["sample_b1"]) < float(keys["sample_b4"])
 
 
 # ====================================================================================================

@@ -56,14 +56,15 @@ from torch.utils.data import DataLoader, default_collate
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, first_sentence, load_pickle
-from cli import HelpFormatter, Interrupted, bad_option, check_files, check_folder, pick_device, run, use_free_cores
+from cli import (HelpFormatter, Interrupted, bad_option, check_dtype, check_files, check_folder, pick_device,
+                 pick_dtype, run, use_free_cores)
 from data import (DataError, DressCodeDataset, TripletDataset, VitonHDDataset, check_output_folder, find_layout, grid,
                   keyed_generator, mask_to_pil, to_pil)
 from diffusion import Schedule
 from dinov2 import DINOv2
-from dtc import (HINT_KINDS, TINY_ENCODER, TINY_VAE, DiffuseToChoose, Frozen, VGGLoss, diffusion_loss,
-                 encode_image_tokens, fold_latent_scale, from_original, generate, hint_image, init_from_scratch,
-                 latent_mask, load_dtc, prepare, save_dtc, tiny_config)
+from dtc import (HINT_KINDS, TINY_ENCODER, TINY_VAE, TRAINED, DiffuseToChoose, Frozen, VGGLoss, diffusion_loss,
+                 encode_image_tokens, fold_latent_scale, freeze_for, from_original, generate, hint_image,
+                 init_from_scratch, latent_mask, load_dtc, prepare, save_dtc, tiny_config)
 from vae import LATENT_SCALE, AutoencoderKL, DiagonalGaussian
 from world import TeachingWorld
 
@@ -156,6 +157,10 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                    help="autocast dtype (auto: bfloat16 on GPU, float32 on CPU); the weights stay float32")
     p.add_argument("--grad_checkpointing", action="store_true", help="recompute U-Net blocks in backward")
+    p.add_argument("--train", default="all", choices=TRAINED,
+                   help="all: every part of the DTC model (the paper); hint: the main U-Net frozen as initialised, "
+                   "the hint encoder, adapter (none with --hint_kind=latent), fusion, token projection and null "
+                   "context trained (ControlNet's recipe, for one 24 GB GPU: memory per batch size in the README)")
     p.add_argument("--save_every", type=int, help="steps between checkpoints (default: the preset's)")
     p.add_argument("--sample_every", type=int, help="steps between sample grids, and one at the last step; 0 = none "
                    "(default: the preset's)")
@@ -223,7 +228,9 @@ def check_options(args):
         raise bad_option(args, "size", "the training resolution must be a positive number of pixels")
     if not 0 <= args.seed < 2 ** 63:
         raise bad_option(args, "seed", "must be 0 ... 2^63 - 1")
-    pick_device(args.device)  # --device=cuda without CUDA: said here, before any work
+    if args.train == "hint" and not args.hint:
+        raise bad_option(args, "train", "trains the hint branch, and --hint=0 has none")
+    check_dtype(args)  # --device=cuda without CUDA, --dtype the device lacks: said here, before any work
     check_files(args, "sd", "dinov2", "vgg_weights", "init_vae")
     check_folder(args, "data")
     check_output_folder(args.out_dir, "--out_dir")
@@ -258,7 +265,7 @@ def build_model(args):
             raise CheckpointError("the sd15 preset needs --sd (an SD 1.5 file) and --dinov2 (a DINOv2 hub file)")
         model, frozen = from_original(args.sd, args.dinov2, dtype=torch.float32, seed=args.seed,
                                       train_size=args.size, **variant)
-        return Trainee(model), frozen
+        return Trainee(freeze_for(model, args.train)), frozen
     encoder = DINOv2(replace(TINY_ENCODER, img_size=args.size))
     encoder.mask_token.requires_grad_(False)  # for DINOv2's own masked-patch training: unused here
     cfg = tiny_config(args.size, **variant)
@@ -268,7 +275,7 @@ def build_model(args):
     # The VAE's init is in train_vae
     for part in (model.unet, model.hint_encoder) if cfg.hint else (model.unet,):
         init_from_scratch(part, keyed_generator(STREAM_DTC_INIT, args.seed))
-    return Trainee(model, encoder), Frozen(vae=AutoencoderKL(TINY_VAE), image_encoder=encoder)
+    return Trainee(freeze_for(model, args.train), encoder), Frozen(vae=AutoencoderKL(TINY_VAE), image_encoder=encoder)
 
 
 def build_dataset(args, ref_size, train=True):
@@ -496,7 +503,7 @@ def request_stop(signum, frame):
 
 def train(args, trainee, frozen, vgg, dataset, ckpt, ranks, rank, device):
     show = rank == 0
-    amp = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
+    amp = pick_dtype(args.dtype, device.type) == torch.bfloat16
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
     named = [(n, p) for n, p in trainee.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -713,8 +720,8 @@ def setup(args, ckpt, ranks, rank, device):
         if isinstance(dataset, PreDrawn) and args.max_steps > 0:  # the VAE is frozen from here: encode every sample once
             dataset = encode_drawn(dataset, frozen.vae, keep_target=vgg is not None, hint_kind=args.hint_kind,
                                    device=device, show=rank == 0)
-    elif device.type == "cuda" and args.dtype != "float32":  # frozen and run under autocast: bfloat16 halves them
-        frozen.vae.to(torch.bfloat16)
+    elif device.type == "cuda" and pick_dtype(args.dtype, "cuda") == torch.bfloat16:
+        frozen.vae.to(torch.bfloat16)  # frozen and run under autocast: bfloat16 halves them
         frozen.image_encoder.to(torch.bfloat16)
     os.makedirs(args.out_dir, exist_ok=True)  # everything checked, the VAE trained: the run starts writing here
     if vae_phase and rank == 0:  # the VAE phase is worth keeping: a step-0 checkpoint
