@@ -289,8 +289,9 @@ class DiffuseToChoose(nn.Module):
 
     def hint_latent(self, z_masked, hint):
         """What the hint encoder reads in place of z_masked: z_masked + adapter(hint image) (paper §3.2), or the
-        latent hint as it is (hint_kind "latent")."""
-        return hint if self.cfg.hint_kind == "latent" else z_masked + self.adapter(hint.to(z_masked.dtype))
+        latent hint as it is (hint_kind "latent"); in z_masked's dtype either way."""
+        hint = hint.to(z_masked.dtype)
+        return hint if self.cfg.hint_kind == "latent" else z_masked + self.adapter(hint)
 
     def hint_features(self, z_hint, z_t=None, t=None, mask_lat=None, context=None):
         """The hint encoder's 13 taps (12 skips + middle). z_hint = z_masked + adapter(hint), (B,4,h,w).
@@ -488,7 +489,7 @@ def sample_latents(model, schedule, cond, steps=40, guidance=5.0, eta=0.0, sampl
     z = torch.randn(z_masked.shape, generator=generator, dtype=torch.float32).to(z_masked.device, dtype)
     hint, hint_feats = cond["hint"], None
     if model.cfg.hint and model.cfg.hint_input == "latent_only":  # independent of t and c: computed once
-        hint_feats = model.hint_features(model.hint_latent(z_masked, hint.to(dtype)))
+        hint_feats = model.hint_features(model.hint_latent(z_masked, hint))
     if guidance != 1.0:  # double the batch: [null branch, conditional branch]
         null = model.uncond_context(context).expand(-1, context.shape[1], -1)
         context = torch.cat([null, context])

@@ -169,7 +169,7 @@ def explain(model, frozen, baseline, source, mask, reference, target, args, tile
     t, z_t, _ = trace[len(trace) // 2]  # the fusion at the middle step, conditional branch
     tt = torch.full((1,), t, dtype=torch.long, device=z_t.device)
     context = model.context(cond["tokens"].to(z_t.dtype))
-    z_hint = model.hint_latent(cond["z_masked"], cond["hint"].to(z_t.dtype))
+    z_hint = model.hint_latent(cond["z_masked"], cond["hint"])
     feats = model.hint_features(z_hint, z_t, tt, cond["mask_lat"], context)
     if model.cfg.fusion == "film":
         gamma, beta = model.fusion[0](feats[0]).chunk(2, 1)
