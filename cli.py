@@ -64,11 +64,14 @@ def pick_dtype(name, device):
 
 def check_dtype(args):
     """--device and --dtype checked together before any work: a device that is not there and a dtype the GPU lacks
-    are one line each (exit 1); half precision on a CPU runs, slowly on most CPUs, which a one-line warning says."""
+    are one line each (exit 1); half precision on a CPU runs, slowly on most CPUs, which a one-line warning says.
+    Returns (device, dtype): what "auto" picked, so the command picks once."""
     device = pick_device(args.device)
-    if pick_dtype(args.dtype, device) != torch.float32 and device == "cpu":
+    dtype = pick_dtype(args.dtype, device)
+    if dtype != torch.float32 and device == "cpu":
         print(f"warning: --dtype={args.dtype} on the CPU: it runs, but most CPUs compute it slower than float32",
               file=sys.stderr)
+    return device, dtype
 
 
 def bad_option(args, option, why):
@@ -132,19 +135,25 @@ def run(main, argv=None, errors=(CheckpointError, DataError)):
     return 0
 
 
-def use_free_cores():
-    """Sets torch's CPU threads for a command run from the shell: as many as the cores free when it starts (the
-    cores less the last minute's load average), at least one; OMP_NUM_THREADS, when set, is obeyed instead.
-    Why: a thread that has no core of its own makes the others wait for it at every op. With OpenMP's default
-    spin-waiting, the tiny training step ran 5-10x slower on a 2-core machine as soon as another job ran; the
-    commands therefore set OMP_WAIT_POLICY=PASSIVE before they import torch (it is read only then), which bounds
-    the loss (about 1.5x), and with one thread per free core there is none to lose. Torch's own default is one
-    thread per core, whatever else runs."""
+def use_free_cores(loadavg="/proc/loadavg"):
+    """Sets torch's CPU threads for a command run from the shell: as many as the cores free when it starts, at least
+    one; OMP_NUM_THREADS, when set, is obeyed instead. Busy cores are the threads the kernel counts as runnable now
+    (`loadavg`'s fourth field, less this one); without that file, the last minute's load average. Why: a thread that
+    has no core of its own makes the others wait for it at every op. With OpenMP's default spin-waiting, the tiny
+    training step ran 5-10x slower on a 2-core machine as soon as another job ran; the commands therefore set
+    OMP_WAIT_POLICY=PASSIVE before they import torch (it is read only then), which bounds the loss (about 1.5x), and
+    with one thread per free core there is none to lose. Why the count now and not the load average: the average
+    lags by minutes, so a run started just after another ended took one thread of two free cores. Torch's own
+    default is one thread per core, whatever else runs."""
     if "OMP_NUM_THREADS" in os.environ:
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     try:
-        busy = os.getloadavg()[0]
-    except (AttributeError, OSError):  # no load average on this system: all cores
-        busy = 0.0
+        with open(loadavg) as f:
+            busy = int(f.read().split()[3].split("/")[0]) - 1  # "runnable/total": runnable includes this thread
+    except (OSError, IndexError, ValueError):
+        try:
+            busy = os.getloadavg()[0]
+        except (AttributeError, OSError):  # no load average on this system: all cores
+            busy = 0.0
     torch.set_num_threads(max(1, min(cores, round(cores - busy))))
