@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from checkpoint import (CheckpointError, cast_floats, config_from_metadata, likely_cause, load_strict, not_a_file,
-                        read_state_dict, strip_prefix)
+from checkpoint import (CheckpointError, cast_floats, config_from_metadata, load_strict, not_a_file, read_state_dict,
+                        strip_prefix)
 from diffusion import Schedule
 from dinov2 import IMAGENET_MEAN, IMAGENET_STD, DINOv2, DINOv2Config, load_dinov2
-from unet import UNet, UNetConfig, infer_unet_config
+from unet import UNet, UNetConfig, infer_unet_config, load_unet
 from vae import LATENT_SCALE, AutoencoderKL, VAEConfig, load_vae
 
 
@@ -137,10 +137,10 @@ class HintAdapter(nn.Module):
 # 3. Image tokens, and the conditioning computed once per image by the frozen VAE and image encoder
 
 
-def encode_image_tokens(image_encoder, reference, image_size):
+def encode_image_tokens(image_encoder, reference, encoder_input_size):
     """Reference (B,3,h,w) [-1,1] -> DINOv2 tokens (B,1+R+N,D). UNSTATED preprocessing; docs/method.md §2.5:
     a direct resize (no crop, the whole product stays visible), ImageNet normalisation."""
-    x = F.interpolate(reference.float(), size=(image_size, image_size), mode="bicubic", antialias=True,
+    x = F.interpolate(reference.float(), size=(encoder_input_size,) * 2, mode="bicubic", antialias=True,
                       align_corners=False)
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
@@ -150,8 +150,8 @@ def encode_image_tokens(image_encoder, reference, image_size):
 
 
 def fresh_null_context(context_dim):
-    """The learned null context's first value (1,1,context_dim), N(0, 1) (the one place this is written); a
-    Paint-by-Example file's learnable_vector replaces it (init_new_parts)."""
+    """The learned null context's first value (1,1,context_dim), N(0, 1): a model built from scratch and one built
+    from an SD file (init_new_parts) start from the same draw; a Paint-by-Example file's learnable_vector replaces it."""
     return torch.randn(1, 1, context_dim)
 
 
@@ -167,15 +167,16 @@ def latent_mask(mask, size):
 
 
 @torch.no_grad()
-def prepare(frozen, source, mask, reference, image_size, generator=None, target=None, encoder_reference=None,
+def prepare(frozen, source, mask, reference, encoder_input_size, generator=None, target=None, encoder_reference=None,
             tokens=True, hint_kind="image", hint=None):
     """Everything computed once per image, without gradients (the VAE and the image encoder are frozen).
     Returns a dict of z0 (latents of the target, for training), z_masked, mask_lat, tokens, hint (the [0,1] hint
     image, or with hint_kind "latent" the latent of the reference pasted into the masked source).
     encoder_reference: what the image encoder sees instead of `reference` (training: the rotated copy,
     data.augment); the hint is always built from `reference`. tokens=False: without the tokens (an image encoder
-    that trains computes them itself, with gradients). hint: hint_image's result, given ready (bench.py's fake
-    tensors have no values for make_hint to search); with hint_kind "latent" it is still encoded here."""
+    that trains computes them itself, with gradients). hint: hint_image's result, given ready (sample.py builds it
+    once, to show it too; fake tensors have no values for make_hint to search); with hint_kind "latent" it is still
+    encoded here."""
     vae = frozen.vae
     dtype = next(vae.parameters()).dtype
     masked = source * mask  # PBE: the hole becomes 0, mid-grey
@@ -186,7 +187,7 @@ def prepare(frozen, source, mask, reference, image_size, generator=None, target=
     out = dict(z_masked=z_masked, mask_lat=latent_mask(mask, z_masked.shape[-2:]).to(dtype), hint=hint)
     if tokens:
         out["tokens"] = encode_image_tokens(frozen.image_encoder, reference if encoder_reference is None
-                                            else encoder_reference, image_size)
+                                            else encoder_reference, encoder_input_size)
     if target is not None:  # PBE: the latents of the training target are a posterior sample too
         out["z0"] = vae.encode(target.to(dtype)).sample(generator) * LATENT_SCALE
     return out
@@ -200,7 +201,8 @@ def prepare(frozen, source, mask, reference, image_size, generator=None, target=
 class DTCConfig:
     unet: UNetConfig = field(default_factory=lambda: UNetConfig(in_channels=9))
     image_encoder_dim: int = 1536  # DINOv2 g/14 width
-    image_size: int = 224          # reference size for the image encoder (supp. §5.2: 224 -> 257 tokens)
+    encoder_input_size: int = 224  # the side the reference is resized to for the image encoder (supp. §5.2: 224 ->
+                                   # 257 tokens); read from checkpoints that call it image_size
     image_tokens: str = "all"      # "all": CLS + patches (DTC); "cls": CLS only (PBE-style baseline)
     hint: bool = True              # False: no hint branch (the PBE-style baseline)
     hint_input: str = "full"       # "full": [z_t, z_masked + A(hint), mask], t, context; "latent_only": z_masked + A(hint)
@@ -221,6 +223,8 @@ class DTCConfig:
     @staticmethod
     def from_dict(d):
         d = dict(d)
+        if "image_size" in d:  # its name in checkpoints written before 2026-12-08 (the bundled ones)
+            d["encoder_input_size"] = d.pop("image_size")
         unet = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.pop("unet").items()})
         # checkpoints written before train_size was stored: SD-width U-Nets were trained at 512, the tiny one at 64
         d.setdefault("train_size", 512 if unet.model_channels >= 320 else 64)
@@ -349,8 +353,9 @@ def freeze_for(model, train):
 
 
 def fusion_layers(cfg):
-    """The 13 fusion layers of a config, their outputs zero-initialised (the one place this is written):
-    FiLM a 1x1 conv to (gamma, beta), add a 1x1 conv, xattn a CrossAttentionFusion."""
+    """The 13 fusion layers of a config, their outputs zero-initialised so that a fresh DTC computes exactly its base
+    U-Net (the pretrained one keeps its quality while the hint branch learns): FiLM a 1x1 conv to (gamma, beta), add
+    a 1x1 conv, xattn a CrossAttentionFusion."""
     layers = []
     for c in tap_channels(cfg.unet):
         if cfg.fusion == "xattn":
@@ -475,59 +480,62 @@ class VGGLoss(nn.Module):
 # 7. Diffusion: sampling with classifier-free guidance (the schedule and the DDIM / DDPM steps are diffusion.py)
 
 
+def guided_eps(model, schedule, z, t, cond, context, guidance, hint_feats=None):
+    """The U-Net's prediction at (z, t) as eps, with classifier-free guidance eps(null) + s (eps(c) - eps(null)),
+    the hint kept in both branches (docs/method.md §4). The two branches run as one batch [null, conditional] (one
+    forward of twice the batch is faster than two of one); guidance 1 is the conditional branch alone."""
+    tt = torch.full((z.shape[0],), t, device=z.device, dtype=torch.long)
+    if guidance == 1.0:
+        out = model(z, tt, cond["z_masked"], cond["mask_lat"], context, hint=cond["hint"], hint_feats=hint_feats)
+        return schedule.eps_from(out, z, tt, model.cfg.prediction)
+    two = lambda x: torch.cat([x, x])  # the batch of both branches, [null, conditional]
+    null = model.uncond_context(context).expand(-1, context.shape[1], -1)
+    feats = None if hint_feats is None else [two(f) for f in hint_feats]
+    z2, t2 = two(z), two(tt)
+    out = model(z2, t2, two(cond["z_masked"]), two(cond["mask_lat"]), torch.cat([null, context]),
+                hint=two(cond["hint"]), hint_feats=feats)
+    eps_null, eps_cond = schedule.eps_from(out, z2, t2, model.cfg.prediction).chunk(2)
+    return eps_null + guidance * (eps_cond - eps_null)
+
+
 @torch.no_grad()
 def sample_latents(model, schedule, cond, steps=40, guidance=5.0, eta=0.0, sampler="ddim", generator=None,
                    progress=True, trace=None):
-    """Denoise from pure noise. Paper §4.1 / supp. §5.2: DDIM, 40 steps, guidance 5, eta UNSTATED (0).
-    The U-Net's output converted to eps (either prediction), then classifier-free guidance
-    eps = eps(null) + s (eps(c) - eps(null)), the hint kept in both branches
-    (docs/method.md §4), both branches in one batched forward. trace: a list that receives (t, z_t, guided x0
-    estimate) at every step (sample.py --explain shows them)."""
-    z_masked, mask_lat = cond["z_masked"], cond["mask_lat"]
-    dtype = z_masked.dtype
-    context = model.context(cond["tokens"].to(dtype))
-    z = torch.randn(z_masked.shape, generator=generator, dtype=torch.float32).to(z_masked.device, dtype)
-    hint, hint_feats = cond["hint"], None
+    """Denoise from pure noise: at each step the guided eps, then one DDIM step (paper §4.1 / supp. §5.2: 40 steps,
+    guidance 5, eta UNSTATED: 0) or one DDPM step (sampler "ddpm": every one of the schedule's 1000 steps; `steps`
+    is not used). trace: a list that receives (t, z_t, guided x0 estimate) at every step (sample.py --explain)."""
+    z_masked = cond["z_masked"]
+    context = model.context(cond["tokens"].to(z_masked.dtype))
+    z = torch.randn(z_masked.shape, generator=generator, dtype=torch.float32).to(z_masked.device, z_masked.dtype)
+    hint_feats = None
     if model.cfg.hint and model.cfg.hint_input == "latent_only":  # independent of t and c: computed once
-        hint_feats = model.hint_features(model.hint_latent(z_masked, hint))
-    if guidance != 1.0:  # double the batch: [null branch, conditional branch]
-        null = model.uncond_context(context).expand(-1, context.shape[1], -1)
-        context = torch.cat([null, context])
-        z_masked, mask_lat, hint = torch.cat([z_masked] * 2), torch.cat([mask_lat] * 2), torch.cat([hint] * 2)
-        if hint_feats is not None:
-            hint_feats = [torch.cat([f] * 2) for f in hint_feats]
+        hint_feats = model.hint_features(model.hint_latent(z_masked, cond["hint"]))
     ts = schedule.ddim_timesteps(steps) if sampler == "ddim" else list(range(schedule.num_steps))[::-1]
     for i, t in enumerate(tqdm(ts, desc=f"{sampler} sampling", disable=not progress, leave=False)):
-        zz = torch.cat([z] * 2) if guidance != 1.0 else z
-        tt = torch.full((zz.shape[0],), t, device=z.device, dtype=torch.long)
-        out = model(zz, tt, z_masked, mask_lat, context, hint=hint, hint_feats=hint_feats)
-        eps = schedule.eps_from(out, zz, tt, model.cfg.prediction)
-        if guidance != 1.0:
-            eps_null, eps_cond = eps.chunk(2)
-            eps = eps_null + guidance * (eps_cond - eps_null)
+        eps = guided_eps(model, schedule, z, t, cond, context, guidance, hint_feats)
         if trace is not None:
             trace.append((t, z, schedule.predict_x0(z, eps.to(z.dtype), torch.full((z.shape[0],), t, device=z.device))))
         if sampler == "ddim":
-            t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-            z = schedule.ddim_step(z, eps, t, t_prev, eta, generator)
+            z = schedule.ddim_step(z, eps, t, ts[i + 1] if i + 1 < len(ts) else -1, eta, generator)
         else:
             z = schedule.ddpm_step(z, eps, t, generator)
     return z
 
 
 @torch.no_grad()
-def generate(model, frozen, source, mask, reference, generator, steps=40, guidance=None, eta=0.0, zero_hint=False,
-             trace=None, progress=True):
+def generate(model, frozen, source, mask, reference, generator, steps=40, guidance=None, eta=0.0, sampler="ddim",
+             hint=None, zero_hint=False, trace=None, progress=True):
     """One call from images to results: prepare, sample_latents, VAE decode. Returns the results (B,3,H,W) in [-1,1],
-    float32, before any paste-back, and the conditioning. guidance None: the model's own (DTCConfig.guidance);
-    zero_hint: the hint image all zeros (an empty canvas), to measure what the hint contributes; trace: see
-    sample_latents."""
+    float32, before any paste-back. guidance None: the model's own (DTCConfig.guidance); hint: hint_image's result,
+    when the caller has built it already (to show it); zero_hint: the hint all zeros (an empty canvas), to measure
+    what the hint contributes; trace: see sample_latents."""
     guidance = model.cfg.guidance if guidance is None else guidance
-    cond = prepare(frozen, source, mask, reference, model.cfg.image_size, generator, hint_kind=model.cfg.hint_kind)
+    cond = prepare(frozen, source, mask, reference, model.cfg.encoder_input_size, generator,
+                   hint_kind=model.cfg.hint_kind, hint=hint)
     if zero_hint:
         cond["hint"] = torch.zeros_like(cond["hint"])
-    z = sample_latents(model, Schedule(), cond, steps, guidance, eta, generator=generator, progress=progress, trace=trace)
-    return frozen.vae.decode(z / LATENT_SCALE).float().clamp(-1, 1), cond
+    z = sample_latents(model, Schedule(), cond, steps, guidance, eta, sampler, generator, progress, trace)
+    return frozen.vae.decode(z / LATENT_SCALE).float().clamp(-1, 1)
 
 
 # -----------------------------------------------------------------------------
@@ -542,11 +550,7 @@ def from_original(sd_file, dinov2_file, dtype=None, seed=0, **overrides):
     sd, source = read_state_dict(sd_file)
     image_encoder = load_dinov2(dinov2_file, dtype=dtype)
     vae = load_vae(sd, dtype, source)  # the keys under first_stage_model.; errors name the SD file
-    unet_sd = cast_floats(strip_prefix(sd, "model.diffusion_model."), dtype)
-    if not unet_sd:
-        raise CheckpointError(f"{source}: no model.diffusion_model. keys: not an SD 1.x single-file checkpoint. "
-                              + likely_cause(sd))
-    unet_sd, kind = to_pbe_layout(unet_sd, sd, source)
+    unet_sd, kind = to_pbe_layout(load_unet(sd, dtype, source=source).state_dict(), sd, source)
     cfg = DTCConfig(unet=infer_unet_config(unet_sd), image_encoder_dim=image_encoder.cfg.embed_dim,
                     mask_channel="fill" if kind == "sd15-inpainting" else "keep",
                     latent_channels=vae.cfg.embed_dim, vae_factor=vae.cfg.downsample_factor)
@@ -606,7 +610,7 @@ def init_new_parts(cfg, unet_sd, full_sd):
 # 8b. Building from scratch: the tiny architecture
 
 # The tiny architecture: DTC's, narrow, trained from scratch by train.py's tiny preset (the bundled models) and
-# timed by bench.py --arch=tiny. The encoder's img_size and DTC's image_size follow the training size.
+# timed by bench.py --arch=tiny. The encoder's img_size and DTC's encoder_input_size follow the training size.
 # 4x downsampling: 64x64 -> 16x16. One norm group: a narrow VAE with SD's 32 groups normalises colour away. 8 latent
 # channels (SD: 4): 4 kept too little of the teaching world's edges (held-out targets: 22.9 dB and 0.57 of their
 # edge energy after 3000 steps; 8 with train_vae's recipe: see README, "The teaching world")
@@ -619,7 +623,7 @@ TINY_ENCODER = DINOv2Config(embed_dim=64, depth=3, num_heads=4, ffn="mlp", patch
 
 def tiny_config(size, **variant):
     """The tiny DTC's config at a training size (square images of `size`); `variant` as DTCConfig's fields."""
-    return DTCConfig(unet=TINY_UNET, image_encoder_dim=TINY_ENCODER.embed_dim, image_size=size, prediction="v",
+    return DTCConfig(unet=TINY_UNET, image_encoder_dim=TINY_ENCODER.embed_dim, encoder_input_size=size, prediction="v",
                      latent_channels=TINY_VAE.embed_dim, vae_factor=TINY_VAE.downsample_factor, train_size=size,
                      **variant)
 
@@ -639,17 +643,6 @@ def init_from_scratch(module, generator):
             zero = name.endswith(("conv2", "proj_out", "out_layers.3")) or name == "out.2"
             nn.init.normal_(m.weight, std=0.0 if zero else m.weight[0].numel() ** -0.5, generator=generator)
             nn.init.zeros_(m.bias)
-
-
-@torch.no_grad()
-def fold_latent_scale(vae, s):
-    """Makes the VAE's latents s times larger, exactly: the posterior's mean x s (logvar + 2 log s) in quant_conv,
-    and post_quant_conv / s, so decode(s z) is the old decode(z)."""
-    E = vae.cfg.embed_dim  # quant_conv's outputs: E means, then E logvars
-    vae.quant_conv.weight[:E] *= s
-    vae.quant_conv.bias[:E] *= s
-    vae.quant_conv.bias[E:] += 2 * math.log(s)
-    vae.post_quant_conv.weight /= s
 
 
 # -----------------------------------------------------------------------------
@@ -708,3 +701,22 @@ def load_dtc(path, dtype=None):
         load_strict(enc, strip_prefix(sd, "image_encoder."), source)
         frozen = Frozen(vae=vae.eval().requires_grad_(False), image_encoder=enc.eval().requires_grad_(False))
     return model.eval(), frozen
+
+
+def load_for_sampling(dtc_file, sd_file=None, dinov2_file=None, dtype=None, device="cpu", seed=0):
+    """(model, frozen) on `device`, ready to sample (what sample.py and evaluate.py load): a DTC checkpoint with its
+    frozen VAE and image encoder, which a model trained from scratch carries and a model trained from SD takes from
+    the SD and DINOv2 files; with dtc_file None, an untrained DTC built from those files (its new parts drawn from
+    `seed`: useful only to check the wiring)."""
+    if dtc_file is None:
+        model, frozen = from_original(sd_file, dinov2_file, dtype=dtype, seed=seed)
+    else:
+        model, frozen = load_dtc(dtc_file, dtype=dtype)
+        if frozen is None:
+            if sd_file is None or dinov2_file is None:
+                raise CheckpointError(f"{dtc_file}: holds only the trainable parts; give --sd and --dinov2 for the "
+                                      "frozen VAE and image encoder")
+            frozen = Frozen(vae=load_vae(sd_file, dtype), image_encoder=load_dinov2(dinov2_file, dtype=dtype))
+    frozen.vae.to(device)
+    frozen.image_encoder.to(device)
+    return model.eval().to(device), frozen

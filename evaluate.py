@@ -53,7 +53,7 @@ from cli import (HelpFormatter, bad_option, check_files, check_folder, check_sam
                  use_free_cores)
 from data import (DRESSCODE_CATEGORIES, DataError, DressCodeDataset, TripletDataset, VitonHDDataset,
                   check_output_folder, find_layout, load_image, resize_image, to_pil, to_tensor, write_images)
-from dtc import encode_image_tokens, generate, largest_rectangle, load_dtc, make_hint
+from dtc import encode_image_tokens, generate, largest_rectangle, load_dtc, load_for_sampling, make_hint
 from dinov2 import load_dinov2
 
 
@@ -103,9 +103,9 @@ def region_crop(x, fill):
 
 
 @torch.no_grad()
-def cls_features(encoder, images, image_size):
+def cls_features(encoder, images, encoder_input_size):
     """CLS features of a list of (3,h,w) [-1,1] images, one at a time (their sizes differ)."""
-    return torch.cat([encode_image_tokens(encoder, im[None], image_size)[:, 0].float() for im in images])
+    return torch.cat([encode_image_tokens(encoder, im[None], encoder_input_size)[:, 0].float() for im in images])
 
 
 def frechet_distance(a, b):
@@ -259,22 +259,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def load_generator(args):
-    """(model, frozen) of --dtc, the frozen parts from --sd/--dinov2 when the file holds only the trained ones."""
-    model, frozen = load_dtc(args.dtc, dtype=torch.float32)  # (the bundled files are float16: slow on a CPU)
-    if frozen is None:
-        from dtc import from_original
-        _, frozen = from_original(args.sd, args.dinov2)
-    return model, frozen
-
-
 @torch.no_grad()
 def sample_batch(model, frozen, source, mask, reference, args, b):
     """Batch b sampled with its own seed -> (B,3,H,W) in [-1,1] (no paste-back). --zero_hint: with the hint
     image all zeros (an empty canvas), to measure what the hint contributes."""
     g = torch.Generator().manual_seed(args.seed + b)
-    return generate(model, frozen, source, mask, reference, g, args.steps, args.guidance,
-                    zero_hint=args.zero_hint, progress=False)[0]
+    return generate(model, frozen, source, mask, reference, g, args.steps, args.guidance, zero_hint=args.zero_hint,
+                    progress=False)
 
 
 @torch.no_grad()
@@ -314,8 +305,8 @@ def save_images(out_dir, images, names):
 def check_options(args):
     """Every option's meaning, checked before any model is loaded or image scored: a value out of range, a file or
     folder that is not there, or an option the chosen way of evaluating would ignore, is one line. Returns the layout
-    of --data ("triplets", "vitonhd" or "dresscode"); a DressCode category folder becomes its release and
-    --category."""
+    of --data ("triplets", "vitonhd" or "dresscode") and the device; a DressCode category folder becomes its release
+    and --category."""
     check_folder(args, "data")
     layout, root, category = find_layout(args.data)
     release = layout != "triplets"
@@ -336,40 +327,38 @@ def check_options(args):
         if args.category not in ("all", category):
             raise bad_option(args, "category", f"--data={args.data} is the {category} folder of a DressCode release")
         args.data, args.category = str(root), category
-    pick_device(args.device)  # --device=cuda without CUDA: said here, before any work
+    device = pick_device(args.device)  # --device=cuda without CUDA: said here, before any work
     check_files(args, "dtc", "sd", "dinov2", "features_from", "inception")
     check_folder(args, "pred_dir")
     if args.out_dir is not None:
         check_output_folder(args.out_dir, "--out_dir")
-    return layout
+    return layout, device
 
 
 def main(argv=None, fid_feature=None):
     """fid_feature: see field_metrics (tests pass a small random one)."""
     args = parse_args(argv)
-    layout = check_options(args)
-    device = pick_device(args.device)
+    layout, device = check_options(args)
     if layout != "triplets":
         return evaluate_release(args, layout, device, fid_feature)
     if args.dtc is None and (args.pred_dir is None or args.dinov2 is None):
         raise CheckpointError("give --dtc (to sample and for its image encoder), or --pred_dir with --dinov2")
-    model, frozen = load_generator(args) if args.dtc else (None, None)
+    # float32: the bundled files are float16, which is slow on a CPU
+    model, frozen = load_for_sampling(args.dtc, args.sd, args.dinov2, torch.float32, device) if args.dtc else (None, None)
     encoder = load_dinov2(args.dinov2) if args.dinov2 else frozen.image_encoder
-    image_size = model.cfg.image_size if (model is not None and not args.dinov2) else 224
+    encoder_input_size = model.cfg.encoder_input_size if (model is not None and not args.dinov2) else 224
     if args.features_from:
         judge, judge_frozen = load_dtc(args.features_from, dtype=torch.float32)
         if judge_frozen is None:
             raise CheckpointError(f"{args.features_from}: holds no image encoder")
-        encoder, image_size = judge_frozen.image_encoder, judge.cfg.image_size
+        encoder, encoder_input_size = judge_frozen.image_encoder, judge.cfg.encoder_input_size
     # square; with a model rounded to its multiple, as sample.py rounds
     size = (args.size or 512) if model is None else model.cfg.working_size(1, 1, args.size)[0]
     if not os.path.isdir(os.path.join(args.data, "target")):
         raise DataError(f"{args.data}: no target/ folder: evaluation needs the ground truth")
-    data = TripletDataset(args.data, size=(size, size), ref_size=(image_size, image_size), train=False)
+    data = TripletDataset(args.data, size=(size, size), ref_size=(encoder_input_size,) * 2, train=False)
     preds = [find(args.pred_dir, name) for name, _ in data.samples] if args.pred_dir else None  # before any work
-    for m in (model, frozen.vae if frozen else None, encoder):
-        if m is not None:
-            m.to(device).eval()
+    encoder.to(device).eval()
 
     scores = {"psnr_masked": [], "ssim_masked": [], "dino_i": []}
     edges, target_edges = [], []
@@ -391,11 +380,11 @@ def main(argv=None, fid_feature=None):
         scores["ssim_masked"].append(ssim_masked(p01, t01, fill).cpu())
         edges.append(edge_energy(p01, fill).cpu())
         target_edges.append(edge_energy(t01, fill).cpu())
-        gen = cls_features(encoder, region_crop(pred, fill), image_size)
-        ref = cls_features(encoder, list(reference), image_size)
+        gen = cls_features(encoder, region_crop(pred, fill), encoder_input_size)
+        ref = cls_features(encoder, list(reference), encoder_input_size)
         scores["dino_i"].append(F.cosine_similarity(gen, ref).cpu())
         gen_feats.append(gen.cpu())
-        target_feats.append(cls_features(encoder, region_crop(target, fill), image_size).cpu())
+        target_feats.append(cls_features(encoder, region_crop(target, fill), encoder_input_size).cpu())
         if args.out_dir:
             save_images(args.out_dir, pred, batch["name"])
 
@@ -444,11 +433,9 @@ def evaluate_release(args, layout, device, fid_feature):
         preds = [find(args.pred_dir, name, Path(paths["image"]).stem) for name, paths in scored.samples[:n]]
     model = frozen = None
     if args.pred_dir is None:
-        model, frozen = load_generator(args)
-        for m in (model, frozen.vae, frozen.image_encoder):
-            m.to(device).eval()
+        model, frozen = load_for_sampling(args.dtc, args.sd, args.dinov2, torch.float32, device)
         size = model.cfg.working_size(1, 1, args.size)[0]  # square, rounded as sample.py rounds
-        sampled = reader((size, size), (model.cfg.image_size, model.cfg.image_size))  # what the model sees
+        sampled = reader((size, size), (model.cfg.encoder_input_size,) * 2)  # what the model sees
     subset = lambda ds: torch.utils.data.Subset(ds, range(n))
     kid_size = min(args.kid_subset_size, n)
     network, metrics = field_metrics(args, paired, fid_feature, device, kid_size)

@@ -21,11 +21,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from checkpoint import CheckpointError
-from cli import (HelpFormatter, bad_option, check_dtype, check_files, check_sampling_options, pick_device, pick_dtype,
-                 run, use_free_cores)
+from cli import HelpFormatter, bad_option, check_dtype, check_files, check_sampling_options, run, use_free_cores
 from data import DataError, check_output_image, grid, load_image, load_mask, to_pil, to_tensor, write_images
-from dtc import from_original, generate, hint_image, load_dtc
-from vae import LATENT_SCALE
+from dtc import generate, hint_image, load_for_sampling
+from explain import explain
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES = os.path.join(HERE, "assets", "examples")
@@ -50,10 +49,12 @@ def parse_args(argv=None):
                    "the extension sets the format); a grid <out>_grid.png is written beside it")
     p.add_argument("--size", type=int, help="longer side the model works at, 1 ... 2048 (default: the model's "
                    "training size: 512 for SD, 64 for the teaching model); each side rounded to the model's multiple")
-    p.add_argument("--steps", type=int, default=40, help="DDIM steps, 1 ... 1000 (paper: 40)")
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="ddim: --steps of DDIM (the paper's); "
+                   "ddpm: ancestral DDPM over all 1000 of the schedule's steps (25x the U-Net calls of DDIM's 40)")
+    p.add_argument("--steps", type=int, help="DDIM steps, 1 ... 1000 (default: 40, the paper's)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale, >= 0 (default: the model's "
                    "stored default; 5, the paper's, for models built from SD)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta, 0 ... 1: 0 deterministic, 1 DDPM-like")
+    p.add_argument("--eta", type=float, help="DDIM eta, 0 ... 1: 0 deterministic, 1 DDPM-like (default: 0)")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i; 0 ... 2^32 - 1")
     p.add_argument("--num_samples", type=int, default=1, help="results to draw, each with its own seed")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
@@ -77,7 +78,8 @@ def parse_args(argv=None):
 
 
 def check_options(args):
-    """Every option's meaning, checked before any model is loaded or any file written: each problem is one line."""
+    """Every option's meaning, checked before any model is loaded or any file written: each problem is one line.
+    Returns (device, dtype)."""
     missing = [name for name, given in (("--source", args.source), ("--mask (or --box)", args.mask or args.box),
                                         ("--reference", args.reference)) if given is None]
     if missing:  # some of the user's own inputs given: never completed with the bundled example's
@@ -88,185 +90,104 @@ def check_options(args):
     for option in ("baseline", "target"):
         if getattr(args, option) is not None and not args.explain:
             raise bad_option(args, option, "is used only with --explain")
+    for option in ("steps", "eta"):
+        if args.sampler == "ddpm" and getattr(args, option) is not None:
+            raise bad_option(args, option, "is DDIM's: --sampler=ddpm runs every one of the schedule's 1000 steps")
+    if args.steps is None:
+        args.steps = 1000 if args.sampler == "ddpm" else 40
+    args.eta = 0.0 if args.eta is None else args.eta
     check_sampling_options(args)
     if args.num_samples < 1:
         raise bad_option(args, "num_samples", "must be at least 1")
     if not (math.isfinite(args.eta) and 0 <= args.eta <= 1):
         raise bad_option(args, "eta", "DDIM eta must be 0 ... 1 (0: deterministic, 1: DDPM-like)")
-    check_dtype(args)  # --device=cuda without CUDA, --dtype the device lacks: said here, before any work
+    device, dtype = check_dtype(args)  # --device=cuda without CUDA, --dtype the device lacks: said before any work
     if args.dtc is None and args.sd is not None and args.dinov2 is None:
         raise CheckpointError("--sd needs --dinov2 (the DINOv2 hub file)")
     check_files(args, "sd", "dinov2", "dtc", "source", "mask", "reference", "baseline", "target")
-    results, grid_path, explain_path = output_paths(args)
-    for path in results:
-        check_output_image(path, "--out")
-    check_output_image(grid_path, "the grid beside --out")
-    if args.explain:
-        check_output_image(explain_path, "the --explain picture beside --out")
+    for path, what in output_paths(args):
+        check_output_image(path, what)
+    return device, dtype
 
 
 def output_paths(args):
-    """The results' paths (<out>, or <out>_0 ... with several samples), the grid's (<out>_grid.png) and
-    --explain's (<out>_explain.png)."""
+    """[(path, what it is)]: the results (<out>, or <out>_0 ... with several samples), the grid (<out>_grid.png) and
+    --explain's picture (<out>_explain.png)."""
     stem, ext = os.path.splitext(args.out)
     results = [args.out] if args.num_samples == 1 else [f"{stem}_{i}{ext}" for i in range(args.num_samples)]
-    return results, f"{stem}_grid.png", f"{stem}_explain.png"
+    return ([(path, "--out") for path in results] + [(f"{stem}_grid.png", "the grid beside --out")]
+            + ([(f"{stem}_explain.png", "the --explain picture beside --out")] if args.explain else []))
 
 
-def load_models(args, dtype):
-    """(model, frozen). The bundled teaching model carries its own VAE and image encoder."""
-    if args.dtc is None:
-        print("warning: no --dtc given: sampling from an UNTRAINED DTC built from --sd (the hint branch and the token "
-              "projection are fresh, drawn from --seed); useful only to check the wiring", file=sys.stderr)
-        model, frozen = from_original(args.sd, args.dinov2, dtype=dtype, seed=args.seed)
-        return model.eval(), frozen
-    model, frozen = load_dtc(args.dtc, dtype=dtype)
-    if frozen is None:
-        if args.sd is None or args.dinov2 is None:
-            raise CheckpointError(f"{args.dtc}: holds only the trainable parts; give --sd and --dinov2 for the "
-                                  "frozen VAE and image encoder")
-        _, frozen = from_original(args.sd, args.dinov2, dtype=dtype)
-    return model, frozen
-
-
-def box_mask(box, size):
-    """(1,H,W) keep-mask (1 = keep) of the source size (H, W) with the rectangle "x0,y0,x1,y1" to fill."""
+def read_region(args, size):
+    """(1,H,W) keep-mask (1 = keep) at the source's size (H, W): --mask read (any size, resized), or --box's
+    rectangle "x0,y0,x1,y1" to fill. An empty mask and one that covers everything are refused."""
     H, W = size
-    try:
-        x0, y0, x1, y1 = (int(v) for v in box.split(","))
-    except ValueError:
-        raise DataError(f"--box={box}: expected four integers x0,y0,x1,y1") from None
-    if not (0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H):
-        raise DataError(f"--box={box}: needs 0 <= x0 < x1 <= {W} and 0 <= y0 < y1 <= {H} (the source is {W}x{H})")
-    keep = torch.ones(1, H, W)
-    keep[:, y0:y1, x0:x1] = 0
-    return keep
-
-
-@torch.no_grad()
-def explain(model, frozen, baseline, source, mask, reference, target, args, tile=128):
-    """The picture of what the hint does, (a PIL image):
-    row 1: reference | hint | baseline (no hint branch) | DTC | DTC with its hint zeroed | target (if given);
-    row 2: DTC's x0 estimate (decoded) at 4 of the denoising steps | how strongly the fusion changes the finest
-    skip at the middle step: FiLM's mean |gamma| and mean |beta| over channels (add, xattn: mean |change|),
-    each map scaled to its own maximum, which is printed on it. Same seed and noise for every result."""
-    from PIL import ImageDraw  # only --explain draws text
-
-    def sample_once(m, fr, zero_hint=False, trace=None):  # the same seed and noise for every result, pasted back as they are
-        x, cond = generate(m, fr, source, mask, reference, torch.Generator().manual_seed(args.seed), args.steps,
-                           args.guidance, args.eta, zero_hint, trace, progress=False)
-        return cond, x * (1 - mask) + source * mask
-
-    trace = []
-    cond, dtc = sample_once(model, frozen, trace=trace)
-    _, zeroed = sample_once(model, frozen, zero_hint=True)
-    row1 = [("reference", reference), ("hint", cond["hint"] * 2 - 1)]
-    if baseline is not None:
-        row1.append(("baseline", sample_once(*baseline)[1]))
-    row1 += [("DTC", dtc), ("DTC, hint zeroed", zeroed)] + ([("target", target)] if target is not None else [])
-    picks = sorted({round(k * (len(trace) - 1) / 3) for k in range(4)})
-    row2 = [(f"x0 at t={trace[k][0]}", frozen.vae.decode(trace[k][2] / LATENT_SCALE).float().clamp(-1, 1)) for k in picks]
-    t, z_t, _ = trace[len(trace) // 2]  # the fusion at the middle step, conditional branch
-    tt = torch.full((1,), t, dtype=torch.long, device=z_t.device)
-    context = model.context(cond["tokens"].to(z_t.dtype))
-    z_hint = model.hint_latent(cond["z_masked"], cond["hint"])
-    feats = model.hint_features(z_hint, z_t, tt, cond["mask_lat"], context)
-    if model.cfg.fusion == "film":
-        gamma, beta = model.fusion[0](feats[0]).chunk(2, 1)
-        maps = [("mean |gamma|", gamma.abs().mean(1, keepdim=True)), ("mean |beta|", beta.abs().mean(1, keepdim=True))]
+    if args.box is None:
+        keep, name = load_mask(args.mask, size=(H, W), resize=True), args.mask
     else:
-        emb = model.unet.time_embedding(tt).to(z_t.dtype)
-        _, skips = model.unet.encode(model.unet_input(z_t, cond["z_masked"], cond["mask_lat"]), emb, context)
-        change = model.fusion[0](feats[0]) if model.cfg.fusion == "add" else model.fusion[0](skips[0], feats[0])
-        maps = [("mean |change|", change.abs().mean(1, keepdim=True))]
-    for name, m in maps:
-        peak = m.max().item()
-        row2.append((f"{name} <= {peak:.3g}", (m / max(peak, 1e-12)).expand(-1, 3, -1, -1) * 2 - 1))
-    cols = max(len(row1), len(row2))
-    image = Image.new("RGB", (cols * tile, 2 * (tile + 14)), "white")
-    draw = ImageDraw.Draw(image)
-    for r, row in enumerate((row1, row2)):
-        for c, (label, x) in enumerate(row):
-            im = to_pil(x[0].cpu()).resize((tile, tile), Image.NEAREST if x.shape[-1] < tile else Image.BICUBIC)
-            image.paste(im, (c * tile, r * (tile + 14) + 14))
-            draw.text((c * tile + 2, r * (tile + 14) + 1), label, fill="black")
-    return image
+        name = f"--box={args.box}"
+        try:
+            x0, y0, x1, y1 = (int(v) for v in args.box.split(","))
+        except ValueError:
+            raise DataError(f"{name}: expected four integers x0,y0,x1,y1") from None
+        if not (0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H):
+            raise DataError(f"{name}: needs 0 <= x0 < x1 <= {W} and 0 <= y0 < y1 <= {H} (the source is {W}x{H})")
+        keep = torch.ones(1, H, W)
+        keep[:, y0:y1, x0:x1] = 0
+    if keep.min() > 0.5:
+        raise DataError(f"{name}: the mask is empty (no white pixels): nothing to fill")
+    if keep.max() < 0.5:
+        raise DataError(f"{name}: the mask covers the whole image: DTC needs some of the photo as context")
+    return keep, name
 
 
 def main(argv=None):
     args = parse_args(argv)
-    check_options(args)
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
-
-    # read and check every input before any model work, so bad input costs nothing and writes nothing
-    source_pil = load_image(args.source)
-    reference_pil = load_image(args.reference)
+    device, dtype = check_options(args)
+    # every input read and checked before any model work, so bad input costs nothing and writes nothing
+    source_pil, reference_pil = load_image(args.source), load_image(args.reference)
     target_pil = load_image(args.target) if args.target else None
     W, H = source_pil.size
-    # (1,H,W), 1 = keep, at the source's resolution
-    keep_full = box_mask(args.box, (H, W)) if args.box else load_mask(args.mask, size=(H, W), resize=True)
-    mask_name = f"--box={args.box}" if args.box else args.mask
-    if keep_full.min() > 0.5:
-        raise DataError(f"{mask_name}: the mask is empty (no white pixels): nothing to fill")
-    if keep_full.max() < 0.5:
-        raise DataError(f"{mask_name}: the mask covers the whole image: DTC needs some of the photo as context")
+    keep_full, mask_name = read_region(args, (H, W))  # (1,H,W), 1 = keep, at the source's resolution
 
-    keep_pil = Image.fromarray(((keep_full[0] > 0.5).to(torch.uint8) * 255).numpy(), mode="L")
-
-    model, frozen = load_models(args, dtype)
-    baseline = None
-    if args.explain:
-        if not model.cfg.hint:
-            raise CheckpointError(f"{args.dtc}: --explain shows what the hint does, and this model has no hint branch")
-        if args.baseline:
-            base_model, base_frozen = load_dtc(args.baseline, dtype=dtype)
-            if base_model.cfg.hint:
-                raise CheckpointError(f"{args.baseline} (--baseline): has a hint branch; the baseline shows a model "
-                                      "without one (train.py --no_hint)")
-            baseline = (base_model.to(device, dtype), base_frozen or frozen)
-    model.to(device, dtype)
-    frozen.vae.to(device, dtype)
-    frozen.image_encoder.to(device, dtype)
-    cfg = model.cfg
-    w, h = cfg.working_size(W, H, args.size)
-
+    model, frozen = load_for_sampling(args.dtc, args.sd, args.dinov2, dtype, device, args.seed)
+    if args.dtc is None:
+        print("warning: no --dtc given: sampling from an UNTRAINED DTC built from --sd (the hint branch and the token "
+              "projection are fresh, drawn from --seed); useful only to check the wiring", file=sys.stderr)
+    w, h = model.cfg.working_size(W, H, args.size)
     source = to_tensor(source_pil.resize((w, h), Image.BICUBIC))[None].to(device)
     mask = F.interpolate(keep_full[None], size=(h, w), mode="nearest").to(device)
     if mask.max() < 0.5 or mask.min() > 0.5:
         raise DataError(f"{mask_name}: at {w}x{h} the mask is {'all' if mask.max() < 0.5 else 'no'} region to fill; "
                         "use a larger --size or a different mask")
     reference = to_tensor(reference_pil)[None].to(device)
-    results = []
+    hint = hint_image(model.cfg.hint_kind, reference, mask, source)  # (1,3,h,w) in [0,1]: the model's and the grid's
     autocast = torch.autocast(device, dtype=dtype, enabled=device == "cuda" and dtype != torch.float32)
+    if args.explain:  # first: what it checks in the models is said before the results are drawn
+        target = to_tensor(target_pil.resize((w, h), Image.BICUBIC))[None] if target_pil else None
+        with autocast:
+            explained = explain(model, frozen, source, mask, reference, hint, target, args, dtype, device)
+
+    keep_pil = Image.fromarray(((keep_full[0] > 0.5).to(torch.uint8) * 255).numpy(), mode="L")
+    results = []
     for i in range(args.num_samples):
         generator = torch.Generator().manual_seed(args.seed + i)  # CPU generator: same noise on every device
         with autocast:
-            x, _ = generate(model, frozen, source, mask, reference, generator, args.steps, args.guidance, args.eta)
+            x = generate(model, frozen, source, mask, reference, generator, args.steps, args.guidance, args.eta,
+                         args.sampler, hint)
         result = to_pil(x[0].cpu()).resize((W, H), Image.BICUBIC)
         if not args.no_paste_back:  # every pixel outside the region to fill is the source's own
             result = Image.composite(source_pil, result, keep_pil)
         results.append(result)
 
-    if args.explain:
-        if baseline is not None and baseline[1] is not frozen:
-            baseline[1].vae.to(device, dtype)
-            baseline[1].image_encoder.to(device, dtype)
-        target = None if target_pil is None else to_tensor(target_pil.resize((w, h), Image.BICUBIC))[None].to(device)
-        with autocast:
-            explained = explain(model, frozen, baseline, source, mask, reference, target, args)
-    hint = to_pil(hint_image(model.cfg.hint_kind, reference.float().cpu(), mask.float().cpu(), source.float().cpu())[0] * 2 - 1)
     mask_pil = Image.eval(keep_pil, lambda v: 255 - v)  # white = filled, as the user drew it
-    paths, grid_path, explain_path = output_paths(args)
-    # all or nothing: the results and the pictures replace the earlier ones only once every one of them is written
-    outputs = {**dict(zip(paths, results)), grid_path: grid([source_pil, mask_pil, reference_pil, hint, *results])}
-    if args.explain:
-        outputs[explain_path] = explained
-    write_images(outputs)
-    print(f"grid: {grid_path}")
-    if args.explain:
-        print(f"explain: {explain_path}")
-    print(" ".join(paths))
+    pictures = [*results, grid([source_pil, mask_pil, reference_pil, to_pil(hint[0].cpu() * 2 - 1), *results])]
+    pictures += [explained] if args.explain else []
+    paths = [path for path, _ in output_paths(args)]
+    write_images(dict(zip(paths, pictures)))  # all or nothing: nothing replaced until every picture is written
+    print("\n".join(f"{name}: {path}" for name, path in zip(("grid", "explain"), paths[args.num_samples:])))
+    print(" ".join(paths[:args.num_samples]))
 
 
 def cli(argv=None):

@@ -56,16 +56,15 @@ from torch.utils.data import DataLoader, default_collate
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, first_sentence, load_pickle
-from cli import (HelpFormatter, Interrupted, bad_option, check_dtype, check_files, check_folder, pick_device,
-                 pick_dtype, run, use_free_cores)
+from cli import HelpFormatter, Interrupted, bad_option, check_dtype, check_files, check_folder, run, use_free_cores
 from data import (DataError, DressCodeDataset, TripletDataset, VitonHDDataset, check_output_folder, find_layout, grid,
                   keyed_generator, mask_to_pil, to_pil)
 from diffusion import Schedule
 from dinov2 import DINOv2
 from dtc import (HINT_KINDS, TINY_ENCODER, TINY_VAE, TRAINED, DiffuseToChoose, Frozen, VGGLoss, diffusion_loss,
-                 encode_image_tokens, fold_latent_scale, freeze_for, from_original, generate, hint_image,
-                 init_from_scratch, latent_mask, load_dtc, prepare, save_dtc, tiny_config)
-from vae import LATENT_SCALE, AutoencoderKL, DiagonalGaussian
+                 encode_image_tokens, freeze_for, from_original, generate, hint_image, init_from_scratch, latent_mask,
+                 load_dtc, prepare, save_dtc, tiny_config)
+from vae import LATENT_SCALE, AutoencoderKL, DiagonalGaussian, fold_latent_scale
 from world import TeachingWorld
 
 # Keys of the random streams (data.keyed_generator): each draw of a run has a stream of its own, keyed by one of
@@ -172,8 +171,7 @@ def parse_args(argv=None):
                    help="debugging: one fixed batch with fixed t and noise every step; the loss must fall")
     # DTC variants for the ablations (paper §4.3 and Table 2)
     p.add_argument("--image_tokens", default="all", choices=["all", "cls"], help="cls: PBE-style, CLS token only")
-    p.add_argument("--hint", type=int, default=1, choices=[0, 1], help="0: no hint branch (PBE-style baseline)")
-    p.add_argument("--no_hint", dest="hint", action="store_const", const=0, help="same as --hint=0 (default: the hint branch on)")
+    p.add_argument("--no_hint", dest="hint", action="store_false", help="no hint branch (the PBE-style baseline)")
     p.add_argument("--fusion", default="film", choices=["film", "add", "xattn"],
                    help="how the hint features enter the main U-Net's skips (paper Table 1)")
     p.add_argument("--hint_input", default="full", choices=["full", "latent_only"],
@@ -199,7 +197,8 @@ def parse_args(argv=None):
 
 
 def check_options(args):
-    """Every option's meaning, checked before any model is built or file written: each problem is one line."""
+    """Every option's meaning, checked before any model is built or file written: each problem is one line.
+    Returns the device ("cpu" or "cuda") and dtype picked for "auto"."""
     for option, least in (("batch_size", 1), ("grad_accum", 1), ("max_steps", 0), ("vae_steps", 0), ("save_every", 1),
                           ("sample_every", 0), ("log_every", 1), ("num_workers", 0)):
         if getattr(args, option) < least:
@@ -229,11 +228,12 @@ def check_options(args):
     if not 0 <= args.seed < 2 ** 63:
         raise bad_option(args, "seed", "must be 0 ... 2^63 - 1")
     if args.train == "hint" and not args.hint:
-        raise bad_option(args, "train", "trains the hint branch, and --hint=0 has none")
-    check_dtype(args)  # --device=cuda without CUDA, --dtype the device lacks: said here, before any work
+        raise bad_option(args, "train", "trains the hint branch, and --no_hint has none")
+    device, dtype = check_dtype(args)  # --device=cuda without CUDA, --dtype the device lacks: said before any work
     check_files(args, "sd", "dinov2", "vgg_weights", "init_vae")
     check_folder(args, "data")
     check_output_folder(args.out_dir, "--out_dir")
+    return device, dtype
 
 
 # -----------------------------------------------------------------------------
@@ -252,7 +252,8 @@ class Trainee(nn.Module):
 
     def forward(self, cond, encoder_reference, generator, drop):
         if self.image_encoder is not None:
-            cond = dict(cond, tokens=encode_image_tokens(self.image_encoder, encoder_reference, self.model.cfg.image_size))
+            tokens = encode_image_tokens(self.image_encoder, encoder_reference, self.model.cfg.encoder_input_size)
+            cond = dict(cond, tokens=tokens)
         return diffusion_loss(self.model, self.schedule, cond, generator, drop)
 
 
@@ -472,8 +473,9 @@ def dtc_step(trainee, ddp, frozen, vgg, batches, step, args, rank, device, autoc
                     cond = drawn_conditioning(batch, g)
                 else:  # the tokens here only when the image encoder is frozen (else Trainee computes them)
                     cond = prepare(frozen, batch["source"], batch["mask"], batch["reference"],
-                                   trainee.model.cfg.image_size, g, target=target, encoder_reference=encoder_reference,
-                                   tokens=trainee.image_encoder is None, hint_kind=trainee.model.cfg.hint_kind)
+                                   trainee.model.cfg.encoder_input_size, g, target=target,
+                                   encoder_reference=encoder_reference, tokens=trainee.image_encoder is None,
+                                   hint_kind=trainee.model.cfg.hint_kind)
                 cond = {k: v.float() for k, v in cond.items()}  # float32 latents: the noise target stays exact
                 drop = (torch.rand(len(encoder_reference), generator=g) < args.p_uncond).to(device)
                 loss_eps, eps, z_t, t = ddp(cond, encoder_reference, g, drop)
@@ -501,10 +503,9 @@ def request_stop(signum, frame):
     print(f"\n{signal.Signals(signum).name}: stopping after this step (again to quit at once)", file=sys.stderr)
 
 
-def train(args, trainee, frozen, vgg, dataset, ckpt, ranks, rank, device):
+def train(args, trainee, frozen, vgg, dataset, ckpt, ranks, rank, device, dtype):
     show = rank == 0
-    amp = pick_dtype(args.dtype, device.type) == torch.bfloat16
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
     named = [(n, p) for n, p in trainee.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=True)  # one kernel, CPU too
@@ -612,7 +613,7 @@ def read_checkpoint(path):
 
 def samples_to_show(args, trainee):
     """A few fixed samples, without training randomness, batched: the rows of every sample grid."""
-    data = build_dataset(args, (trainee.model.cfg.image_size,) * 2, train=False)
+    data = build_dataset(args, (trainee.model.cfg.encoder_input_size,) * 2, train=False)
     return next(iter(DataLoader(data, batch_size=min(4, len(data)))))
 
 
@@ -622,10 +623,11 @@ def save_samples(trainee, frozen, fixed, path, seed, device, autocast, steps=20)
     guidance)."""
     source, mask, reference = (fixed[k].to(device) for k in ("source", "mask", "reference"))
     g = torch.Generator().manual_seed(seed)
+    hint = hint_image(trainee.model.cfg.hint_kind, reference, mask, source)
     with autocast:
-        x, cond = generate(trainee.model, frozen, source, mask, reference, g, steps, progress=False)
+        x = generate(trainee.model, frozen, source, mask, reference, g, steps, hint=hint, progress=False)
     T = max(128, source.shape[-1])  # rows at least 128 px high, so 64 px images stay visible
-    rows = [grid([to_pil(source[i]), mask_to_pil(mask[i]), to_pil(reference[i]), to_pil(cond["hint"][i] * 2 - 1),
+    rows = [grid([to_pil(source[i]), mask_to_pil(mask[i]), to_pil(reference[i]), to_pil(hint[i] * 2 - 1),
                   to_pil(x[i])], T) for i in range(len(source))]
     image = Image.new("RGB", (max(r.width for r in rows), T * len(rows)), "white")
     for i, row in enumerate(rows):
@@ -673,10 +675,10 @@ def restore_args(args, saved, argv):
 
 
 def setup(args, ckpt, ranks, rank, device):
-    """(trainee, frozen, dataset, vgg) on the device, from the checkpoint when resuming; runs tiny's VAE phase."""
+    """(trainee, frozen, dataset, vgg) on the device, from the checkpoint when resuming; the teaching world drawn."""
     torch.manual_seed(args.seed)  # the same initial weights in every process (DDP also broadcasts rank 0's)
     trainee, frozen = build_model(args)
-    dataset = build_dataset(args, (trainee.model.cfg.image_size,) * 2)
+    dataset = build_dataset(args, (trainee.model.cfg.encoder_input_size,) * 2)
     check_enough_samples(dataset, args, args.batch_size, args.grad_accum, ranks)  # before any work, not after the VAE's
     multiple = trainee.model.cfg.size_multiple
     if args.size % multiple:
@@ -709,24 +711,20 @@ def setup(args, ckpt, ranks, rank, device):
         frozen.vae.load_state_dict(trained.vae.state_dict())
     if isinstance(dataset, TeachingWorld):  # drawn once, before any step (PreDrawn says why)
         dataset = draw_world(dataset, args, show=rank == 0)
-    vae_phase = args.preset == "tiny" and ckpt is None and not args.init_vae
-    if vae_phase:  # it writes nothing: a run stopped in it leaves no folder behind
-        train_vae(frozen.vae, dataset, args, device, show=rank == 0)
-        if ranks > 1:  # GPU kernels need not be deterministic: every process takes rank 0's VAE
-            for t in frozen.vae.state_dict().values():
-                dist.broadcast(t, 0)
+    return trainee, frozen, dataset, vgg
+
+
+def freeze(args, frozen, dataset, vgg, device, dtype, rank):
+    """The frozen parts as the DTC phase uses them; returns the dataset, with the pre-drawn world encoded once."""
     if args.preset == "tiny":
         frozen.vae.requires_grad_(False).eval()
         if isinstance(dataset, PreDrawn) and args.max_steps > 0:  # the VAE is frozen from here: encode every sample once
             dataset = encode_drawn(dataset, frozen.vae, keep_target=vgg is not None, hint_kind=args.hint_kind,
                                    device=device, show=rank == 0)
-    elif device.type == "cuda" and pick_dtype(args.dtype, "cuda") == torch.bfloat16:
+    elif device.type == "cuda" and dtype == torch.bfloat16:
         frozen.vae.to(torch.bfloat16)  # frozen and run under autocast: bfloat16 halves them
         frozen.image_encoder.to(torch.bfloat16)
-    os.makedirs(args.out_dir, exist_ok=True)  # everything checked, the VAE trained: the run starts writing here
-    if vae_phase and rank == 0:  # the VAE phase is worth keeping: a step-0 checkpoint
-        save_checkpoint(args, trainee, frozen, None, None, 0, 0, 0)
-    return trainee, frozen, dataset, vgg
+    return dataset
 
 
 def main(argv=None):
@@ -742,26 +740,38 @@ def main(argv=None):
                              "or choose another --out_dir")
         ckpt = read_checkpoint(ckpt_path)
         args = restore_args(args, ckpt["args"], argv)
-    check_options(args)  # resuming: the run's own options, restored
+    device, dtype = check_options(args)  # resuming: the run's own options, restored
     if ckpt is not None and rank == 0:
         print(f"resuming {ckpt_path}: continuing from step {ckpt['step']} of {args.max_steps}"
               f"{' (the VAE phase is done)' if ckpt['step'] == 0 else ''}", file=sys.stderr)
-    device = torch.device(pick_device(args.device))
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if device == "cuda" else torch.device(device)
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     if ranks > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        # 1. setup: the model, the frozen parts and the data (the teaching world drawn), nothing written yet
         trainee, frozen, dataset, vgg = setup(args, ckpt, ranks, rank, device)
+        # 2. tiny with --vae_steps: the VAE trained from scratch, then a step-0 checkpoint (the run's first writing)
+        vae_phase = args.preset == "tiny" and ckpt is None and not args.init_vae
+        if vae_phase:
+            train_vae(frozen.vae, dataset, args, device, show=rank == 0)
+            if ranks > 1:  # GPU kernels need not be deterministic: every process takes rank 0's VAE
+                for t in frozen.vae.state_dict().values():
+                    dist.broadcast(t, 0)
+        dataset = freeze(args, frozen, dataset, vgg, device, dtype, rank)
+        os.makedirs(args.out_dir, exist_ok=True)
+        if vae_phase and rank == 0:
+            save_checkpoint(args, trainee, frozen, None, None, 0, 0, 0)
         log_path = os.path.join(args.out_dir, "log.jsonl")
         if ckpt is not None and rank == 0 and os.path.exists(log_path):  # the steps after the checkpoint are redone:
             with open(log_path) as f:                                     # drop their lines (once setup has worked)
                 lines = [line for line in f if json.loads(line)["step"] <= ckpt["step"]]
             with open(log_path, "w") as f:
                 f.writelines(lines)
-        train(args, trainee, frozen, vgg, dataset, ckpt, ranks, rank, device)
+        # 3. DTC
+        train(args, trainee, frozen, vgg, dataset, ckpt, ranks, rank, device, dtype)
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)

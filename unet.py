@@ -316,12 +316,13 @@ file_kind = {4: "a text-to-image SD file (e.g. v1-5-pruned-emaonly)",
              9: "an inpainting file (sd-v1-5-inpainting.ckpt or Paint-by-Example's model.ckpt)"}
 
 
-def load_unet(path_or_state_dict, dtype=None, in_channels=None):
+def load_unet(path_or_state_dict, dtype=None, in_channels=None, source="<state dict>"):
     """A UNet in eval mode from a .safetensors / .ckpt / .pth file or a state dict, with or without `model.diffusion_model.`.
 
     Tensors keep the file's dtype unless `dtype` is given. `in_channels`, when given, is checked against the file.
+    `source` names a state dict's file in errors.
     """
-    sd, source = read_state_dict(path_or_state_dict)
+    sd, source = read_state_dict(path_or_state_dict, source)
     if any(k.startswith(ldm_prefix) for k in sd):  # a whole LatentDiffusion checkpoint: keep the U-Net part
         left = [k for k in sd if not k.startswith((ldm_prefix,) + other_prefixes) and k not in other_keys]
         if left:

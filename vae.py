@@ -7,6 +7,7 @@ final latent. Every submodule is named as the original keys after `first_stage_m
 (`encoder.down.0.block.1.conv2.weight`, `decoder.up.3.upsample.conv.bias`, `quant_conv.weight`, ...),
 so loading is a prefix strip and a strict load.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -212,50 +213,18 @@ class AutoencoderKL(nn.Module):
         -> (B, 3, h*f, w*f) image, nominally in [-1, 1] (not clamped)."""
         return self.decoder(self.post_quant_conv(z))
 
-    def decode_tiled(self, z, tile=64, overlap=16):
-        """decode() in overlapping tiles of tile x tile latents, so the decoder's activations scale with the
-        tile, not the image (the 8 GB goal at large sizes). Neighbouring tiles overlap by at least `overlap`
-        latents and are cross-faded there with linear ramps, so no seam shows. Not exact: the mid-block
-        attention and every GroupNorm see one tile, not the whole latent. A latent no larger than one tile is
-        decoded in one piece, exactly as decode()."""
-        B, _, h, w = z.shape
-        if h <= tile and w <= tile:
-            return self.decode(z)
-        assert 0 <= overlap < tile, f"overlap {overlap} must be smaller than the tile {tile}"
-        f = self.cfg.downsample_factor
-        out = weight = None
-        for y in _tile_starts(h, tile, tile - overlap):
-            for x in _tile_starts(w, tile, tile - overlap):
-                piece = self.decode(z[:, :, y:y + tile, x:x + tile]).float()  # (B, C, th*f, tw*f)
-                ph, pw = piece.shape[2:]
-                # (ph, 1) * (1, pw): ramps only on the sides where another tile overlaps this one
-                ramp = (_ramp(ph, overlap * f, y > 0, y + tile < h, z.device)[:, None]
-                        * _ramp(pw, overlap * f, x > 0, x + tile < w, z.device)[None, :])
-                if out is None:
-                    out = piece.new_zeros(B, piece.shape[1], h * f, w * f)
-                    weight = piece.new_zeros(h * f, w * f)
-                out[:, :, y * f:y * f + ph, x * f:x * f + pw] += piece * ramp
-                weight[y * f:y * f + ph, x * f:x * f + pw] += ramp
-        return (out / weight).to(z.dtype)  # the weights of the tiles covering a pixel sum to 1 after this
 
-
-def _tile_starts(n, tile, stride):
-    """Offsets of tiles of size `tile` that cover 0..n, `stride` apart; the last one flush with the end."""
-    return [0] if n <= tile else list(range(0, n - tile, stride)) + [n - tile]
-
-
-def _ramp(n, r, rise, fall, device):
-    """(n,) blending weights of one tile along one axis: rising linearly over the first r pixels when a tile
-    precedes it, falling over the last r when one follows, 1 elsewhere. Two tiles overlapping by r get weights
-    summing to exactly 1 there (a linear cross-fade); a larger overlap is evened out by decode_tiled's division.
-    Never 0, so every pixel has weight."""
-    i = torch.arange(n, device=device, dtype=torch.float32) + 0.5  # pixel centres
-    w = torch.ones(n, device=device)
-    if rise:
-        w = torch.minimum(w, i / max(r, 1))
-    if fall:
-        w = torch.minimum(w, (n - i) / max(r, 1))
-    return w
+@torch.no_grad()
+def fold_latent_scale(vae, s):
+    """Makes the VAE's latents s times larger, exactly: the posterior's mean x s (logvar + 2 log s) in quant_conv,
+    and post_quant_conv / s, so decode(s z) is the old decode(z). A VAE trained from scratch (train.py's tiny
+    preset) has latents of its own scale; folding 1 / (LATENT_SCALE x their std) into it lets every other part use
+    SD's LATENT_SCALE unchanged, with unit-variance latents."""
+    E = vae.cfg.embed_dim  # quant_conv's outputs: E means, then E logvars
+    vae.quant_conv.weight[:E] *= s
+    vae.quant_conv.bias[:E] *= s
+    vae.quant_conv.bias[E:] += 2 * math.log(s)
+    vae.post_quant_conv.weight /= s
 
 
 def infer_vae_config(sd):
@@ -288,3 +257,4 @@ def load_vae(path_or_state_dict, dtype=None, source="<state dict>"):
     with torch.device("meta"):
         model = AutoencoderKL(cfg)
     return load_strict(model, cast_floats(sd, dtype), source, likely_cause(sd)).eval()
+
