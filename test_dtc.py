@@ -114,43 +114,6 @@ def inputs(cfg, batch=2, hw=(16, 16), tokens=7, seed=1):
     return x, torch.tensor([1, 981][:batch]), ctx
 
 
-def diffusers_unet_to_ldm(sd, layers_per_block=2):
-    """diffusers U-Net keys -> original keys (bare, no prefix): the inverse of diffusers' convert_ldm_unet_checkpoint."""
-    def res(k):
-        return (k.replace("norm1", "in_layers.0").replace("conv1", "in_layers.2")
-                .replace("norm2", "out_layers.0").replace("conv2", "out_layers.3")
-                .replace("time_emb_proj", "emb_layers.1").replace("conv_shortcut", "skip_connection"))
-    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
-    n, out = layers_per_block + 1, {}
-    for k, v in sd.items():
-        m = k.rsplit(".", 1)[0]
-        if m in fixed:
-            nk = fixed[m] + k[len(m):]
-        elif g := re.match(r"down_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", k):
-            nk = f"input_blocks.{1 + int(g[1]) * n + int(g[2])}.0.{res(g[3])}"
-        elif g := re.match(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", k):
-            nk = f"input_blocks.{1 + int(g[1]) * n + int(g[2])}.1.{g[3]}"
-        elif g := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", k):
-            nk = f"input_blocks.{(int(g[1]) + 1) * n}.0.op.{g[2]}"
-        elif g := re.match(r"mid_block\.resnets\.(\d+)\.(.*)", k):
-            nk = f"middle_block.{2 * int(g[1])}.{res(g[2])}"
-        elif g := re.match(r"mid_block\.attentions\.0\.(.*)", k):
-            nk = f"middle_block.1.{g[1]}"
-        elif g := re.match(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", k):
-            nk = f"output_blocks.{int(g[1]) * n + int(g[2])}.0.{res(g[3])}"
-        elif g := re.match(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", k):
-            nk = f"output_blocks.{int(g[1]) * n + int(g[2])}.1.{g[3]}"
-        elif g := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)", k):
-            b = int(g[1])
-            has_attn = any(x.startswith(f"up_blocks.{b}.attentions.") for x in sd)
-            nk = f"output_blocks.{b * n + layers_per_block}.{2 if has_attn else 1}.conv.{g[2]}"
-        else:
-            raise KeyError(k)
-        out[nk] = v
-    return out
-
-
 @pytest.mark.parametrize("in_channels,hw", [(4, (16, 16)), (9, (16, 24))])
 def test_unet_parity_diffusers(in_channels, hw):
     """Our U-Net with random weights, converted by diffusers' own single-file converter, gives diffusers' output."""
@@ -233,20 +196,23 @@ def test_unet_grad_checkpointing(monkeypatch):
 
 @pytest.mark.parametrize("in_channels", [4, 9])
 def test_unet_full_size_layout(in_channels):
-    """UNet(SD 1.5) has exactly the original key names and shapes (from diffusers' model, mapped back) and
-    859.52M parameters; at 64x64 its skips have the shapes DTC's FiLM expects."""
+    """UNet(SD 1.5) has exactly the original key names and shapes: diffusers' own converter of the original files
+    makes every tensor of diffusers' model from them (loaded strictly: none missing, none extra, equal shapes) and
+    leaves none of ours unused (the same parameter count, 859.52M); at 64x64 its skips have the shapes DTC's FiLM
+    expects."""
     cfg = UNetConfig(in_channels=in_channels)
     with torch.device("meta"):
         ours = UNet(cfg)
-        dif = reference.diffusers_unet(cfg)
-    ours_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
-    ref_shapes = {k: tuple(v.shape) for k, v in diffusers_unet_to_ldm(dif.state_dict()).items()}
-    assert len(ours_shapes) == 686 and ours_shapes == ref_shapes
-    n = sum(p.numel() for p in ours.parameters())
-    assert n == sum(p.numel() for p in dif.parameters())
+    twin = reference.unet_as_diffusers(ours)
+    sd = ours.state_dict()
+    n = sum(v.numel() for v in sd.values())
+    assert len(sd) == 686 and n == sum(v.numel() for v in twin.state_dict().values())
     if in_channels == 4:
         assert round(n / 1e6, 2) == 859.52
-    assert infer_unet_config(ours.state_dict()) == cfg
+    # the converter takes an up-sampler from output_blocks.N.1.conv or N.2.conv; the files have it after the attention
+    upsamplers = [k for k in sd if k.endswith(".conv.weight")]
+    assert upsamplers == ["output_blocks.2.1.conv.weight", "output_blocks.5.2.conv.weight", "output_blocks.8.2.conv.weight"]
+    assert infer_unet_config(sd) == cfg
 
     x, c = torch.empty(1, in_channels, 64, 64, device="meta"), torch.empty(1, 77, 768, device="meta")
     emb = ours.time_embedding(torch.tensor([10], device="meta"))
@@ -385,24 +351,6 @@ def tiny_vae(seed=0):
     return randomise(AutoencoderKL(SD_VAE), fan_in_std, seed).eval()
 
 
-def diffusers_vae_to_ldm(sd, n_levels):
-    """Test-only inverse of diffusers' convert_ldm_vae_checkpoint, bare ldm names."""
-    attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-    out = {}
-    for k, v in sd.items():
-        nk = k.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
-        nk = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)", r"encoder.down.\1.block.\2", nk)
-        nk = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0", r"encoder.down.\1.downsample", nk)
-        nk = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)", lambda g: f"decoder.up.{n_levels-1-int(g[1])}.block.{g[2]}", nk)
-        nk = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0", lambda g: f"decoder.up.{n_levels-1-int(g[1])}.upsample", nk)
-        nk = re.sub(r"mid_block\.resnets\.(\d+)", lambda g: f"mid.block_{int(g[1]) + 1}", nk)
-        if g := re.match(r"(.*)mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(weight|bias)", nk):
-            nk = f"{g[1]}mid.attn_1.{attn[g[2]]}.{g[3]}"
-            v = v[:, :, None, None] if v.ndim == 2 else v  # Linear (C, C) -> 1x1 conv (C, C, 1, 1)
-        out[nk] = v
-    return out
-
-
 def test_vae_parity_with_diffusers():
     """encode mean/logvar and decode equal diffusers' AutoencoderKL fed our weights through its own converter,
     in fp32 and fp64, on a random image and on a near-constant one (which exposes GroupNorm eps)."""
@@ -457,18 +405,18 @@ def test_vae_posterior_sample_and_clamp():
 
 
 def test_vae_full_size_keys_match_sd():
-    """The default config on meta has exactly the real SD VAE's keys and shapes (diffusers' full-size VAE mapped
-    back to ldm names), ~83.65M parameters, downsample factor 8, and infer_vae_config recovers the default."""
+    """The default config on meta has exactly the real SD VAE's keys and shapes: diffusers' own converter of the
+    original files makes every tensor of diffusers' full-size VAE from them (strictly, equal shapes) and leaves none
+    of ours unused (the same parameter count, ~83.65M); downsample factor 8; infer_vae_config recovers the default."""
     with torch.device("meta"):
         ours = AutoencoderKL(VAEConfig())
-        ref = diffusers_vae_to_ldm(reference.diffusers_vae(VAEConfig()).state_dict(), 4)
+    twin = reference.vae_as_diffusers(ours)
     sd = ours.state_dict()
-    assert sorted(sd) == sorted(ref)
-    assert {k: tuple(v.shape) for k, v in sd.items()} == {k: tuple(v.shape) for k, v in ref.items()}
-    assert sd["encoder.mid.attn_1.q.weight"].shape == (512, 512, 1, 1) and "decoder.up.3.upsample.conv.weight" in sd
-    assert "decoder.up.0.upsample.conv.weight" not in sd and "encoder.down.3.downsample.conv.weight" not in sd
-    n = sum(p.numel() for p in ours.parameters())
-    assert n == sum(v.numel() for v in ref.values()) and round(n / 1e4) == 8365, n
+    n = sum(v.numel() for v in sd.values())
+    assert n == sum(v.numel() for v in twin.state_dict().values()) and round(n / 1e4) == 8365, n
+    # the converter takes the attention's q, k, v, proj_out as 1x1 convs or as linears; the files hold 1x1 convs
+    attention = [k for k in sd if re.search(r"attn_1\.(q|k|v|proj_out)\.weight", k)]
+    assert len(attention) == 8 and all(sd[k].shape == (512, 512, 1, 1) for k in attention)
     assert VAEConfig().downsample_factor == 8 and SD_VAE.downsample_factor == 4
     assert infer_vae_config(sd) == VAEConfig()
     assert LATENT_SCALE == 0.18215
@@ -749,40 +697,32 @@ def test_dinov2_pos_embed_rules():
         model(torch.zeros(1, 3, 225, 224))
 
 
-def _hub_shapes_from_timm(name):
-    """Hub key -> shape for a full-size hub file, from timm's model mapped back to hub names."""
-    import timm
-    with torch.device("meta"):
-        m = timm.create_model(name, pretrained=False, img_size=518, num_classes=0)
-    out = {}
-    for k, v in m.state_dict().items():
-        k = k.replace("mlp.fc1.", "mlp.w12.").replace("mlp.fc2.", "mlp.w3.") if "giant" in name else k
-        if k == "reg_token":
-            k = "register_tokens"
-        shape = tuple(v.shape)
-        if k == "pos_embed" and "reg4" in name:  # timm drops the CLS row for register models
-            shape = (1, shape[1] + 1, shape[2])
-        out[k] = shape
-    out["mask_token"] = (1, out["cls_token"][-1])  # timm drops mask_token; the hub files have it
-    return out
-
-
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_dinov2_full_size_structure(preset):
-    """Our S/B/L/g (+reg4) have exactly the hub files' key names and shapes."""
+    """Our S/B/L/g (+reg4) have exactly the hub files' key names and shapes: timm's own converter of those files
+    makes every tensor of timm's twin from them (strictly, equal shapes), and the twin has the shapes of timm's model
+    of that name (its sizes, not our config's). The converter drops mask_token, resamples a pos_embed or patch kernel
+    of another size and takes the MLP as w12/w3 or fc1/fc2, so those are checked here."""
+    import timm
     size = {"s": "small", "b": "base", "l": "large", "g": "giant"}[preset[3]]
     name = f"vit_{size}_patch14_{'reg4_' if 'reg4' in preset else ''}dinov2"
     with torch.device("meta"):
         model = DINOv2(PRESETS[preset])
+        named = timm.create_model(name, pretrained=False, img_size=518, num_classes=0)
+    twin = reference.dinov2_as_timm(model.state_dict(), PRESETS[preset], 518)
+    assert {k: v.shape for k, v in twin.state_dict().items()} == {k: v.shape for k, v in named.state_dict().items()}
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    assert ours == _hub_shapes_from_timm(name)
+    D = named.embed_dim
+    assert ours["mask_token"] == (1, D) and ours["pos_embed"] == (1, 1 + 37 * 37, D)
+    assert ours["patch_embed.proj.weight"] == (D, 3, 14, 14)
+    mlp = {"w12", "w3"} if PRESETS[preset].ffn == "swiglu" else {"fc1", "fc2"}  # the files' names
+    assert {k.split(".")[3] for k in ours if ".mlp." in k} == mlp
     assert infer_dinov2_config(model.state_dict()) == PRESETS[preset]
     if preset == "vitg14":
         n = sum(p.numel() for p in model.parameters())
         assert len(ours) == 567
         # timm's card says 1136.5M = 1,136,479,232 without mask_token; we keep it (1536 more)
         assert n == 1_136_480_768 and n - 1536 == 1_136_479_232
-        assert ours["blocks.0.mlp.w12.weight"] == (8192, 1536) and ours["blocks.0.mlp.w3.weight"] == (1536, 4096)
 
 
 @pytest.mark.parametrize("ffn,registers", [("mlp", 0), ("swiglu", 0), ("mlp", 4), ("swiglu", 4)])
