@@ -353,9 +353,18 @@ def finish_sample(source, target, mask, reference, name, size, ref_size, g, mask
             "encoder_reference": encoder_reference, "name": name}
 
 
-def _warn_dropped(bad, total):
-    if bad:
+def keep_good(kept, bad, skip_bad, what, folder):
+    """The up-front rule of every reader, once it has checked each sample of `folder` into `kept` or, as its
+    DataError, into `bad`: the first bad one stops, counting the others; with skip_bad they are dropped with one
+    warning that counts them. Nothing left to keep stops too. `what` names the samples ("samples", "train pairs")."""
+    if bad and not skip_bad:
+        more = f" (and {len(bad) - 1} more bad {what}; skip_bad=True drops them)" if len(bad) > 1 else ""
+        raise DataError(f"{bad[0]}{more}")
+    if bad:  # called from the readers' __init__: stacklevel 3 names the line that built the dataset
+        total = len(kept) + len(bad)
         warnings.warn(f"skipped {len(bad)} of {total} samples with bad files; first: {bad[0]}", stacklevel=3)
+    if not kept:
+        raise DataError(f"{folder}: no usable {what}")
 
 
 class SampleDataset(Dataset):
@@ -414,12 +423,7 @@ class TripletDataset(SampleDataset):
                 self.samples.append((name, paths))
             except DataError as e:
                 bad.append(e)
-        if bad and not skip_bad:
-            more = f" (and {len(bad) - 1} more bad samples; skip_bad=True drops them)" if len(bad) > 1 else ""
-            raise DataError(f"{bad[0]}{more}")
-        _warn_dropped(bad, len(files["source"]))
-        if not self.samples:
-            raise DataError(f"{self.root}: no usable samples")
+        keep_good(self.samples, bad, skip_bad, "samples", self.root)
 
     @staticmethod
     def _index(folder):
@@ -463,20 +467,8 @@ def write_triplets(root, samples):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. VITON-HD: root/{train,test}_pairs.txt and root/<split>/{image,cloth,image-parse-v3}/
-#    (the layout and its traps: docs/datasets.md §2)
-
-UPPER_BODY_IDS = (5, 6, 7, 10, 14, 15)  # CIHP upper-clothes, dress, coat, neck (torso-skin), left arm, right arm
-FLIP_PAIRS = ((14, 15), (16, 17), (18, 19))  # left/right arm, leg, shoe: a mirror swaps them (CIHP_PGN's flip tool)
-
-
-def flip_parse(parse):
-    """Mirror a label map (..., H, W) left-right, swapping the left/right ids."""
-    table = torch.arange(256, dtype=parse.dtype)
-    for a, b in FLIP_PAIRS:
-        table[a], table[b] = b, a
-    return table[parse.long()].flip(-1)
-
+# 4. The try-on releases, VITON-HD and DressCode: rows "person garment" of pair files, the garment as the reference,
+#    the mask from the person's parse map (the layouts and their traps: docs/datasets.md §2 and §3)
 
 def dilate(fill, radius):
     """Square dilation of a (H,W) bool map by `radius` pixels, as a max-pool (rows, then columns)."""
@@ -496,6 +488,22 @@ def parse_mask(parse, ids, radius):
     return (~dilate(fill, radius)).float()[None]
 
 
+def read_pairs_file(pairs_file, form="person.jpg cloth.jpg", stems=("", "")):
+    """[(line number, [person, garment]), ...] of the non-empty rows; columns split on any whitespace (tabs or
+    spaces: the releases' files are read that way by every public loader). A row that is not two names whose stems
+    end with `stems` (DressCode's "_0" and "_1") is a DataError naming the line and `form`: a broken pair file stops
+    even with skip_bad."""
+    if why := not_a_file(pairs_file):
+        raise DataError(f"{pairs_file}: {why}")
+    lines = [(n, line.split()) for n, line in enumerate(pairs_file.read_text().splitlines(), 1) if line.strip()]
+    if not lines:
+        raise DataError(f"{pairs_file}: no pairs")
+    for n, names in lines:
+        if len(names) != 2 or not all(Path(name).stem.endswith(end) for name, end in zip(names, stems)):
+            raise DataError(f"{pairs_file} line {n}: expected '{form}', got {' '.join(names)!r}")
+    return lines
+
+
 def check_pair_files(paths, pairs_file, n):
     """Header-level checks of the files of one pair-file row (no decoding, so they stay fast on a whole
     release): each exists and is an image, and the parse map is a map of label ids at the photo's size."""
@@ -511,108 +519,99 @@ def check_pair_files(paths, pairs_file, n):
         raise DataError(f"{paths['parse']}: parse map is {w}x{h}, the image is {W}x{H}")
 
 
-def read_pair(paths, max_label):
-    """The decoded person (3,H,W), cloth (3,h,w) in [-1,1] and parse (H,W) of one pair, checked again after
-    decoding (a header can lie about a file that fails to decode)."""
-    person, cloth = to_tensor(load_image(paths["image"])), to_tensor(load_image(paths["cloth"]))
-    parse = load_parse(paths["parse"])
-    if tuple(parse.shape) != tuple(person.shape[-2:]):
-        raise DataError(f"{paths['parse']}: parse map is {parse.shape[1]}x{parse.shape[0]}, "
-                        f"the image is {person.shape[2]}x{person.shape[1]}")
-    if parse.max() > max_label:
-        raise DataError(f"{paths['parse']}: parse map has label {int(parse.max())}; this layout's labels are 0..{max_label}")
-    return person, cloth, parse
-
-
-def keep_good(bad, total, skip_bad, what):
-    """The bad-row rule of the release readers: the first bad row stops (with a count of the others), or
-    with skip_bad they are dropped with one warning."""
-    if bad and not skip_bad:
-        more = f" (and {len(bad) - 1} more bad {what}; skip_bad=True drops them)" if len(bad) > 1 else ""
-        raise DataError(f"{bad[0]}{more}")
-    _warn_dropped(bad, total)
-
-
-def read_pairs_file(pairs_file):
-    """[(line number, [column, ...]), ...] of the non-empty rows; columns split on any whitespace (tabs or
-    spaces: the releases' files are read that way by every public loader)."""
-    if why := not_a_file(pairs_file):
-        raise DataError(f"{pairs_file}: {why}")
-    lines = [(n, line.split()) for n, line in enumerate(pairs_file.read_text().splitlines(), 1) if line.strip()]
-    if not lines:
-        raise DataError(f"{pairs_file}: no pairs")
-    for n, names in lines:
-        if len(names) != 2:
-            raise DataError(f"{pairs_file} line {n}: expected 'person.jpg cloth.jpg', got {' '.join(names)!r}")
-    return lines
-
-
-class VitonHDDataset(SampleDataset):
-    """Person photos of VITON-HD with the garment region masked and the in-shop cloth as the reference.
-
-    split "train": the garment is ALWAYS cloth/<person name>; column 2 of train_pairs.txt is ignored
-    because that file is not paired (every public loader does the same). split "test": paired=True
-    uses cloth/<person name> (the person wears it: target = source); paired=False uses column 2 (no
-    ground truth: target = source by convention).
-    The mask: parse ids UPPER_BODY_IDS at the output size, dilated by int(dilation * W) px (W = the output
-    width; 5/256 is DCI-VTON's kernel size rule), then the 50/50 box rule in training.
-    hflip: probability (training only) of mirroring the whole sample (person, parse with left/right ids
-    swapped, cloth).
+class ReleaseDataset(SampleDataset):
+    """What the VITON-HD and DressCode readers share. Each pair-file row is a person photo, a garment (the
+    reference) and the person's parse map. The mask: the parse map's labels of the garment's category,
+    region_ids[category], at the output size, dilated by int(dilation * W) px (W = the output width; 5/256 is
+    DCI-VTON's kernel size rule), then the 50/50 box rule in training. target = source: paired, the person wears
+    the garment; unpaired, there is no ground truth.
+    split "train" is paired only: the releases' training pair files are not pairings, so training takes the
+    person's own garment whatever column 2 says (every public loader does the same).
     samples: [(name, {"image", "cloth", "parse"} paths)]; name = the person's stem, paired, or
-    "<person stem>_<cloth stem>", unpaired.
-    """
+    "<person stem>_<garment stem>", unpaired. categories[i]: the category of sample i.
+    A subclass sets max_label (the parse maps' largest label id) and region_ids, lists its pair-file rows and
+    keeps the good ones: keep_good(self.samples, self.add_pairs(rows), ...)."""
 
-    def __init__(self, root, split, size, ref_size=(224, 224), train=None, seed=0, skip_bad=False,
-                 paired=True, hflip=0.0, dilation=5 / 256):
-        train = split == "train" if train is None else train
-        super().__init__(seed, train, skip_bad)
+    def __init__(self, root, split, size, ref_size, train, seed, skip_bad, paired, dilation):
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', not {split!r}")
         if split == "train" and not paired:
-            raise ValueError("train_pairs.txt is not a pairing: training always uses cloth/<person name>")
-        if hflip and not train:
-            raise ValueError("hflip is a training augmentation; with train=False nothing is random")
-        self.root, self.size, self.ref_size = Path(root), size_pair(size), size_pair(ref_size)
-        self.hflip, self.radius = hflip, int(dilation * self.size[1])
-        pairs_file = self.root / f"{split}_pairs.txt"
-        lines = read_pairs_file(pairs_file)
-        folder = self.root / split
-        self.samples, bad = [], []
-        for n, (person, cloth) in lines:
-            cloth = person if paired else cloth
-            paths = {"image": folder / "image" / person, "cloth": folder / "cloth" / cloth,
-                     "parse": folder / "image-parse-v3" / (Path(person).stem + ".png")}
+            raise ValueError("the training pair files are not pairings: training always uses the person's own garment")
+        super().__init__(seed, split == "train" if train is None else train, skip_bad)
+        self.root, self.paired = Path(root), paired
+        self.size, self.ref_size = size_pair(size), size_pair(ref_size)
+        self.radius = int(dilation * self.size[1])
+        self.samples, self.categories = [], []
+
+    def add_pairs(self, rows):
+        """Adds the rows [(pairs file, line number, category, paths), ...] whose files pass check_pair_files;
+        returns the DataErrors of the others."""
+        bad = []
+        for pairs_file, n, category, paths in rows:
             try:
                 check_pair_files(paths, pairs_file, n)
-                name = Path(person).stem if paired else f"{Path(person).stem}_{Path(cloth).stem}"
-                self.samples.append((name, paths))
             except DataError as e:
                 bad.append(e)
-        keep_good(bad, len(lines), skip_bad, "pairs")
-        if not self.samples:
-            raise DataError(f"{self.root}: no usable {split} pairs")
+                continue
+            person, garment = paths["image"].stem, paths["cloth"].stem
+            self.samples.append((person if self.paired else f"{person}_{garment}", paths))
+            self.categories.append(category)
+        return bad
 
     def __len__(self):
         return len(self.samples)
 
     def load(self, i, g):
         name, paths = self.samples[i]
-        person, cloth, parse = read_pair(paths, max_label=19)
-        # the flip draw is made in every training sample, so hflip does not shift the later draws
-        if g is not None and torch.rand((), generator=g).item() < self.hflip:
-            person, parse, cloth = person.flip(-1), flip_parse(parse), cloth.flip(-1)
+        person, cloth = to_tensor(load_image(paths["image"])), to_tensor(load_image(paths["cloth"]))
+        parse = load_parse(paths["parse"])
+        # checked again after decoding: a header can lie about a file that fails to decode
+        if tuple(parse.shape) != tuple(person.shape[-2:]):
+            raise DataError(f"{paths['parse']}: parse map is {parse.shape[1]}x{parse.shape[0]}, "
+                            f"the image is {person.shape[2]}x{person.shape[1]}")
+        if parse.max() > self.max_label:
+            raise DataError(f"{paths['parse']}: parse map has label {int(parse.max())}; "
+                            f"this layout's labels are 0..{self.max_label}")
         parse = resize_nearest(parse[None], self.size)[0]
-        mask = parse_mask(parse, UPPER_BODY_IDS, self.radius)
+        mask = parse_mask(parse, self.region_ids[self.categories[i]], self.radius)
         return finish_sample(person, person, mask, cloth, name, self.size, self.ref_size, g, paths["parse"])
 
     def __repr__(self):
-        return f"VitonHDDataset({self.root})"
+        return f"{type(self).__name__}({self.root})"
+
+
+# ----------------------------------------------------------------------------------------------
+# 4a. VITON-HD: root/{train,test}_pairs.txt and root/<split>/{image,cloth,image-parse-v3}/; upper-body garments only
+
+UPPER_BODY_IDS = (5, 6, 7, 10, 14, 15)  # CIHP upper-clothes, dress, coat, neck (torso-skin), left arm, right arm
+
+
+class VitonHDDataset(ReleaseDataset):
+    """Person photos of VITON-HD with the upper-body garment region masked and the in-shop cloth as the reference
+    (ReleaseDataset). split "train" reads train_pairs.txt, "test" test_pairs.txt (the unpaired setting):
+    paired=True uses cloth/<person name>, paired=False column 2."""
+
+    max_label = 19  # CIHP's 20 labels
+    region_ids = {"upper_body": UPPER_BODY_IDS}
+
+    def __init__(self, root, split, size, ref_size=(224, 224), train=None, seed=0, skip_bad=False,
+                 paired=True, dilation=5 / 256):
+        super().__init__(root, split, size, ref_size, train, seed, skip_bad, paired, dilation)
+        pairs_file, folder = self.root / f"{split}_pairs.txt", self.root / split
+        rows = []
+        for n, (person, cloth) in read_pairs_file(pairs_file):
+            if paired:
+                cloth = person  # the person's own, whatever column 2 says
+            parse = folder / "image-parse-v3" / (Path(person).stem + ".png")
+            rows.append((pairs_file, n, "upper_body", {"image": folder / "image" / person,
+                                                       "cloth": folder / "cloth" / cloth, "parse": parse}))
+        keep_good(self.samples, self.add_pairs(rows), skip_bad, f"{split} pairs", self.root)
 
 
 # ----------------------------------------------------------------------------------------------
 # 4b. DressCode: root/{upper_body,lower_body,dresses}/ each with images/ (NNNNNN_0.jpg the model,
 #     NNNNNN_1.jpg the garment), label_maps/NNNNNN_4.png (18 ATR labels, by index) and the pair files
-#     train_pairs.txt, test_pairs_paired.txt, test_pairs_unpaired.txt ("model garment", any whitespace)
+#     train_pairs.txt, test_pairs_paired.txt, test_pairs_unpaired.txt
 
 DRESSCODE_CATEGORIES = ("upper_body", "lower_body", "dresses")
 # ATR ids (not CIHP's): 4 upper-clothes, 5 skirt, 6 pants, 7 dress, 12/13 legs, 14/15 arms. ATR has no neck
@@ -620,66 +619,31 @@ DRESSCODE_CATEGORIES = ("upper_body", "lower_body", "dresses")
 DRESSCODE_REGION_IDS = {"upper_body": (4, 14, 15), "lower_body": (5, 6, 12, 13), "dresses": (7, 12, 13)}
 
 
-class DressCodeDataset(SampleDataset):
-    """Model photos of DressCode with the category's region masked and the in-shop garment as reference.
+class DressCodeDataset(ReleaseDataset):
+    """Model photos of DressCode with the category's region masked and the in-shop garment as the reference
+    (ReleaseDataset). category: one of DRESSCODE_CATEGORIES or "all" (the three, in that order). split "train"
+    reads <category>/train_pairs.txt, "test" test_pairs_paired.txt or, paired=False, test_pairs_unpaired.txt
+    (another garment of the same category). Ids are unique across categories, so names are too."""
 
-    category: one of DRESSCODE_CATEGORIES or "all" (the three, in that order).
-    split "train": the garment is always the model's own (NNNNNN_1.jpg of NNNNNN_0.jpg), whatever column 2
-    says, as for VITON-HD. split "test": paired=True reads <category>/test_pairs_paired.txt, paired=False
-    test_pairs_unpaired.txt (another garment of the same category; no ground truth: target = source).
-    The mask: DRESSCODE_REGION_IDS[category] at the output size, dilated by int(dilation * W) px, as for
-    VITON-HD. Ids are unique across categories, so names are too.
-    samples: [(name, paths)] as VitonHDDataset's, and categories[i] the category of sample i.
-    """
+    max_label = 17  # ATR's 18 labels
+    region_ids = DRESSCODE_REGION_IDS
 
     def __init__(self, root, split, size, ref_size=(224, 224), train=None, seed=0, skip_bad=False,
                  paired=True, category="all", dilation=5 / 256):
-        train = split == "train" if train is None else train
-        super().__init__(seed, train, skip_bad)
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', not {split!r}")
-        if split == "train" and not paired:
-            raise ValueError("training always uses the model's own garment (paired)")
+        super().__init__(root, split, size, ref_size, train, seed, skip_bad, paired, dilation)
         if category != "all" and category not in DRESSCODE_CATEGORIES:
             raise ValueError(f"category must be one of {DRESSCODE_CATEGORIES} or 'all', not {category!r}")
-        self.root, self.size, self.ref_size = Path(root), size_pair(size), size_pair(ref_size)
-        self.radius = int(dilation * self.size[1])
         file_name = "train_pairs.txt" if split == "train" else f"test_pairs_{'paired' if paired else 'unpaired'}.txt"
-        self.samples, self.categories, bad, total = [], [], [], 0
+        rows = []
         for cat in DRESSCODE_CATEGORIES if category == "all" else (category,):
-            pairs_file = self.root / cat / file_name
-            lines = read_pairs_file(pairs_file)
-            total += len(lines)
-            for n, (model, garment) in lines:
+            pairs_file, folder = self.root / cat / file_name, self.root / cat
+            for n, (model, garment) in read_pairs_file(pairs_file, "NNNNNN_0.jpg NNNNNN_1.jpg", ("_0", "_1")):
                 if split == "train":
-                    garment = model.replace("_0.", "_1.")
-                paths = {"image": self.root / cat / "images" / model, "cloth": self.root / cat / "images" / garment,
-                         "parse": self.root / cat / "label_maps" / (Path(model).stem.replace("_0", "_4") + ".png")}
-                try:
-                    if not Path(model).stem.endswith("_0") or not Path(garment).stem.endswith("_1"):
-                        raise DataError(f"{pairs_file} line {n}: expected 'NNNNNN_0.jpg NNNNNN_1.jpg', got '{model} {garment}'")
-                    check_pair_files(paths, pairs_file, n)
-                    name = Path(model).stem if paired else f"{Path(model).stem}_{Path(garment).stem}"
-                    self.samples.append((name, paths))
-                    self.categories.append(cat)
-                except DataError as e:
-                    bad.append(e)
-        keep_good(bad, total, skip_bad, "pairs")
-        if not self.samples:
-            raise DataError(f"{self.root}: no usable {split} pairs")
-
-    def __len__(self):
-        return len(self.samples)
-
-    def load(self, i, g):
-        name, paths = self.samples[i]
-        person, cloth, parse = read_pair(paths, max_label=17)
-        parse = resize_nearest(parse[None], self.size)[0]
-        mask = parse_mask(parse, DRESSCODE_REGION_IDS[self.categories[i]], self.radius)
-        return finish_sample(person, person, mask, cloth, name, self.size, self.ref_size, g, paths["parse"])
-
-    def __repr__(self):
-        return f"DressCodeDataset({self.root})"
+                    garment = model.replace("_0.", "_1.")  # the model's own, whatever column 2 says
+                parse = folder / "label_maps" / (Path(model).stem.replace("_0", "_4") + ".png")
+                rows.append((pairs_file, n, cat, {"image": folder / "images" / model,
+                                                  "cloth": folder / "images" / garment, "parse": parse}))
+        keep_good(self.samples, self.add_pairs(rows), skip_bad, f"{split} pairs", self.root)
 
 
 # ----------------------------------------------------------------------------------------------
