@@ -2578,31 +2578,42 @@ def test_eval_release_bad_input(tmp_path, eval_weights):
                       fid_feature=TinyFeatures())
 
 
-def test_eval_cuda_without_cuda_one_line(tmp_path, capsys, monkeypatch):
-    """--device=cuda on a machine without a GPU: exit 1 and one line (cli.pick_device), before any work."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert cli.run(evaluate.main, [f"--data={tmp_path}", "--device=cuda"]) == 1
-    assert capsys.readouterr().err == "error: --device=cuda: CUDA is not available here; use --device=cpu (or auto)\n"
-
-
-def test_eval_bad_options_one_line_before_any_work(tmp_path, capsys):
+@pytest.mark.parametrize("option,message", [
+    ("--bootstrap=-1", "--bootstrap=-1: must be at least 0"),
+    ("--batch_size=0", "--batch_size=0: must be at least 1"),
+    ("--fill=flat --pred_dir=p", "--fill=flat: a trivial fill is scored on a triplet folder"),
+    ("--fill=hint --zero_hint", "--zero_hint=True: zeroes the hint of the model's own"),
+    ("--device=cuda", "--device=cuda: CUDA is not available here; use --device=cpu (or auto)"),
+    # the ranges of sample.py, from the same code (cli.check_sampling_options): 1001 steps ran for over ten minutes,
+    # guidance nan printed nan scores and exited 0
+    ("--steps=1001", "--steps=1001: DDIM steps must be 1 ... 1000"),
+    ("--guidance=nan", "--guidance=nan: must be a finite number"),
+    ("--guidance=-3.5", "--guidance=-3.5: must be a finite number >= 0"),
+    ("--seed=-1", "--seed=-1: must be 0 ... 2^32 - 1"),
+    ("--size=0", "--size=0: the working size must be 1 ... 2048"),
+    ("--size=4096", "--size=4096: the working size must be 1 ... 2048"),
+    ("--bootstrap=10 --data=release", "--bootstrap=10: intervals are given on triplet folders"),
+])
+def test_eval_bad_options_one_line_before_any_work(tmp_path, capsys, monkeypatch, option, message):
     """An option out of range, or one the chosen evaluation would silently ignore, is exit 1 and one line naming
-    it, before any model is read (--dtc names no file here); a prediction missing from a triplet --pred_dir is
-    found before the first batch is scored and written to --out_dir."""
-    release = tmp_path / "release"
-    release.mkdir()
-    (release / "test_pairs.txt").write_text("")
-    triplets = [f"--data={tmp_path}", "--dtc=missing.safetensors"]
-    cases = [(triplets + ["--bootstrap=-1"], "--bootstrap=-1: must be at least 0"),
-             (triplets + ["--batch_size=0"], "--batch_size=0: must be at least 1"),
-             (triplets + ["--fill=flat", "--pred_dir=p"], "--fill=flat: a trivial fill is scored on a triplet folder"),
-             (triplets + ["--fill=hint", "--zero_hint"], "--zero_hint=True: zeroes the hint of the model's own"),
-             ([f"--data={release}", "--dtc=missing.safetensors", "--bootstrap=10"],
-              "--bootstrap=10: intervals are given on triplet folders")]
-    for argv, message in cases:
-        assert cli.run(evaluate.main, argv) == 1, argv
-        err = capsys.readouterr().err
-        assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    it, before any model is read (--dtc names no file here) and before --out_dir is written. --data is tmp_path, a
+    triplet folder, or (--data=release) a VITON-HD release in it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "release").mkdir()
+    (tmp_path / "release" / "test_pairs.txt").write_text("")
+    (tmp_path / "earlier.png").write_bytes(b"earlier")
+    argv = [f"--data={tmp_path}", "--dtc=missing.safetensors", f"--out_dir={tmp_path}"]
+    argv += [f"--data={tmp_path / 'release'}" if o == "--data=release" else o for o in option.split()]
+    assert cli.run(evaluate.main, argv) == 1, argv
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier.png", "release"]
+    assert (tmp_path / "earlier.png").read_bytes() == b"earlier"
+
+
+def test_eval_missing_prediction_found_before_any_work(tmp_path, capsys):
+    """A prediction missing from a triplet --pred_dir is found before the first batch is scored and written to
+    --out_dir."""
     world = TeachingWorld(size=32, split="heldout", length=3, seed=0, ref_size=(32, 32))
     data.write_triplets(tmp_path / "set", [dict(world[i], name=f"s{i}") for i in range(3)])
     (tmp_path / "preds").mkdir()
@@ -2615,21 +2626,6 @@ def test_eval_bad_options_one_line_before_any_work(tmp_path, capsys):
     assert cli.run(evaluate.main, argv) == 1
     assert capsys.readouterr().err == f"error: {tmp_path / 'preds'}: no image named s2.*\n"
     assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize("option,value,words", [("steps", 1001, "1 ... 1000"), ("guidance", "nan", "finite"),
-                                                ("guidance", -3.5, ">= 0"), ("seed", -1, "0 ... 2^32 - 1"),
-                                                ("size", 0, "1 ... 2048"), ("size", 4096, "1 ... 2048")])
-def test_eval_sampling_options_checked_as_sample_py_checks_them(tmp_path, capsys, option, value, words):
-    """evaluate.py accepted these silently (1001 steps ran for over ten minutes; guidance nan printed nan scores
-    and exited 0): now the ranges of sample.py, from the same code (cli.check_sampling_options), one line each,
-    before any model is read (--dtc names no file here) and before --out_dir is written."""
-    planted = planted_outputs(tmp_path, ("earlier.png",))
-    argv = [f"--data={tmp_path}", "--dtc=missing.safetensors", f"--out_dir={tmp_path}", f"--{option}={value}"]
-    assert cli.run(evaluate.main, argv) == 1
-    err = capsys.readouterr().err
-    assert err.startswith(f"error: --{option}={value}: ") and words in err and err.count("\n") == 1, err
-    assert_nothing_lost(tmp_path, planted)
 
 
 def test_eval_size_rounds_as_sample_py(tmp_path, capsys):
