@@ -1,6 +1,17 @@
 """Every test of the project (CPU, small random models, files written by the tests; no downloads), grouped in the
 order of the modules after one block that every group builds on. A test's name starts with its module's.
 
+Contents (search for the heading):
+    What every section builds on    the small configs, one randomiser, one thread
+    unet.py, vae.py, dinov2.py      parity with diffusers, timm and transformers; the full-size layouts; loading
+    diffusion.py                    the schedule and the DDIM / DDPM steps against diffusers' schedulers
+    dtc.py                          the hint, the model, fusion, losses, guidance, sampling, original files, checkpoints
+    data.py, world.py               reading and writing images and folders, the releases, the teaching world
+    sample.py, evaluate.py          end to end, bad input (one table each), the metrics and trivial fills
+    train.py                        runs, resumption, processes, presets, bad input
+    bench.py                        the tables and the memory simulation
+    the project                     no citation outside the repository, layering
+
 Run: python -m pytest -q test_dtc.py
 """
 import ast
