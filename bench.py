@@ -7,7 +7,7 @@ Speed and memory of Diffuse to Choose with random weights of the real architectu
     python bench.py compare  one forward each: our U-Net, DINOv2 and VAE vs diffusers' and timm's, same weights
     python bench.py all      sample, compare and train
     python bench.py memory   peak memory of sampling and training at 512x512, bfloat16, simulated on fake tensors
-                             (no GPU, no weights; 386 s on one CPU thread); with --device=cuda also measured
+                             (no GPU, no weights; 200-390 s on one CPU thread); with --device=cuda also measured
 
 A run measures one setting: to see what an option buys (--dtype, --channels_last, --compile), compare two runs.
 The GPU tables:
@@ -173,12 +173,21 @@ COMPARE_HEADER = ["module", "input", "ours ms", "reference ms", "ours / referenc
 TRAIN_HEADER = ["batch", "grad checkpointing", "s/step", "images/s", "peak MiB", "TFLOP/s", "MFU"]
 
 
-def sample_image(model, frozen, x, args, hint=None):
+def sample_image(model, frozen, x, steps, guidance, hint=None):
     """An image batch (B, 3, size, size) as dtc.generate makes it: prepare() (DINOv2 tokens, masked-source latents,
     make_hint's canvas unless `hint` gives it), the guided DDIM steps, the VAE decode."""
     cond = prepare(frozen, x["source"], x["mask"], x["reference"], model.cfg.image_size, hint=hint)
-    z = sample_latents(model, Schedule(), cond, args.steps, args.guidance, progress=False)
+    z = sample_latents(model, Schedule(), cond, steps, guidance, progress=False)
     return frozen.vae.decode(z / LATENT_SCALE)
+
+
+def sampling_flops(cfgs, x, steps, guidance):
+    """FLOPs of sample_image on meta replicas: counted at 1 and 2 DDIM steps and extended to `steps`, as every step
+    costs the same (counting 40 steps one by one took 41 s at sd15)."""
+    model, frozen = build(cfgs, "meta")
+    model.requires_grad_(False)  # sampling makes no autograd graph
+    one, two = (flops(lambda mx: sample_image(model, frozen, mx, n, guidance, hint=mx["hint"]), x) for n in (1, 2))
+    return one + (steps - 1) * (two - one)
 
 
 def sample_section(args, device, dtype):
@@ -192,15 +201,13 @@ def sample_section(args, device, dtype):
         x = {k: v.contiguous(memory_format=torch.channels_last) for k, v in x.items()}
     if args.compile:
         model.compile()  # the DTC forward (main U-Net, hint encoder, FiLM); the warm-up run compiles it
-    meta_model, meta_frozen = build(cfgs, "meta")
-    meta_model.requires_grad_(False)  # sampling makes no autograd graph
-    tflop = flops(lambda mx: sample_image(meta_model, meta_frozen, mx, args, hint=mx["hint"]), x) / 1e12
+    tflop = sampling_flops(cfgs, x, args.steps, args.guidance) / 1e12
     print("sample", file=sys.stderr, flush=True)
     with torch.no_grad(), autocast(device, dtype):
         cond = prepare(frozen, x["source"], x["mask"], x["reference"], model.cfg.image_size)
         step, _ = timed(lambda: sample_latents(model, Schedule(), cond, 1, args.guidance, progress=False), device,
                         args.repeats)
-        seconds, mib = timed(lambda: sample_image(model, frozen, x, args), device, args.repeats)
+        seconds, mib = timed(lambda: sample_image(model, frozen, x, args.steps, args.guidance), device, args.repeats)
     row = [args.batch, seconds / args.batch, step * 1e3, mib, tflop / seconds]
     weights = "float32" if dtype == torch.float32 else f"{str(dtype)[6:]} weights + autocast"
     return [f"## Sampling: {args.size}x{args.size}, {args.steps} DDIM steps, guidance {args.guidance:g}, {weights}, "

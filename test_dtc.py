@@ -3462,9 +3462,10 @@ def test_cli_threads_one_per_free_core(monkeypatch):
 # ====================================================================================================
 
 def test_bench_sampling_flops_are_the_whole_batch():
-    """The FLOPs behind the sampling table's TFLOP/s are the whole batch's: at the tiny architecture on meta replicas,
-    prepare()'s (VAE encode, DINOv2), the token projection, one DTC forward per DDIM step on the CFG batch
-    [null; cond] of 2B (without guidance, of B) and the VAE decode, each counted on its own."""
+    """The FLOPs behind the sampling table's TFLOP/s (counted at 1 and 2 steps, extended to all) are the whole
+    batch's: at the tiny architecture on meta replicas, prepare()'s (VAE encode, DINOv2), the token projection, one
+    DTC forward per DDIM step on the CFG batch [null; cond] of 2B (without guidance, of B) and the VAE decode, each
+    counted on its own, and what sample_image counts when it runs every step."""
     from torch.utils.flop_counter import FlopCounterMode
     model, frozen = bench.build(bench.arch("tiny"), "meta")
     model.requires_grad_(False)
@@ -3480,14 +3481,14 @@ def test_bench_sampling_flops_are_the_whole_batch():
                                                hint=m["hint"]))
     projection, ctx = count(lambda: model.context(cond["tokens"]))
     decode, _ = count(lambda: frozen.vae.decode(cond["z_masked"]))
-    for steps, guidance, n in ((3, 5.0, 2), (2, 1.0, 1)):
-        args = bench.parse_args(["sample", "--arch=tiny", f"--steps={steps}", f"--guidance={guidance}"])
+    for steps, guidance, n in ((3, 5.0, 2), (4, 1.0, 1)):
         batch = lambda t: torch.cat([t] * n)
         forward, _ = count(lambda: model(batch(cond["z_masked"]), torch.zeros(2 * n, dtype=torch.long, device="meta"),
                                          batch(cond["z_masked"]), batch(cond["mask_lat"]), batch(ctx),
                                          hint=batch(cond["hint"])))
-        whole = bench.flops(lambda mx: bench.sample_image(model, frozen, mx, args, hint=mx["hint"]), x)
+        whole = bench.flops(lambda mx: bench.sample_image(model, frozen, mx, steps, guidance, hint=mx["hint"]), x)
         assert min(prepared, projection, decode, forward) > 0
+        assert bench.sampling_flops(bench.arch("tiny"), x, steps, guidance) == whole, (steps, guidance)
         assert whole == prepared + projection + steps * forward + decode, (steps, guidance)
 
 
