@@ -103,10 +103,10 @@ def inputs(B, size, device, seed):
     """Random source, target and reference images in [-1, 1]; the mask asks to fill the central half; hint: a canvas
     of make_hint's shape, for meta and fake tensors, which have no mask values for make_hint to search."""
     g = torch.Generator().manual_seed(seed)
+    image = lambda side: torch.rand(B, 3, side, side, generator=g) * 2 - 1
     mask = torch.ones(B, 1, size, size)
     mask[:, :, size // 4:3 * size // 4, size // 4:3 * size // 4] = 0  # PBE's masks: 1 = keep
-    x = dict(source=torch.rand(B, 3, size, size, generator=g) * 2 - 1, target=torch.rand(B, 3, size, size, generator=g)
-             * 2 - 1, reference=torch.rand(B, 3, 224, 224, generator=g) * 2 - 1, mask=mask,
+    x = dict(source=image(size), target=image(size), reference=image(224), mask=mask,
              hint=torch.rand(B, 3, size, size, generator=g))
     return {k: v.to(device) for k, v in x.items()}
 
