@@ -3267,96 +3267,35 @@ def test_cli_threads_one_per_free_core(monkeypatch, tmp_path):
 # bench.py: the tables and what they rest on
 # ====================================================================================================
 
-def tiny_dtc(**kw):
-    """bench.py's tiny DTC, every parameter random (the fusion too: zero-initialised, the hint would be invisible)."""
-    return randomise(DiffuseToChoose(replace(bench.arch("tiny")[0], **kw))).eval()
+def test_bench_sampling_flops_are_the_whole_batch():
+    """The FLOPs behind the sampling table's TFLOP/s (counted at 1 and 2 steps, extended to all) are the whole
+    batch's: at the tiny architecture on meta replicas, prepare()'s (VAE encode, DINOv2), the token projection, one
+    DTC forward per DDIM step on the CFG batch [null; cond] of 2B (without guidance, of B) and the VAE decode, each
+    counted on its own, and what sample_image counts when it runs every step."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model, frozen = bench.build(bench.arch("tiny"), "meta")
+    model.requires_grad_(False)
+    x = bench.inputs(2, 32, "cpu", seed=0)
+    m = {k: torch.empty(v.shape, device="meta") for k, v in x.items()}
 
+    def count(fn):
+        with FlopCounterMode(display=False) as counter:
+            out = fn()
+        return counter.get_total_flops(), out
 
-@torch.no_grad()
-def test_bench_two_forward_cfg_equals_batched():
-    """The 'CFG as two forwards' row computes what the batched forward computes, with and without hint features,
-    and dtc.sample_latents, run unchanged on it, samples what it samples with batched CFG."""
-    model, m = tiny_dtc(), tiny_dtc()  # the same weights: cfg_as_two_forwards rewires the model it is given
-    two = bench.cfg_as_two_forwards(m)
-    assert two is m and two.cfg is m.cfg and isinstance(two, DiffuseToChoose)
-    g = torch.Generator().manual_seed(3)
-    E = model.cfg.latent_channels
-    z, zm = torch.randn(4, E, 8, 8, generator=g), torch.randn(4, E, 8, 8, generator=g)
-    f, width = model.cfg.vae_factor, model.cfg.unet.context_dim
-    mask, ctx = torch.rand(4, 1, 8, 8, generator=g), torch.randn(4, 5, width, generator=g)
-    t, hint = torch.tensor([10, 10, 700, 700]), torch.rand(4, 3, 8 * f, 8 * f, generator=g)
-    torch.testing.assert_close(two(z, t, zm, mask, ctx, hint=hint), model(z, t, zm, mask, ctx, hint=hint),
-                               atol=1e-5, rtol=1e-5)
-    feats = model.hint_features(model.hint_latent(zm, hint), z, t, mask, ctx)
-    torch.testing.assert_close(two(z, t, zm, mask, ctx, hint_feats=feats), model(z, t, zm, mask, ctx, hint_feats=feats),
-                               atol=1e-5, rtol=1e-5)
-    cond = dict(z_masked=zm[:2], mask_lat=mask[:2], hint=hint[:2],
-                tokens=torch.randn(2, 5, model.cfg.image_encoder_dim, generator=g))
-    sample = lambda net: dtc.sample_latents(net, diffusion.Schedule(), cond, steps=3, guidance=5.0, progress=False,
-                                            generator=torch.Generator().manual_seed(0))
-    # guidance 5 scales a forward's rounding difference by up to 2 * 5 + 1 = 11 at every step
-    torch.testing.assert_close(sample(two), sample(model), atol=1e-4, rtol=1e-4)
-
-
-def test_bench_build_makes_the_variant():
-    """Each row builds its models as its variant asks (config, dtype, memory format; frozen parts in eval mode
-    without gradients), and the reference modules share our tensors (no copy)."""
-    cfgs = bench.arch("tiny")
-    nohint, _ = bench.build(cfgs, "meta", bench.Variant(hint=False))
-    assert not hasattr(nohint, "hint_encoder") and nohint.unet.input_blocks[0][0].weight.is_meta
-    lo, _ = bench.build(cfgs, "meta", bench.Variant(hint_input="latent_only"))
-    assert lo.hint_encoder.input_blocks[0][0].weight.shape[1] == lo.cfg.latent_channels  # z_masked + A(hint) alone
-    model, frozen = bench.build(cfgs, "meta", bench.Variant(dtype=torch.bfloat16, channels_last=True))
-    for conv in model.unet.input_blocks[0][0].weight, frozen.vae.encoder.conv_in.weight:
-        assert conv.dtype == torch.bfloat16 and conv.is_contiguous(memory_format=torch.channels_last)
-    assert not model.training and not frozen.vae.training and not frozen.image_encoder.training
-    assert not any(p.requires_grad for p in [*frozen.vae.parameters(), *frozen.image_encoder.parameters()])
-    model, frozen = bench.build(cfgs, "cpu", bench.Variant(hint=False))
-    refs = bench.references(model, frozen, [])
-    assert refs["unet"].conv_in.weight.data_ptr() == model.unet.input_blocks[0][0].weight.data_ptr()
-    assert refs["vae"].decoder.conv_out.weight.data_ptr() == frozen.vae.decoder.conv_out.weight.data_ptr()
-    qkv = frozen.image_encoder.blocks[0].attn.qkv.weight
-    assert refs["dino"].blocks[0].attn.qkv.weight.data_ptr() == qkv.data_ptr()
-    assert refs["proj"][0].data_ptr() == model.token_proj.weight.data_ptr()
-
-
-def test_bench_components_add_up_to_the_image():
-    """The table's components, each counted as often as the row runs it, are the whole image: their FLOPs plus the
-    token projection (once per sampling, in no component) equal the FLOPs of DINOv2, VAE encode, dtc.sample_latents
-    and decode run end to end on meta replicas, for every hint setting and for CFG as two forwards."""
-    cfgs, args = bench.arch("tiny"), bench.parse_args(["sample", "--arch=tiny", "--steps=2", "--batch=2"])
-    args.tile, args.overlap = 5, 1  # 2x2 tiles of the 8x8 latents
-    x = bench.meta_like(bench.inputs(2, 32, "cpu", torch.Generator().manual_seed(0)))
-    for v in [bench.Variant(), bench.Variant(hint_input="latent_only"), bench.Variant(hint=False),
-              bench.Variant(batched_cfg=False), bench.Variant(tiled_decode=True)]:
-        model, frozen = bench.build(cfgs, "meta", v)
-        model.requires_grad_(False)  # (FlopCounterMode's module tracker fails on no_grad views of trainable weights)
-        image_size, f = model.cfg.image_size, model.cfg.vae_factor
-        cond = dict(z_masked=torch.empty(2, model.cfg.latent_channels, 32 // f, 32 // f, device="meta"),
-                    mask_lat=torch.empty(2, 1, 32 // f, 32 // f, device="meta"),
-                    tokens=torch.empty(2, (image_size // cfgs[2].patch_size) ** 2 + 1, cfgs[2].embed_dim,
-                                       device="meta"), hint=torch.empty(2, 3, 32, 32, device="meta"))
-
-        def image():
-            dtc.encode_image_tokens(frozen.image_encoder, x["reference"], image_size)
-            frozen.vae.encode(x["source"] * x["mask"]).sample()
-            z = dtc.sample_latents(model, diffusion.Schedule(), cond, args.steps, args.guidance, progress=False)
-            bench.decode(frozen.vae, z / LATENT_SCALE, v, args)
-
-        projection = bench.flops(lambda: model.context(cond["tokens"]))
-        assert projection > 0
-        assert math.isclose(bench.image_flops(cfgs, v, x, cond, args, {}) * 1e12 + projection, bench.flops(image),
-                            rel_tol=1e-9), v
-
-
-def test_bench_unet_column_is_per_step():
-    """The sampling table's U-Net column is ms per step: a row's component times are per image (the U-Net's 40 steps
-    together, as the hint encoder's with 'full'), and its cell divides the steps out; the others stay per batch."""
-    args = bench.parse_args(["sample", "--steps=40", "--batch=2"])
-    r = dict(label="row", times=dict.fromkeys(bench.COMPONENTS, 0.4), seconds=2.0, mib=10.0, tflop=1.0)
-    cells = dict(zip(bench.SAMPLE_HEADER, bench.sample_cells(r, args)))
-    assert cells["U-Net ms/step"] == "10" and cells["hint enc ms/image"] == "400" and cells["VAE dec ms"] == "400"
-    assert cells["s/image"] == "1" and cells["TFLOP/s"] == "0.5" and cells["peak MiB"] == "10"
+    prepared, cond = count(lambda: dtc.prepare(frozen, m["source"], m["mask"], m["reference"], model.cfg.encoder_input_size,
+                                               hint=m["hint"]))
+    projection, ctx = count(lambda: model.context(cond["tokens"]))
+    decode, _ = count(lambda: frozen.vae.decode(cond["z_masked"]))
+    for steps, guidance, n in ((3, 5.0, 2), (4, 1.0, 1)):
+        batch = lambda t: torch.cat([t] * n)
+        forward, _ = count(lambda: model(batch(cond["z_masked"]), torch.zeros(2 * n, dtype=torch.long, device="meta"),
+                                         batch(cond["z_masked"]), batch(cond["mask_lat"]), batch(ctx),
+                                         hint=batch(cond["hint"])))
+        whole = bench.flops(lambda mx: bench.sample_image(model, frozen, mx, steps, guidance, hint=mx["hint"]), x)
+        assert min(prepared, projection, decode, forward) > 0
+        assert bench.sampling_flops(bench.arch("tiny"), x, steps, guidance) == whole, (steps, guidance)
+        assert whole == prepared + projection + steps * forward + decode, (steps, guidance)
 
 
 def test_bench_flops_count_attention():
@@ -3364,17 +3303,15 @@ def test_bench_flops_count_attention():
     context tokens is 818.6 GFLOP (a by-hand count of every matmul gives 818.5), and our counting equals it."""
     with torch.device("meta"):
         unet = UNet(UNetConfig(in_channels=9))
-        x, ctx = torch.empty(1, 9, 64, 64), torch.empty(1, 257, 768)
-    n = bench.flops(lambda: unet(x, torch.zeros(1, dtype=torch.long, device="meta"), ctx))
+    x = dict(z=torch.empty(1, 9, 64, 64), context=torch.empty(1, 257, 768))
+    n = bench.flops(lambda m: unet(m["z"], torch.zeros(1, dtype=torch.long, device="meta"), m["context"]), x)
     assert abs(n / 1e9 - 818.6) < 0.1
 
 
-SAMPLE_ROWS = ["DTC (base)", "CFG as two forwards", "latent_only hint features", "no hint branch (PBE-like)",
-               "math SDPA backend", "bfloat16 weights + autocast", "channels_last on", "DINOv2 offload on",
-               "tiled VAE decode on"]
-REFERENCE_ROW = "diffusers PBE-like loop (reference)"
-COMPARE_ROWS = ["U-Net forward", "DINOv2 forward", "VAE encode", "VAE decode", "sampling, s/image"]
-TRAIN_HEADER = ["batch", "variant", "s/step", "images/s", "canvas ms/step", "peak MiB", "TFLOP/s", "MFU"]
+SAMPLE_HEADER = ["batch", "s/image", "ms/step", "peak MiB", "TFLOP/s"]
+COMPARE_HEADER = ["module", "input", "ours ms", "reference ms", "ours / reference", "reference"]
+COMPARE_ROWS = ["U-Net forward", "DINOv2 forward", "VAE encode", "VAE decode"]
+TRAIN_HEADER = ["batch", "grad checkpointing", "s/step", "images/s", "peak MiB", "TFLOP/s", "MFU"]
 
 
 def tables(text):
@@ -3400,43 +3337,54 @@ def assert_numbers(cells):
 
 
 def test_bench_smoke_all_tables(tmp_path, capsys):
-    """`bench.py all --arch=tiny` on the CPU prints complete tables (every row and column label, every number
-    parses) and writes them to --out. Never asserts a time."""
+    """`bench.py all --arch=tiny` on the CPU prints the sampling, compare and training tables complete (every row and
+    column label, every number parses) and writes them to --out. Never asserts a time."""
     out = tmp_path / "bench.md"
     bench.main(["all", "--arch=tiny", "--steps=1", "--repeats=1", "--batch_sizes=1,2", "--device=cpu",
                 f"--out={out}"])
     text = capsys.readouterr().out
     assert tables(out.read_text()) == tables(text)
     (sh, srows), (ch, crows), (th, trows) = tables(text)
-    assert sh == bench.SAMPLE_HEADER
-    assert [r[0] for r in srows] == SAMPLE_ROWS + [REFERENCE_ROW]
-    for r in srows:
-        assert len(r) == len(sh)
-        assert_numbers(r[1:])
-    base = dict(zip(sh, srows[0]))
-    assert all(base[c] != "—" for c in sh)  # the base row measures every component
-    assert ch == ["module", "input", "ours ms", "reference ms", "ours / reference", "reference"]
-    assert [r[0] for r in crows] == COMPARE_ROWS
+    assert sh == SAMPLE_HEADER and len(srows) == 1 and len(srows[0]) == len(sh)
+    assert_numbers(srows[0])
+    assert ch == COMPARE_HEADER and [r[0] for r in crows] == COMPARE_ROWS
     for r in crows:
         assert_numbers(r[2:5])
     assert th == TRAIN_HEADER
-    assert [(r[0], r[1]) for r in trows] == [(b, v) for b in "12" for v in ("base", "grad checkpointing")]
+    assert [(r[0], r[1]) for r in trows] == [(b, c) for b in "12" for c in ("off", "on")]
     for r in trows:
         assert_numbers(r[2:])
         assert r[-1] == "n/a"  # no MFU on a CPU without --peak_tflops
+    assert "channels_last off, torch.compile off" in text
     assert "getrusage" in text and "FlopCounterMode" in text
 
 
+def test_bench_mfu_is_achieved_over_peak(capsys):
+    """MFU is the achieved TFLOP/s over --peak_tflops (given here on the CPU, where it is otherwise n/a)."""
+    bench.main(["train", "--arch=tiny", "--batch_sizes=1", "--device=cpu", "--peak_tflops=0.001"])
+    (th, trows), = tables(capsys.readouterr().out)
+    for row in (dict(zip(th, r)) for r in trows):
+        assert float(row["MFU"].rstrip("%")) == pytest.approx(100 * float(row["TFLOP/s"]) / 0.001, rel=1e-2)
+
+
 def test_bench_without_diffusers(monkeypatch, capsys):
-    """Without diffusers the benchmark says so in one line and goes on without the reference rows. (Also: on a
-    CPU the --compile row is skipped with a note, as inductor's OpenMP kernels would slow the rows after it.)"""
+    """Without diffusers the benchmark says so in one line and goes on without the compare table (here with
+    --channels_last, which the sampling table's heading reports)."""
     monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` now raises ImportError
-    bench.main(["sample", "--arch=tiny", "--steps=1", "--repeats=1", "--device=cpu", "--compile"])
+    bench.main(["all", "--arch=tiny", "--steps=1", "--repeats=1", "--batch_sizes=1", "--device=cpu",
+                "--channels_last"])
     text = capsys.readouterr().out
-    assert "diffusers not installed: skipping the reference rows\n" in text
-    (sh, srows), = tables(text)
-    assert [r[0] for r in srows] == SAMPLE_ROWS + ["torch.compile"]
-    assert srows[-1][1:] == ["skipped"] * (len(sh) - 1) and "torch.compile row skipped on the CPU" in text
+    assert "diffusers or timm not installed: skipping the compare table\n" in text
+    assert [header for header, _ in tables(text)] == [SAMPLE_HEADER, TRAIN_HEADER]
+    assert "channels_last on, torch.compile off" in text
+
+
+def test_bench_compile_on_cpu_one_line(capsys):
+    """--compile is for CUDA: on the CPU it is one line, exit 1, before any work (inductor's CPU kernels made every
+    later eager call slower, spoiling the tables after it)."""
+    assert cli.run(bench.main, ["sample", "--arch=tiny", "--device=cpu", "--compile"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: --compile: CUDA only") and err.count("\n") == 1
 
 
 def test_bench_tiny_defaults_are_quick():
