@@ -43,7 +43,7 @@ from data import DataError
 from diffusion import Schedule
 from dinov2 import PRESETS, DINOv2
 from dtc import (TINY_ENCODER, TINY_VAE, DiffuseToChoose, DTCConfig, Frozen, VGGLoss, diffusion_loss, freeze_for,
-                 prepare, sample_latents, tiny_config)
+                 generate, prepare, sample_latents, tiny_config)
 from vae import LATENT_SCALE, AutoencoderKL, VAEConfig
 
 
@@ -174,11 +174,10 @@ TRAIN_HEADER = ["batch", "grad checkpointing", "s/step", "images/s", "peak MiB",
 
 
 def sample_image(model, frozen, x, steps, guidance, hint=None):
-    """An image batch (B, 3, size, size) as dtc.generate makes it: prepare() (DINOv2 tokens, masked-source latents,
-    make_hint's canvas unless `hint` gives it), the guided DDIM steps, the VAE decode."""
-    cond = prepare(frozen, x["source"], x["mask"], x["reference"], model.cfg.encoder_input_size, hint=hint)
-    z = sample_latents(model, Schedule(), cond, steps, guidance, progress=False)
-    return frozen.vae.decode(z / LATENT_SCALE)
+    """An image batch (B, 3, size, size), as sample.py makes it (dtc.generate: prepare, the guided DDIM steps, the
+    VAE decode); hint: the canvas, else make_hint's."""
+    return generate(model, frozen, x["source"], x["mask"], x["reference"], None, steps, guidance, hint=hint,
+                    progress=False)
 
 
 def sampling_flops(cfgs, x, steps, guidance):
