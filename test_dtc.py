@@ -1872,23 +1872,27 @@ def test_world_hint_matches_target():
     assert 0.01 < sum(hint_error(distorted[i]) for i in range(12)) / 12 - sum(errors) / 12 < 0.15  # warp, shading: mild
 
 
-def world_digest(world, n=6):
-    """A short digest of the first n samples' images, rounded to 1/1000 (a check of "the same world")."""
-    h = hashlib.sha256()
+def world_fingerprint(world, n=6):
+    """The first n samples' images projected on fixed random weights, in float64: a different draw moves it by
+    hundreds, the last-bit differences of float arithmetic between CPUs by less than 1e-3 (a digest of the pixels
+    rounded to 1/1000 came out different on another CPU)."""
+    g, total = torch.Generator().manual_seed(0), 0.0
     for i in range(n):
         sample = world[i]
         for k in ("source", "target", "mask", "reference", "encoder_reference"):
-            h.update(str((sample[k] * 1000).round().int().flatten().tolist()).encode())
-    return h.hexdigest()[:16]
+            x = sample[k].double()
+            total += (x * torch.randn(x.shape, generator=g, dtype=torch.float64)).sum().item()
+    return total
 
 
 def test_world_misalign_zero_is_the_aligned_world_and_more_breaks_the_hint():
-    """--misalign=0 draws exactly the world before the knob existed (digests taken from that code, train split with
-    its augmentation and held-out); a strong misalignment breaks the hint's pixel correspondence (hint_error, drawn
+    """--misalign=0 draws exactly the world before the knob existed (fingerprints taken from that code, 02c4ab3:
+    train split with its augmentation, and held-out); a strong misalignment breaks the hint's pixel correspondence (hint_error, drawn
     without warp and shading: 0.08 aligned, 0.38 at misalign 1) and only the scene, not the product or its
     reference."""
-    assert world_digest(TeachingWorld(64, "train", length=6, seed=3, misalign=0.0)) == "a393c28378826c51"
-    assert world_digest(TeachingWorld(64, "heldout", length=6, seed=3)) == "8673a1d9cb1af9c9"
+    assert world_fingerprint(TeachingWorld(64, "train", length=6, seed=3, misalign=0.0)) == pytest.approx(
+        -522.2352179, abs=1e-2)
+    assert world_fingerprint(TeachingWorld(64, "heldout", length=6, seed=3)) == pytest.approx(-399.7288868, abs=1e-2)
     kw = dict(length=12, seed=3, train=False, distort=False)
     aligned, off = TeachingWorld(64, "heldout", **kw), TeachingWorld(64, "heldout", misalign=1.0, **kw)
     a = sum(hint_error(aligned[i]) for i in range(12)) / 12
