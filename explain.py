@@ -1,9 +1,9 @@
 """
 What the hint does, as one picture: `python sample.py --explain` writes it beside the result.
 
-A module of its own so that sample.py reads as the pipeline it runs (read, load, prepare, generate, write); this
-picture samples up to three models from the same noise and reads the fusion layer's output with a forward hook, and
-is read on its own.
+A module of its own so that sample.py reads as the pipeline it runs (read, load, prepare, generate, write): the
+picture is work of its own, sampling up to three models from the same noise and reading the fusion layer's output
+with a forward hook.
 """
 import torch
 from PIL import Image, ImageDraw
