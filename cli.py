@@ -139,12 +139,13 @@ def use_free_cores(loadavg="/proc/loadavg"):
     """Sets torch's CPU threads for a command run from the shell: as many as the cores free when it starts, at least
     one; OMP_NUM_THREADS, when set, is obeyed instead. Busy cores are the threads the kernel counts as runnable now
     (`loadavg`'s fourth field, less this one); without that file, the last minute's load average. Why: a thread that
-    has no core of its own makes the others wait for it at every op. With OpenMP's default spin-waiting, the tiny
-    training step ran 5-10x slower on a 2-core machine as soon as another job ran; the commands therefore set
-    OMP_WAIT_POLICY=PASSIVE before they import torch (it is read only then), which bounds the loss (about 1.5x), and
-    with one thread per free core there is none to lose. Why the count now and not the load average: the average
-    lags by minutes, so a run started just after another ended took one thread of two free cores. Torch's own
-    default is one thread per core, whatever else runs."""
+    has no core of its own makes the others wait for it at every op. How long a waiting thread spins before it
+    sleeps (GOMP_SPINCOUNT, which the commands set to 2000 before they import torch: OpenMP reads it only then) is
+    the other half, measured on the tiny training step with 2 threads, images/s on 2 free cores / with a job that
+    started on one of them: libgomp's default 300,000 spins 103 / 7 (the collapse), 20,000 105 / 21, 2000 89 / 39,
+    none (OMP_WAIT_POLICY=PASSIVE) 67 / 44; one thread 67-70 either way. Why the count now and not the load
+    average: the average lags by minutes, so a run started just after another ended took one thread of two free
+    cores. Torch's own default is one thread per core, whatever else runs."""
     if "OMP_NUM_THREADS" in os.environ:
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

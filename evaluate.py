@@ -37,7 +37,7 @@ Evaluate a DTC checkpoint (or a folder of results of any method) in one of two w
 The last line printed is key=value pairs.
 """
 import os
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads OpenMP: cli.use_free_cores says why
+os.environ.setdefault("GOMP_SPINCOUNT", "2000")  # read once, when torch loads OpenMP: cli.use_free_cores says why
 import argparse
 import math
 import sys

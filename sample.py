@@ -11,7 +11,7 @@ shape); --box=x0,y0,x1,y1 (pixels) fills a rectangle instead. Give --source, --m
 together: the bundled example is used only when none of them is given. Every option also accepts --key=value.
 """
 import os
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads OpenMP: cli.use_free_cores says why
+os.environ.setdefault("GOMP_SPINCOUNT", "2000")  # read once, when torch loads OpenMP: cli.use_free_cores says why
 import argparse
 import math
 import sys

@@ -3237,8 +3237,8 @@ def test_train_every_preset_field_overridable():
 def test_cli_threads_one_per_free_core(monkeypatch, tmp_path):
     """cli.use_free_cores: one torch thread per core free when the command starts (cores less the threads runnable
     now, less its own; without /proc/loadavg, less the load average), at least one; OMP_NUM_THREADS, when set, wins.
-    The scripts that call it switch OpenMP to passive waiting before their first `import torch` (it is read only
-    when torch loads OpenMP)."""
+    The scripts that call it bound OpenMP's spin-waiting before their first `import torch` (it is read only when
+    torch loads OpenMP)."""
     before = torch.get_num_threads()
     loadavg = tmp_path / "loadavg"
     try:
@@ -3263,7 +3263,7 @@ def test_cli_threads_one_per_free_core(monkeypatch, tmp_path):
         body = ast.parse(Path(HERE, script).read_text()).body
         first_torch = next(i for i, node in enumerate(body) if isinstance(node, (ast.Import, ast.ImportFrom))
                            and "torch" in ast.unparse(node))
-        assert any("OMP_WAIT_POLICY" in ast.unparse(node) for node in body[:first_torch]), script
+        assert any("GOMP_SPINCOUNT" in ast.unparse(node) for node in body[:first_torch]), script
         assert "use_free_cores()" in ast.unparse(body[-1]), script
 
 

@@ -33,7 +33,7 @@ the uninterrupted one exactly, and one process with grad_accum = N x A reproduce
 accepts --key=value.
 """
 import os
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads OpenMP: cli.use_free_cores says why
+os.environ.setdefault("GOMP_SPINCOUNT", "2000")  # read once, when torch loads OpenMP: cli.use_free_cores says why
 import argparse
 import itertools
 import json
