@@ -16,7 +16,6 @@ Run: python -m pytest -q test_dtc.py
 """
 import ast
 import dataclasses
-import hashlib
 import itertools
 import json
 import math
@@ -513,16 +512,6 @@ def test_vae_load_errors(tmp_path):
     with pytest.raises(CheckpointError, match=r"unet\.safetensors: no first_stage_model\. or encoder\./decoder\. keys: "
                                               r"not an SD VAE or SD checkpoint"):
         load_vae(tmp_path / "unet.safetensors")
-
-
-def tiled_vae():
-    """SD_VAE with one res block a level, 4x: 16x12 latents <-> 64x48 images (the tiled-decode errors below were
-    measured on it)."""
-    return randomise(AutoencoderKL(replace(SD_VAE, num_res_blocks=1)), fan_in_std).eval()
-
-
-def latents(seed=1):
-    return torch.randn(2, 4, 16, 12, generator=torch.Generator().manual_seed(seed))
 
 
 # ====================================================================================================
