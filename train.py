@@ -16,7 +16,7 @@ Presets (the PRESETS table below):
         trains one first instead (train_vae). The teaching world is drawn once before training (PreDrawn). The tiny
         image encoder has no pretrained weights, so it is trained jointly with DTC (sd15 keeps DINOv2 frozen). Three
         choices make minutes of training enough: one GroupNorm group in the narrow VAE, an init that passes
-        signals through (init_from_scratch) and v-prediction (DTCConfig.prediction). About 12 min on 2 CPU cores.
+        signals through (init_from_scratch) and v-prediction (DTCConfig.prediction). About 8 min on 2 free CPU cores.
 --data: a VITON-HD release (train_pairs.txt + train/), a DressCode release (its three categories) or one category
 folder of it (e.g. DressCode/dresses), or a triplet folder (data.py); tiny without --data trains on the generated
 teaching world.
