@@ -755,14 +755,14 @@ def main(argv=None):
         trainee, frozen, dataset, vgg = setup(args, ckpt, ranks, rank, device)
         # 2. tiny with --vae_steps: the VAE trained from scratch, then a step-0 checkpoint (the run's first writing)
         vae_phase = args.preset == "tiny" and ckpt is None and not args.init_vae
-        if vae_phase:
+        if vae_phase:  # it writes nothing: a run stopped in it leaves no folder behind
             train_vae(frozen.vae, dataset, args, device, show=rank == 0)
             if ranks > 1:  # GPU kernels need not be deterministic: every process takes rank 0's VAE
                 for t in frozen.vae.state_dict().values():
                     dist.broadcast(t, 0)
         dataset = freeze(args, frozen, dataset, vgg, device, dtype, rank)
-        os.makedirs(args.out_dir, exist_ok=True)
-        if vae_phase and rank == 0:
+        os.makedirs(args.out_dir, exist_ok=True)  # everything checked, the VAE trained: the run starts writing here
+        if vae_phase and rank == 0:  # the VAE phase is worth keeping
             save_checkpoint(args, trainee, frozen, None, None, 0, 0, 0)
         log_path = os.path.join(args.out_dir, "log.jsonl")
         if ckpt is not None and rank == 0 and os.path.exists(log_path):  # the steps after the checkpoint are redone:

@@ -257,4 +257,3 @@ def load_vae(path_or_state_dict, dtype=None, source="<state dict>"):
     with torch.device("meta"):
         model = AutoencoderKL(cfg)
     return load_strict(model, cast_floats(sd, dtype), source, likely_cause(sd)).eval()
-
